@@ -1,0 +1,3 @@
+"""The doctor's catalogue: one small function per failure mode, each returning a list of Findings."""
+
+from .base import Finding, Severity  # noqa: F401

@@ -1,0 +1,88 @@
+"""Click only: parse -> call -> render -> map errors. No math here.
+
+Each subcommand lives in lora_doctor/commands/<name>.py as a click.Command named `command`, and is
+imported lazily so `lora-doctor plan` never pays for importing bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import LoraDoctorError
+
+# name -> (module, one-line help shown by `lora-doctor --help` without importing the module)
+COMMANDS = {
+    "plan": ("lora_doctor.commands.plan", "Trainable counts and memory budgets from the config alone (meta device)."),
+    "modules": ("lora_doctor.commands.modules", "List the LoRA-targetable Linear/Conv1D leaves of a model."),
+    "check": ("lora_doctor.commands.check", "Static diagnostics of a run config in seconds; no weights loaded."),
+    "probe": ("lora_doctor.commands.probe", "A short real QLoRA run that measures memory, gradient flow and loss."),
+    "train": ("lora_doctor.commands.train", "The full run, same engine and config as the probe."),
+    "report": ("lora_doctor.commands.report", "Re-render a JSON result as Markdown."),
+}
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, short_help = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                return None
+            raise
+        cmd = module.command
+        cmd.short_help = cmd.short_help or short_help
+        return cmd
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LoraDoctorError as e:
+            # One line, no traceback, exit 2: the contract for bad input.
+            click.echo(f"Error: {e.message}" + (f" {e.hint}" if e.hint else ""), err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="lora-doctor")
+def cli():
+    """Will your LoRA/QLoRA fine-tune fit, learn, and not silently fail?
+
+    \b
+    Examples:
+      lora-doctor plan mistralai/Mistral-7B-v0.1 --r 16
+      lora-doctor modules microsoft/Phi-3-mini-4k-instruct
+      lora-doctor check examples/tiny.yaml
+      lora-doctor probe examples/tiny.yaml
+    """
+
+
+def main():
+    # Keep the run quiet and offline-friendly by default; users can still override these.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    cli(prog_name="lora-doctor")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Frozen dataclasses for what the user asks for. Validation collects every problem, then raises once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import LoraDoctorError
+
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "sgd")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _raise_all(problems: list[tuple[str, str]]) -> None:
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise LoraDoctorError(*problems[0])
+    raise LoraDoctorError("; ".join(m for m, _ in problems) + ".", " ".join(h for _, h in problems))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter: what peft's LoraConfig gets."""
+
+    r: int = 16
+    """LoRA rank (--r)."""
+    alpha: int | None = None
+    """lora_alpha; None means 2*r, the common default."""
+    dropout: float = 0.05
+    """lora_dropout."""
+    targets: str | tuple[str, ...] = "all-linear"
+    """A preset ('qv', 'attn', 'mlp', 'all-linear') or explicit leaf names (--target)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (--dora): one extra magnitude vector per targeted module."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r)."""
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.r, int) or self.r <= 0:
+            problems.append((f"--r must be a positive integer, got {self.r!r}.", "Try: --r 16"))
+        if self.alpha is not None and self.alpha <= 0:
+            problems.append((f"--alpha must be positive, got {self.alpha!r}.", "Try: --alpha 32 (2*r)"))
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append((f"--dropout must be in [0, 1), got {self.dropout!r}.", "Try: --dropout 0.05"))
+        _raise_all(problems)
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.r
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the frozen base is stored. mode None means a plain 16-bit base (LoRA, not QLoRA)."""
+
+    mode: str | None = "nf4"
+    """'nf4', 'fp4' or None."""
+    double_quant: bool = True
+    """Quantize the absmax constants too (QLoRA paper sec. 3, 'Double Quantization')."""
+    compute_dtype: str = "bf16"
+    """Dtype the 4-bit weights are dequantized to for matmuls."""
+    blocksize: int = 64
+    """bitsandbytes 4-bit blocksize (Params4bit default)."""
+
+    def __post_init__(self):
+        problems = []
+        if self.mode is not None and self.mode not in QUANT_TYPES:
+            problems.append((f"Unknown quantization {self.mode!r}.", f"Choose one of {', '.join(QUANT_TYPES)} or none."))
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            problems.append((f"Unknown compute dtype {self.compute_dtype!r}.", f"Choose one of {', '.join(COMPUTE_DTYPES)}."))
+        _raise_all(problems)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The shape of one optimizer step, as far as memory is concerned."""
+
+    seq_len: int = 2048
+    """Tokens per sequence (--seq-len)."""
+    batch: int = 1
+    """Micro-batch size per device (--batch)."""
+    grad_ckpt: bool = True
+    """Gradient checkpointing (--grad-ckpt/--no-grad-ckpt)."""
+    optim: str = "paged-adamw-8bit"
+    """Optimizer (--optim): adamw, adamw-8bit, paged-adamw-8bit, sgd."""
+    attn_impl: str = "sdpa"
+    """Attention implementation: 'sdpa'/'flash_attention_2' keep no (T, T) matrix; 'eager' does."""
+    dtype: str = "bf16"
+    """Activation / compute dtype."""
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            problems.append((f"--seq-len must be a positive integer, got {self.seq_len!r}.", "Try: --seq-len 2048"))
+        if not isinstance(self.batch, int) or self.batch <= 0:
+            problems.append((f"--batch must be a positive integer, got {self.batch!r}.", "Try: --batch 1"))
+        if self.optim not in OPTIMIZERS:
+            problems.append((f"Unknown optimizer {self.optim!r}.", f"Choose one of {', '.join(OPTIMIZERS)}."))
+        if self.attn_impl not in ("sdpa", "eager", "flash_attention_2"):
+            problems.append((f"Unknown attention implementation {self.attn_impl!r}.", "Choose sdpa, eager or flash_attention_2."))
+        if self.dtype not in COMPUTE_DTYPES:
+            problems.append((f"Unknown dtype {self.dtype!r}.", f"Choose one of {', '.join(COMPUTE_DTYPES)}."))
+        _raise_all(problems)
