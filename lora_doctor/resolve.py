@@ -97,7 +97,7 @@ def resolve_model_config(
         # Shipped files carry no modelling code, so remote code never runs from them.
         return _resolved(model, shipped, "shipped config", False)
 
-    hub_problem = "the hub was not asked (offline)" if offline else None
+    hub_problem = "the hub was not asked (offline mode)"
     if not offline:
         downloaded, hub_problem = _download_config(model)
         if downloaded is not None:
@@ -109,7 +109,7 @@ def resolve_model_config(
     raise LoraDoctorError(
         f"Model '{model}' not found: not a local path, not in the HF cache ({_hub_cache_dir()}), "
         f"not a shipped config, and {hub_problem}.",
-        _unknown_hint(model),
+        _unknown_hint(model, offline),
     )
 
 
@@ -199,25 +199,49 @@ def _hub_url(model: str) -> str:
 def _download_config(model: str) -> tuple[Path | None, str]:
     """Fetch only config.json from the hub. Returns (path, "") or (None, why it failed)."""
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
+    unreachable = _unreachable(constants.ENDPOINT)
+    if unreachable:
+        return None, f"the hub could not be reached ({unreachable})"
     try:
         path = huggingface_hub.hf_hub_download(
             model, "config.json", cache_dir=_hub_cache_dir(), etag_timeout=_HUB_TIMEOUT_S
         )
+    # Most specific first: LocalEntryNotFoundError and GatedRepoError subclass the broader ones.
     except errors.HFValidationError:
         return None, "it is not a valid hub repo id"
-    except errors.GatedRepoError:
-        return None, "the hub repo is gated (accept its licence and `hf auth login`, or pass a local directory)"
-    except errors.RepositoryNotFoundError:
-        return None, "the hub has no such repo (or it is private)"
-    except errors.EntryNotFoundError:
-        return None, "the hub repo has no config.json"
     except errors.LocalEntryNotFoundError:
         return None, "the hub could not be reached"
+    except errors.GatedRepoError:
+        return None, "its hub repo is gated (accept the licence on the hub and run `hf auth login`)"
+    except errors.RepositoryNotFoundError:
+        return None, "the hub has no such repo (or it is private: run `hf auth login`)"
+    except errors.EntryNotFoundError:
+        return None, "its hub repo has no config.json"
+    except errors.OfflineModeIsEnabled:
+        return None, "the hub is disabled (HF_HUB_OFFLINE is set)"
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
         return None, f"the hub failed ({type(e).__name__}: {_first_line(e)})"
     return Path(path), ""
+
+
+def _unreachable(endpoint: str) -> str:
+    """Why a TCP connection to the hub fails within _HUB_TIMEOUT_S, or "" if it opens.
+
+    huggingface_hub retries network errors five times with backoff (about 25 s); without
+    network `plan` should say so at once instead.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_HUB_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or type(e).__name__}"
+    return ""
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -319,14 +343,17 @@ def _where_hint() -> str:
     return "Pass a hub id (e.g. mistralai/Mistral-7B-v0.1) or a local model directory: lora-doctor plan ./path/to/model"
 
 
-def _unknown_hint(model: str) -> str:
+def _unknown_hint(model: str, offline: bool) -> str:
     ids = shipped_model_ids()
     candidates = {i.lower(): i for i in ids}
     candidates.update({i.split("/")[-1].lower(): i for i in ids})
-    close = difflib.get_close_matches(model.lower(), list(candidates), n=5, cutoff=0.5)
-    suggestions = list(dict.fromkeys(candidates[c] for c in close))
-    lead = f"Close matches: {', '.join(suggestions)}. " if suggestions else ""
-    return (
-        f"{lead}Point at a local directory with config.json (lora-doctor plan ./path/to/model), "
-        "or list the shipped configs with lora_doctor.resolve.shipped_model_ids()."
-    )
+    query = model.lower()
+    contains = [i for i in ids if query in i.lower()]
+    close = [candidates[c] for c in difflib.get_close_matches(query, list(candidates), n=4, cutoff=0.6)]
+    suggestions = list(dict.fromkeys(contains + close))[:4]
+    if suggestions:
+        lead = f"Close shipped configs: {', '.join(suggestions)}."
+    else:
+        lead = f"Shipped configs include {', '.join(ids[:4])} and {len(ids) - 4} more."
+    online = " Or go online (unset HF_HUB_OFFLINE) to fetch its config.json from the hub." if offline else ""
+    return f"{lead} Or point at a local model directory: lora-doctor plan ./path/to/model.{online}"
