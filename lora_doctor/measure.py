@@ -1,0 +1,476 @@
+"""Measuring, separate from presenting: peak memory, gradient flow per adapter, loss movement, speed.
+
+Everything here returns frozen dataclasses of plain numbers (bytes as ints, seconds as floats, None
+when a quantity was not measurable on this machine); report/run.py and checks/ read them. The
+collectors (MemoryMonitor, GradFlowRecorder) are the only stateful pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+# --- memory ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Peak memory of one phase ('load', 'train', 'eval')."""
+
+    phase: str
+    device: str
+    """'cuda' or 'cpu'."""
+    peak_allocated_bytes: int | None = None
+    """torch.cuda.max_memory_allocated during the phase (tensors); None on CPU."""
+    peak_reserved_bytes: int | None = None
+    """torch.cuda.max_memory_reserved during the phase (caching allocator); None on CPU."""
+    nvml_peak_used_bytes: int | None = None
+    """Peak device memory used as NVML saw it (all processes, CUDA context included); sampled."""
+    peak_rss_bytes: int | None = None
+    """Peak resident set size of this process during the phase (sampled with psutil)."""
+    start_rss_bytes: int | None = None
+    """RSS when the phase started; peak_rss_bytes - start_rss_bytes is what the phase added."""
+    duration_s: float | None = None
+
+    @property
+    def rss_delta_bytes(self) -> int | None:
+        if self.peak_rss_bytes is None or self.start_rss_bytes is None:
+            return None
+        return self.peak_rss_bytes - self.start_rss_bytes
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The number to compare with plan's prediction: CUDA peak allocated, else the RSS the phase added."""
+        return self.peak_allocated_bytes if self.device == "cuda" else self.rss_delta_bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rss_delta_bytes"] = self.rss_delta_bytes
+        d["peak_bytes"] = self.peak_bytes
+        return d
+
+
+def _cuda_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class MemoryMonitor:
+    """Peak memory per phase. CUDA: allocator peaks (reset per phase) + NVML; CPU: sampled process RSS.
+
+    `ru_maxrss` cannot be reset, so the CPU peak comes from a sampling thread (every `interval_s`);
+    a spike shorter than the interval can be missed, which is why the RSS figure is a lower bound.
+    """
+
+    def __init__(self, device: str = "cpu", interval_s: float = 0.005):
+        import psutil
+
+        self.device = device
+        self.interval_s = interval_s
+        self._proc = psutil.Process()
+        self._nvml = _nvml_handle() if device == "cuda" else None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._phase: str | None = None
+        self._peak_rss = 0
+        self._peak_nvml: int | None = None
+        self._start_rss = 0
+        self._t0 = 0.0
+
+    def _sample(self) -> None:
+        rss = self._proc.memory_info().rss
+        if rss > self._peak_rss:
+            self._peak_rss = rss
+        if self._nvml is not None:
+            try:
+                import pynvml
+
+                used = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+                self._peak_nvml = max(self._peak_nvml or 0, int(used))
+            except Exception:  # NVML can vanish mid-run (driver reset); the allocator numbers remain.
+                self._nvml = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def start(self, phase: str) -> None:
+        if self._thread is not None:
+            self.stop()
+        self._phase = phase
+        self._start_rss = self._proc.memory_info().rss
+        self._peak_rss = self._start_rss
+        self._peak_nvml = None
+        if self.device == "cuda" and _cuda_ok():
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._sample()
+        self._stop.clear()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name=f"lora-doctor-mem-{phase}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> MemoryStats:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._sample()
+        allocated = reserved = None
+        if self.device == "cuda" and _cuda_ok():
+            import torch
+
+            torch.cuda.synchronize()
+            allocated = int(torch.cuda.max_memory_allocated())
+            reserved = int(torch.cuda.max_memory_reserved())
+        return MemoryStats(phase=self._phase or "?", device=self.device, peak_allocated_bytes=allocated,
+                           peak_reserved_bytes=reserved, nvml_peak_used_bytes=self._peak_nvml,
+                           peak_rss_bytes=self._peak_rss, start_rss_bytes=self._start_rss,
+                           duration_s=time.perf_counter() - self._t0)
+
+    def current_peak(self) -> int | None:
+        """The peak so far in this phase (for OOM messages)."""
+        if self.device == "cuda" and _cuda_ok():
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        return self._peak_rss - self._start_rss
+
+
+def _nvml_handle():
+    """The NVML handle of the current CUDA device, or None when NVML is unavailable."""
+    if not _cuda_ok():
+        return None
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        index = torch.cuda.current_device()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None
+
+
+# --- gradient flow ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleGradFlow:
+    """Gradient and weight movement of one adapted module (e.g. 'model.layers.0.self_attn.q_proj').
+
+    lora_A's gradient is exactly zero at the first step: B starts at zero and dL/dA = B^T (...).
+    So a healthy module shows lora_B > 0 from step 1 and lora_A > 0 from step 2.
+    """
+
+    module: str
+    lora_A_grad_norms: tuple[float, ...]
+    """L2 norm of lora_A's gradient at each optimizer step (accumulated over micro-batches, before clipping)."""
+    lora_B_grad_norms: tuple[float, ...]
+    lora_A_delta_norm: float
+    """||A_end - A_start||: how far the weights actually moved."""
+    lora_B_delta_norm: float
+    n_params: int
+    """Trainable elements in this module's adapter (A + B, and DoRA's magnitude if present)."""
+
+    @property
+    def received_grad(self) -> bool:
+        return any(g > 0 for g in self.lora_A_grad_norms + self.lora_B_grad_norms)
+
+    @property
+    def changed(self) -> bool:
+        return self.lora_A_delta_norm > 0 or self.lora_B_delta_norm > 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["received_grad"] = self.received_grad
+        d["changed"] = self.changed
+        return d
+
+
+@dataclass(frozen=True)
+class GradFlow:
+    """Gradient flow over a run: per adapter module, plus what must never receive a gradient."""
+
+    modules: tuple[ModuleGradFlow, ...]
+    frozen_params_with_grad: tuple[str, ...] = ()
+    """Names of base (requires_grad=False) parameters that got a .grad: must be empty."""
+    n_steps: int = 0
+
+    @property
+    def modules_without_grad(self) -> tuple[str, ...]:
+        return tuple(m.module for m in self.modules if not m.received_grad)
+
+    @property
+    def modules_unchanged(self) -> tuple[str, ...]:
+        return tuple(m.module for m in self.modules if not m.changed)
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.modules) and not self.modules_without_grad and not self.modules_unchanged \
+            and not self.frozen_params_with_grad
+
+    def to_dict(self) -> dict:
+        return {"n_steps": self.n_steps, "modules": [m.to_dict() for m in self.modules],
+                "frozen_params_with_grad": list(self.frozen_params_with_grad),
+                "modules_without_grad": list(self.modules_without_grad),
+                "modules_unchanged": list(self.modules_unchanged), "healthy": self.healthy}
+
+
+def _split_adapter_name(name: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.q_proj.lora_A.default.weight' -> ('model.layers.0.q_proj', 'A')."""
+    for part, kind in ((".lora_A.", "A"), (".lora_B.", "B"), (".lora_magnitude_vector.", "M")):
+        if part in name:
+            module = name.split(part)[0]
+            return module.removeprefix("base_model.model."), kind
+    return None
+
+
+class GradFlowRecorder:
+    """Call `record()` after backward and before optimizer.step(); `finish()` after the run.
+
+    Snapshots the adapter weights at construction so `finish()` can report how far each one moved.
+    """
+
+    def __init__(self, model):
+        import torch
+
+        self.model = model
+        self._groups: dict[str, dict[str, list]] = {}
+        self._frozen: list[tuple[str, object]] = []
+        for name, p in model.named_parameters():
+            split = _split_adapter_name(name)
+            if p.requires_grad and split is not None:
+                module, kind = split
+                self._groups.setdefault(module, {"A": [], "B": [], "M": []})[kind].append(p)
+            elif not p.requires_grad:
+                self._frozen.append((name, p))
+        with torch.no_grad():
+            self._start = {m: {k: [p.detach().clone() for p in ps] for k, ps in g.items()} for m, g in self._groups.items()}
+        self._norms: dict[str, dict[str, list[float]]] = {m: {"A": [], "B": []} for m in self._groups}
+        self._frozen_with_grad: set[str] = set()
+        self.n_steps = 0
+
+    @staticmethod
+    def _norm(params) -> float:
+        import torch
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def record(self) -> None:
+        self.n_steps += 1
+        for module, g in self._groups.items():
+            self._norms[module]["A"].append(self._norm(g["A"]))
+            self._norms[module]["B"].append(self._norm(g["B"]))
+        for name, p in self._frozen:
+            if getattr(p, "grad", None) is not None:
+                self._frozen_with_grad.add(name)
+
+    def finish(self) -> GradFlow:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for module, g in self._groups.items():
+                def delta(kind):
+                    pairs = zip(g[kind], self._start[module][kind])
+                    sq = sum(float(torch.sum((p.detach().float() - p0.float()) ** 2)) for p, p0 in pairs)
+                    return math.sqrt(sq)
+
+                out.append(ModuleGradFlow(
+                    module=module, lora_A_grad_norms=tuple(self._norms[module]["A"]),
+                    lora_B_grad_norms=tuple(self._norms[module]["B"]), lora_A_delta_norm=delta("A"),
+                    lora_B_delta_norm=delta("B"), n_params=sum(p.numel() for ps in g.values() for p in ps)))
+        return GradFlow(modules=tuple(out), frozen_params_with_grad=tuple(sorted(self._frozen_with_grad)),
+                        n_steps=self.n_steps)
+
+
+# --- loss and speed --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step."""
+
+    step: int
+    """1-based optimizer step."""
+    loss: float
+    """Training loss (the configured kind), mean over the step's micro-batches and label tokens."""
+    lr: float
+    """Learning rate used for this step."""
+    grad_norm: float | None
+    """Total adapter gradient L2 norm before clipping."""
+    tokens: int
+    """Tokens processed in the step (attention mask sum, all micro-batches, this process)."""
+    label_tokens: int
+    """Tokens with a label (not -100): what the loss averages over."""
+    step_time_s: float
+    epoch: float
+    eval_loss: float | None = None
+    """Plain cross-entropy on the eval set, when evaluated at this step."""
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.step_time_s if self.step_time_s > 0 else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+# Relative change below which a loss counts as 'not moving' over a probe (1%), and the absolute value
+# below which it counts as 'stuck at zero' (a fully masked batch gives exactly 0 in peft/transformers).
+NOT_MOVING_REL = 0.01
+ZERO_LOSS = 1e-6
+
+
+@dataclass(frozen=True)
+class LossStats:
+    n_steps: int
+    first: float | None
+    last: float | None
+    min: float | None
+    mean: float | None
+    slope_per_step: float | None
+    """Least-squares slope of finite losses against step; negative means learning."""
+    relative_change: float | None
+    """(first - last) / |first|: 0.3 means the loss fell by 30%."""
+    n_nan: int
+    n_inf: int
+    stuck_at_zero: bool
+    """Every finite loss below 1e-6: usually all labels are -100, not a perfect model."""
+    not_moving: bool
+    """|relative change| < 1% over the run."""
+
+    @property
+    def finite(self) -> bool:
+        return self.n_nan == 0 and self.n_inf == 0
+
+    @property
+    def decreasing(self) -> bool:
+        return self.relative_change is not None and self.relative_change > 0 and (self.slope_per_step or 0) < 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["finite"] = self.finite
+        d["decreasing"] = self.decreasing
+        return d
+
+
+def loss_stats(losses: list[float]) -> LossStats:
+    """Summarise a loss trace: first/last, slope, NaN/inf, stuck at zero, not moving."""
+    n_nan = sum(1 for x in losses if math.isnan(x))
+    n_inf = sum(1 for x in losses if math.isinf(x))
+    finite = [(i, x) for i, x in enumerate(losses) if math.isfinite(x)]
+    if not finite:
+        return LossStats(len(losses), None, None, None, None, None, None, n_nan, n_inf, False, False)
+    ys = [x for _, x in finite]
+    slope = None
+    if len(finite) >= 2:
+        xs = [i for i, _ in finite]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in finite) / var if var else None
+    first, last = ys[0], ys[-1]
+    rel = (first - last) / abs(first) if first != 0 else None
+    stuck = all(abs(y) < ZERO_LOSS for y in ys)
+    not_moving = len(ys) >= 2 and (rel is None or abs(rel) < NOT_MOVING_REL)
+    return LossStats(len(losses), first, last, min(ys), statistics.fmean(ys), slope, rel, n_nan, n_inf, stuck,
+                     not_moving)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    n_steps: int
+    first_step_time_s: float | None
+    """Includes one-off costs (kernel selection, paged-optimizer allocation); excluded below."""
+    median_step_time_s: float | None
+    """Median over steps 2.. (or step 1 alone for a one-step run)."""
+    tokens_per_s: float | None
+    """Tokens / wall time over steps 2.. (this process)."""
+
+
+def throughput(steps: list[StepRecord]) -> Throughput:
+    if not steps:
+        return Throughput(0, None, None, None)
+    rest = steps[1:] or steps
+    t = sum(s.step_time_s for s in rest)
+    return Throughput(len(steps), steps[0].step_time_s, statistics.median(s.step_time_s for s in rest),
+                      sum(s.tokens for s in rest) / t if t > 0 else None)
+
+
+# --- the whole run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    model_type: str
+    device: str
+    quant: str | None
+    """'nf4', 'fp4' or None (16-bit base)."""
+    base_dtype: str
+    trainable_params: int
+    """peft's get_nb_trainable_parameters()[0]."""
+    all_params: int
+    """peft's count of all parameters (4-bit weights counted at their logical size)."""
+    target_modules: tuple[str, ...]
+    """Leaf names peft adapted, sorted."""
+    n_adapted_modules: int
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `probe` (and `train`) measured. `kind` says which; the doctor's checks read these fields."""
+
+    kind: str
+    """'probe' or 'train'."""
+    config: dict
+    """RunConfig.to_dict()."""
+    model: ModelInfo
+    data: object
+    """data.DataStats (typed loosely to keep this module free of the data import)."""
+    memory: dict
+    """phase -> MemoryStats ('load', 'train')."""
+    steps: tuple[StepRecord, ...]
+    grad_flow: GradFlow
+    loss: LossStats
+    throughput: Throughput
+    eval_losses: tuple[tuple[int, float], ...] = ()
+    """(step, plain cross-entropy) pairs."""
+    stopped_early: str | None = None
+    """Why the run stopped before max_steps: 'signal', 'oom', or None."""
+    error: str | None = None
+    """An OOM (or other runtime failure) message, with the peak seen; the run's numbers are partial."""
+    duration_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+    """Free-form: predicted memory from budget.py, output paths, etc."""
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.steps]
+
+    def to_dict(self) -> dict:
+        data = self.data.to_dict() if hasattr(self.data, "to_dict") else self.data
+        return {
+            "kind": self.kind, "config": self.config, "model": asdict(self.model), "data": data,
+            "memory": {k: v.to_dict() for k, v in self.memory.items()},
+            "steps": [s.to_dict() for s in self.steps], "grad_flow": self.grad_flow.to_dict(),
+            "loss": self.loss.to_dict(), "throughput": asdict(self.throughput),
+            "eval_losses": [list(x) for x in self.eval_losses], "stopped_early": self.stopped_early,
+            "error": self.error, "duration_s": self.duration_s, "extra": self.extra,
+        }
+
+
+ProbeResult = RunResult
