@@ -26,6 +26,10 @@ class LeafGroup:
     """True if transformers' bitsandbytes integration replaces it with Linear4bit (lm_head is skipped)."""
     default_target: bool
     """True if peft's 'all-linear' would target it (every Linear/Conv1D leaf except the output layer)."""
+    tied: bool = False
+    """Weight shared with the input embedding (tied lm_head): its elements are counted in embedding_params."""
+    paths: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    """Full module names, e.g. 'model.layers.0.self_attn.q_proj', for peft-style suffix matching."""
 
     @property
     def weight_numel(self) -> int:
@@ -34,6 +38,30 @@ class LeafGroup:
     @property
     def bias_numel(self) -> int:
         return self.out_features * self.count if self.bias else 0
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Fused 3-D expert tensors (transformers 5 MoE, e.g. Mixtral `experts.gate_up_proj` (E, 2I, H)).
+
+    They are bare nn.Parameters, not Linear modules: bitsandbytes leaves them in 16 bit, peft's 'all-linear'
+    skips them, and peft adapts them only through `LoraConfig(target_parameters=...)` (no DoRA, dropout 0).
+    Their elements are counted in ModelShape.other_params.
+    """
+
+    name: str
+    """Owning module's leaf name + parameter name, as peft's target_parameters matches it ('experts.down_proj')."""
+    num_experts: int
+    in_features: int
+    out_features: int
+    count: int
+    """How many layers carry this tensor."""
+    paths: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    """Full parameter names, e.g. 'model.layers.0.mlp.experts.down_proj'."""
+
+    @property
+    def numel(self) -> int:
+        return self.num_experts * self.in_features * self.out_features * self.count
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,19 @@ class ModelShape:
     experts_per_token: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
     """Architecture-specific numbers (e.g. sliding_window) for the activation model."""
+    param_groups: tuple[ParamGroup, ...] = ()
+    """Fused 3-D expert tensors peft can reach only via target_parameters; counted in other_params."""
+    embeddings: tuple[LeafGroup, ...] = ()
+    """nn.Embedding groups (kind 'Embedding', in_features=num_embeddings, out_features=embedding_dim); their
+    elements are embedding_params. Not quantized, not default targets."""
+
+    @property
+    def leaf_params(self) -> int:
+        """Elements in leaf weights and biases, a tied lm_head's weight once (it lives in embedding_params).
+
+        total_params == leaf_params + embedding_params + other_params.
+        """
+        return sum((0 if g.tied else g.weight_numel) + g.bias_numel for g in self.leaves)
 
     @property
     def leaf_names(self) -> tuple[str, ...]:
