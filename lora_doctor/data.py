@@ -68,6 +68,11 @@ class DataStats:
     """The first training example as the model sees it (prompt + response), for the report."""
 
     @property
+    def formats(self) -> dict:
+        """Alias of formats_seen (the name the doctor's context reader looks for)."""
+        return self.formats_seen
+
+    @property
     def n_empty_fields(self) -> int:
         return sum(self.empty_fields.values())
 

@@ -461,6 +461,24 @@ class RunResult:
     def losses(self) -> list[float]:
         return [s.loss for s in self.steps]
 
+    # Views the doctor's context reader looks for (checks/context.py: context_from_probe).
+    @property
+    def grad_norms(self) -> dict[str, list[float]]:
+        """'module.lora_A' / 'module.lora_B' -> per-step gradient norms."""
+        out = {}
+        for m in self.grad_flow.modules:
+            out[f"{m.module}.lora_A"] = list(m.lora_A_grad_norms)
+            out[f"{m.module}.lora_B"] = list(m.lora_B_grad_norms)
+        return out
+
+    @property
+    def weight_deltas(self) -> dict[str, float]:
+        return {m.module: max(m.lora_A_delta_norm, m.lora_B_delta_norm) for m in self.grad_flow.modules}
+
+    @property
+    def base_params_with_grad(self) -> int:
+        return len(self.grad_flow.frozen_params_with_grad)
+
     def to_dict(self) -> dict:
         data = self.data.to_dict() if hasattr(self.data, "to_dict") else self.data
         return {
