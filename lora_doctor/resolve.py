@@ -222,7 +222,7 @@ def _download_config(model: str) -> tuple[Path | None, str]:
     except errors.OfflineModeIsEnabled:
         return None, "the hub is disabled (HF_HUB_OFFLINE is set)"
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
-        return None, f"the hub failed ({type(e).__name__}: {_first_line(e)})"
+        return None, f"the hub failed ({type(e).__name__}: {_one_line(e)})"
     return Path(path), ""
 
 
@@ -266,7 +266,7 @@ def _read_config_json(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise LoraDoctorError(
-            f"Cannot read '{path}': {_first_line(e)}.", "Check the path and its permissions."
+            f"Cannot read '{path}': {_one_line(e)}.", "Check the path and its permissions."
         ) from None
     try:
         data = json.loads(text)
@@ -307,11 +307,14 @@ def _build_config(
             "does not know: the model ships its own code.",
             "If you trust that code, rerun with --trust-remote-code (or upgrade transformers if it is newer).",
         )
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return CONFIG_MAPPING[model_type].from_dict(data)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    # transformers 5 configs are strict dataclasses: a wrong type or an impossible shape raises here.
+    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise LoraDoctorError(
-            f"'{path}' is not a valid '{model_type}' config: {_first_line(e)}.",
+            f"'{path}' is not a valid '{model_type}' config: {_one_line(e)}.",
             "Compare it with the model's config.json on the hub.",
         ) from None
 
@@ -326,7 +329,7 @@ def _remote_code_config(path: Path, code_dir: Path | None, repo_id: str | None) 
         return AutoConfig.from_pretrained(source, trust_remote_code=True)
     except Exception as e:  # remote code can raise anything; surface it as one line
         raise LoraDoctorError(
-            f"Loading the custom config code for '{path}' failed: {type(e).__name__}: {_first_line(e)}.",
+            f"Loading the custom config code for '{path}' failed: {type(e).__name__}: {_one_line(e)}.",
             "The model's configuration_*.py must sit next to config.json (or be reachable on the hub).",
         ) from None
 
@@ -334,9 +337,12 @@ def _remote_code_config(path: Path, code_dir: Path | None, repo_id: str | None) 
 # --- messages ---------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    """An exception as one short line: messages from transformers and the hub span several."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _where_hint() -> str:
