@@ -77,11 +77,7 @@ def resolve_model_config(
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
-            raise LoraDoctorError(
-                f"Directory '{model}' has no config.json.",
-                "Point at the folder that from_pretrained would load (the one holding config.json), "
-                "or at the config.json itself.",
-            )
+            raise LoraDoctorError(f"Directory '{model}' has no config.json.", _no_config_hint(path))
         return _resolved(model, config_path, "local directory", trust_remote_code, code_dir=path)
     if path.is_file():
         return _resolved(model, path, "local config.json", trust_remote_code, code_dir=path.parent)
@@ -235,6 +231,8 @@ def _unreachable(endpoint: str) -> str:
     import socket
     from urllib.parse import urlparse
 
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return ""  # behind a proxy a direct connection proves nothing; let huggingface_hub try
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -343,6 +341,27 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
     if not text:
         return type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _no_config_hint(folder: Path) -> str:
+    """Say what the folder is instead: a saved adapter (name its base model) or a parent of checkpoints."""
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            base = None
+        if base:
+            return f"It holds a PEFT adapter; plan its base model instead: lora-doctor plan {base}"
+        return "It holds a PEFT adapter; plan its base model instead (see adapter_config.json)."
+    nested = sorted(p.parent for p in folder.glob("*/config.json"))
+    if nested:
+        shown = ", ".join(str(p) for p in nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3 else "")
+        return f"Sub-folders with a config.json: {shown}. Try: lora-doctor plan {nested[0]}"
+    return (
+        "Point at the folder that from_pretrained would load (the one holding config.json), "
+        "or at the config.json itself."
+    )
 
 
 def _where_hint() -> str:

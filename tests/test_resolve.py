@@ -179,9 +179,13 @@ def test_no_network_fails_fast_without_calling_hub(monkeypatch, empty_hub_cache,
         resolve_model_config("someorg/unknown-model", offline=False)
 
 
-def test_unreachable_reports_refused_connection():
+def test_unreachable_reports_refused_connection(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     # Port 1 on localhost is closed: refused at once, no wait.
     assert "127.0.0.1" in resolve._unreachable("http://127.0.0.1:1")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert resolve._unreachable("http://127.0.0.1:1") == ""
 
 
 def test_hub_errors_become_one_line(monkeypatch, empty_hub_cache):
@@ -280,6 +284,23 @@ def test_directory_without_config(tmp_path, no_hub):
         resolve_model_config(str(tmp_path / "weights-only"))
     assert "has no config.json" in e.value.message
     assert str(tmp_path / "weights-only") in e.value.message
+
+
+def test_adapter_directory_points_at_base_model(tmp_path, no_hub):
+    adapter = tmp_path / "my-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "mistralai/Mistral-7B-v0.1"}))
+    with pytest.raises(LoraDoctorError) as e:
+        resolve_model_config(str(adapter))
+    assert "PEFT adapter" in e.value.hint
+    assert "lora-doctor plan mistralai/Mistral-7B-v0.1" in e.value.hint
+
+
+def test_parent_of_checkpoints_lists_them(tmp_path, no_hub):
+    write_config(tmp_path / "run" / "checkpoint-500")
+    with pytest.raises(LoraDoctorError) as e:
+        resolve_model_config(str(tmp_path / "run"))
+    assert f"lora-doctor plan {tmp_path / 'run' / 'checkpoint-500'}" in e.value.hint
 
 
 def test_malformed_json_names_path_and_problem(tmp_path, no_hub):
