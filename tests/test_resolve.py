@@ -368,8 +368,10 @@ def test_ambiguous_bare_name(tmp_path, monkeypatch, empty_hub_cache, no_hub):
 # Unique parameter elements (tied weights once) from the model cards / safetensors index of each repo.
 PUBLISHED_PARAMS = {
     "facebook/opt-125m": 125_239_296,  # lm_head tied to embed_tokens: the weight-tying guard
+    "google/gemma-2-2b": 2_614_341_888,
     "google/gemma-2-9b": 9_241_705_984,
     "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "meta-llama/Llama-2-7b-chat-hf": 6_738_415_616,
     "meta-llama/Llama-2-13b-hf": 13_015_864_320,
     "meta-llama/Llama-2-70b-hf": 68_976_648_192,
     "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
@@ -383,6 +385,7 @@ PUBLISHED_PARAMS = {
     "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
     "mistralai/Mistral-7B-v0.1": 7_241_732_096,
     "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
+    "mistralai/Mistral-7B-v0.3": 7_248_023_552,
     "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,
     "openai-community/gpt2": 124_439_808,
     "openai-community/gpt2-medium": 354_823_168,
@@ -394,6 +397,7 @@ PUBLISHED_PARAMS = {
     "Qwen/Qwen2.5-14B": 14_770_033_664,
     "Qwen/Qwen2.5-32B": 32_763_876_352,
     "Qwen/Qwen2.5-72B": 72_706_203_648,
+    "Qwen/Qwen3-8B": 8_190_735_360,
     "tiiuae/falcon-7b": 6_921_720_704,
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 1_100_048_384,
 }
