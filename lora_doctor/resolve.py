@@ -231,7 +231,8 @@ def _unreachable(endpoint: str) -> str:
     import socket
     from urllib.parse import urlparse
 
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(v) for v in proxies):
         return ""  # behind a proxy a direct connection proves nothing; let huggingface_hub try
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)

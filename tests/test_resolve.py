@@ -86,7 +86,8 @@ def test_config_json_path(tmp_path, empty_hub_cache, no_hub):
 
 def test_local_directory_beats_shipped_name(tmp_path, monkeypatch, empty_hub_cache, no_hub):
     """A folder named like a shipped model is what the user meant."""
-    write_config(tmp_path / "gpt2", {**TINY_LLAMA, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1})
+    narrow = {**TINY_LLAMA, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+    write_config(tmp_path / "gpt2", narrow)
     monkeypatch.chdir(tmp_path)
     r = resolve_model_config("gpt2")
     assert r.source == "local directory"
