@@ -1,3 +1,12 @@
-"""The doctor's catalogue: one small function per failure mode, each returning a list of Findings."""
+"""The doctor's catalogue: one small function per failure mode, each returning a list of Findings.
+
+Importing this package registers every check; `run_checks(ctx)` runs them all. The modules, in
+catalogue order: targets (what gets an adapter), training (setup), precision, tokens, dataset,
+environment, probe (after a real run).
+"""
 
 from .base import Finding, Severity  # noqa: F401
+from .context import CheckContext, build_context  # noqa: F401
+from .registry import CHECKS, register, run_checks, worst_severity  # noqa: F401
+
+from . import targets, training, precision, tokens, dataset, environment, probe  # noqa: E402,F401  (registers)

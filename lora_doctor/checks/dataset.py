@@ -1,0 +1,90 @@
+"""The tokenized dataset: masked labels, truncated responses, mixed formats, empty fields."""
+
+from __future__ import annotations
+
+from .base import Finding, Severity
+from .context import CheckContext
+from .registry import register
+from .tokens import IGNORE_INDEX
+
+RESPONSE_LOST_WARN_SHARE = 0.05
+"""Above 5% of examples contributing no label, the effective dataset is visibly smaller than planned."""
+TRUNCATED_WARN_SHARE = 0.20
+"""Above 20% of examples cut by max_length, answers the model learns end mid-sentence often enough to matter."""
+
+
+def _length_hint(ctx: CheckContext) -> str:
+    if ctx.length_p95:
+        return f"Raise max_length to at least the 95th-percentile length ({ctx.length_p95} tokens)"
+    if ctx.max_length:
+        return f"Raise max_length (now {ctx.max_length})"
+    return "Raise max_length"
+
+
+@register
+def check_all_labels_masked(ctx: CheckContext) -> list[Finding]:
+    all_masked = None
+    if ctx.labels:
+        all_masked = all(all(t == IGNORE_INDEX for t in seq) for seq in ctx.labels)
+        n = len(ctx.labels)
+    elif ctx.n_examples and ctx.n_response_lost is not None:
+        all_masked = ctx.n_response_lost >= ctx.n_examples
+        n = ctx.n_examples
+    if not all_masked:
+        return []
+    return [Finding(
+        Severity.ERROR, "all-labels-masked",
+        f"Every label of all {n} examples is -100: there is nothing to learn (the loss is NaN or 0). Either the "
+        "response template was not found in the text, or max_length truncates every response away.",
+        f"Check that the response marker (e.g. '### Response:') appears verbatim in the data; {_length_hint(ctx)}.",
+    )]
+
+
+@register
+def check_truncation(ctx: CheckContext) -> list[Finding]:
+    n = ctx.n_examples
+    if not n:
+        return []
+    findings = []
+    lost = ctx.n_response_lost or 0
+    if 0 < lost < n:
+        share = lost / n
+        findings.append(Finding(
+            Severity.WARNING if share >= RESPONSE_LOST_WARN_SHARE else Severity.INFO, "response-truncated",
+            f"{lost} of {n} examples ({share:.1%}) lose their whole response to max_length={ctx.max_length}: "
+            "they cost compute and teach nothing.",
+            f"{_length_hint(ctx)}, or drop/shorten the longest prompts.",
+        ))
+    cut = ctx.n_truncated or 0
+    if cut:
+        share = cut / n
+        findings.append(Finding(
+            Severity.WARNING if share >= TRUNCATED_WARN_SHARE else Severity.INFO, "examples-truncated",
+            f"{cut} of {n} examples ({share:.1%}) are longer than max_length={ctx.max_length} and are cut: the "
+            "model learns answers that stop mid-way, without EOS.",
+            f"{_length_hint(ctx)} (memory permitting: lora-doctor plan MODEL --seq-len N).",
+        ))
+    return findings
+
+
+@register
+def check_dataset_format(ctx: CheckContext) -> list[Finding]:
+    findings = []
+    formats = {k: v for k, v in (ctx.formats or {}).items() if v}
+    if len(formats) > 1:
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(formats.items(), key=lambda kv: -kv[1]))
+        findings.append(Finding(
+            Severity.WARNING, "mixed-formats",
+            f"The dataset mixes prompt formats ({parts}): the model learns several templates and responds "
+            "inconsistently to the one used at inference.",
+            "Convert every row to one format (same field names and template) before training.",
+        ))
+    empty = {k: v for k, v in (ctx.empty_fields or {}).items() if v}
+    if empty:
+        parts = ", ".join(f"'{k}' in {v} rows" for k, v in empty.items())
+        findings.append(Finding(
+            Severity.WARNING, "empty-fields",
+            f"Empty fields: {parts}. An empty response teaches the model to answer with nothing but EOS.",
+            "Drop or fix those rows (e.g. dataset.filter(lambda r: r['output'].strip())).",
+        ))
+    return findings

@@ -1,0 +1,128 @@
+"""Which modules get an adapter: targets that do not exist, exist only in part, or train nothing.
+
+Matching follows peft's rule through introspect.partial_coverage (a module matches when its full name
+equals the target or ends with '.' + target), on the meta model's real module paths.
+"""
+
+from __future__ import annotations
+
+from .base import Finding, Severity
+from .context import CheckContext
+from .registry import register
+
+FUSED_LAYOUT = {
+    "qkv_proj": "Phi-3",
+    "query_key_value": "Falcon / GPT-NeoX / BLOOM",
+    "c_attn": "GPT-2, a transformers Conv1D",
+    "W_pack": "Baichuan",
+    "Wqkv": "MPT / Phi-2",
+    "gate_up_proj": "Phi-3 fused MLP",
+}
+"""Leaves that compute several projections in one matmul; one adapter on them is shared by all."""
+_ATTN_ROLES = {"q", "k", "v", "o"}
+
+
+def _coverage(ctx: CheckContext):
+    if ctx.targets is None or ctx.shape is None:
+        return None
+    from ..introspect import partial_coverage
+
+    cov = partial_coverage(ctx.shape, ctx.targets)
+    return cov if (cov.matched or cov.unmatched) else None
+
+
+def _quote(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _targetable(ctx: CheckContext) -> str:
+    return ", ".join(dict.fromkeys(g.name for g in ctx.shape.leaves if g.default_target))
+
+
+def _suggest(ctx: CheckContext, unmatched) -> str:
+    """The preset matching what the user meant, and what it resolves to on this model."""
+    from ..introspect import _ROLE_OF_NAME, preset_targets
+
+    roles = {_ROLE_OF_NAME.get(n.rsplit(".", 1)[-1]) for n in unmatched}
+    if roles <= {"q", "v"}:
+        preset = "qv"
+    elif roles <= _ATTN_ROLES:
+        preset = "attn"
+    elif roles <= {"gate", "up", "down"}:
+        preset = "mlp"
+    else:
+        preset = "all-linear"
+    resolved = preset_targets(ctx.shape).get(preset) or ()
+    return f"--target {preset}" + (f" (here: {', '.join(resolved)})" if resolved else "")
+
+
+def _fused_note(cov, unmatched) -> str:
+    for f in cov.fused:
+        if set(f.requested) & set(unmatched):
+            return (f" This model computes {', '.join(f.projections)} in one fused '{f.leaf}' "
+                    f"({FUSED_LAYOUT.get(f.leaf.rsplit('.', 1)[-1], 'fused layout')}).")
+    return ""
+
+
+@register
+def check_target_not_found(ctx: CheckContext) -> list[Finding]:
+    cov = _coverage(ctx)
+    if cov is None or cov.matched or not cov.unmatched:
+        return []
+    model = ctx.model_id or ctx.shape.model_id
+    return [Finding(
+        Severity.ERROR, "target-not-found",
+        f"No module in '{model}' matches target(s) {_quote(cov.unmatched)}; peft raises 'Target modules ... not "
+        f"found in the base model'. Targetable leaves: {_targetable(ctx)}.{_fused_note(cov, cov.unmatched)}",
+        f"Try: {_suggest(ctx, cov.unmatched)}, or name leaves from the list above. "
+        f"See them all with: lora-doctor modules {model}",
+    )]
+
+
+@register
+def check_zero_trainable(ctx: CheckContext) -> list[Finding]:
+    if ctx.trainable_params is None or ctx.trainable_params > 0:
+        return []
+    cov = _coverage(ctx)
+    if cov is not None and cov.unmatched and not cov.matched:
+        return []  # target-not-found already explains it
+    return [Finding(
+        Severity.ERROR, "zero-trainable",
+        "trainable params: 0 — the optimizer has nothing to update; loss will not move and the saved adapter "
+        "equals its initialisation.",
+        "Call prepare_model_for_kbit_training(model) BEFORE get_peft_model (it freezes every parameter), keep "
+        "LoraConfig(inference_mode=False), and confirm with model.print_trainable_parameters().",
+    )]
+
+
+@register
+def check_partial_coverage(ctx: CheckContext) -> list[Finding]:
+    cov = _coverage(ctx)
+    if cov is None:
+        return []
+    findings = []
+    model = ctx.model_id or ctx.shape.model_id
+    if cov.matched and cov.unmatched:
+        findings.append(Finding(
+            Severity.WARNING, "partial-target-coverage",
+            f"Only {_quote(cov.matched)} of the requested targets exist in '{model}'; {_quote(cov.unmatched)} match "
+            "nothing and peft silently skips them, so the adapter covers less than asked."
+            + _fused_note(cov, cov.unmatched),
+            f"Use existing leaves ({_targetable(ctx)}) or a preset: {_suggest(ctx, cov.unmatched)}.",
+        ))
+    for f in cov.fused:
+        if not set(f.requested) <= set(cov.matched):
+            continue  # names that match nothing: explained by target-not-found / partial-target-coverage
+        r = ctx.lora_r
+        leaf = f.leaf.rsplit(".", 1)[-1]
+        also = f" It also adapts {', '.join(f.also_adapts)}, which you did not ask for." if f.also_adapts else ""
+        findings.append(Finding(
+            Severity.INFO, "fused-target",
+            f"You asked for {_quote(f.requested)}; on this model that is the fused '{f.leaf}' "
+            f"({FUSED_LAYOUT.get(leaf, 'fused layout')}), which computes {', '.join(f.projections)} in one matmul: "
+            f"one rank-{r or 'r'} adapter is shared by all {len(f.projections)}.{also}"
+            + (" peft sets fan_in_fan_out=True for this Conv1D." if leaf == "c_attn" else ""),
+            "Nothing to fix if intended. For the update rank of separate per-projection adapters, use "
+            f"--r {len(f.projections) * r}." if r else "Nothing to fix if intended.",
+        ))
+    return findings

@@ -1,0 +1,137 @@
+"""Tokenizer vs training: pad token, EOS learning, padding side, vocabulary vs embedding rows."""
+
+from __future__ import annotations
+
+from .base import Finding, Severity
+from .context import CheckContext
+from .registry import register
+
+IGNORE_INDEX = -100
+"""torch.nn.CrossEntropyLoss default ignore_index; transformers' causal-LM loss uses it too."""
+
+EMBED_NAMES = {"gpt2": "wte", "falcon": "word_embeddings", "gpt_neox": "embed_in", "bloom": "word_embeddings",
+               "opt": "embed_tokens", "phi": "embed_tokens"}
+"""Input-embedding leaf names peft's modules_to_save must name, where they are not 'embed_tokens'."""
+OUTPUT_NAMES = {"gpt_neox": "embed_out"}
+
+
+def _tokenizer_known(ctx: CheckContext) -> bool:
+    return ctx.vocab_len is not None or ctx.eos_token_id is not None
+
+
+def _embed_names(ctx: CheckContext) -> tuple[str, str]:
+    model_type = ctx.shape.model_type if ctx.shape else None
+    emb = ctx.input_embedding_name or EMBED_NAMES.get(model_type, "embed_tokens")
+    out = ctx.output_embedding_name or OUTPUT_NAMES.get(model_type, "lm_head")
+    return emb, out
+
+
+@register
+def check_no_pad_token(ctx: CheckContext) -> list[Finding]:
+    if not _tokenizer_known(ctx) or ctx.pad_token_id is not None:
+        return []
+    fix = ("Set a pad token distinct from EOS, e.g. tokenizer.pad_token = tokenizer.unk_token, or a reserved token "
+           "(Llama-3: '<|finetune_right_pad_id|>'). Avoid pad = EOS with collators that mask by id (see pad-is-eos).")
+    if ctx.padding_masked_by_position:
+        return [Finding(
+            Severity.INFO, "no-pad-token",
+            "The tokenizer has no pad token; lora-doctor pads with EOS and masks padding by position, so training "
+            "is unaffected, but batching with your own collator or tokenizer(..., padding=True) would fail.",
+            fix,
+        )]
+    batched = (ctx.batch_size or 1) > 1
+    return [Finding(
+        Severity.ERROR if batched else Severity.WARNING, "no-pad-token",
+        "The tokenizer has no pad token"
+        + (f": padding a batch of {ctx.batch_size} fails with 'Asking to pad but the tokenizer does not have a "
+           "padding token'." if batched else "; batch size 1 needs none, but any batching or collator padding fails."),
+        fix,
+    )]
+
+
+@register
+def check_eos_learning(ctx: CheckContext) -> list[Finding]:
+    """Pad == EOS masks EOS out of the labels in collators that mask by token id; check the labels themselves."""
+    if ctx.eos_token_id is None:
+        return []
+    pad_is_eos = ctx.pad_token_id is not None and ctx.pad_token_id == ctx.eos_token_id
+    eos = f"'{ctx.eos_token}' (id {ctx.eos_token_id})" if ctx.eos_token else f"id {ctx.eos_token_id}"
+    if ctx.labels:
+        labelled = sum(1 for seq in ctx.labels if ctx.eos_token_id in seq)
+        if labelled == 0:
+            cause = ("the pad token is EOS, so masking padding by token id also masks every EOS"
+                     if pad_is_eos else "the template does not append EOS, or it is truncated away")
+            return [Finding(
+                Severity.ERROR if pad_is_eos else Severity.WARNING, "eos-never-learned",
+                f"EOS {eos} is a label in none of the {len(ctx.labels)} tokenized examples ({cause}): the model "
+                "never learns to stop and generates until max_new_tokens.",
+                "Append tokenizer.eos_token to every response and mask padding by attention_mask (labels[attention_mask"
+                " == 0] = -100), not by token id" + ("; better, use a pad token distinct from EOS." if pad_is_eos else "."),
+            )]
+        if pad_is_eos:
+            return [Finding(
+                Severity.INFO, "pad-is-eos",
+                f"Pad token is EOS {eos}, but EOS is still a label in {labelled}/{len(ctx.labels)} examples: "
+                "padding is masked by position, so the model does learn to stop.",
+                "Nothing to fix. A distinct pad token keeps it that way if the collator changes.",
+            )]
+        return []
+    if pad_is_eos and ctx.padding_masked_by_position:
+        return [Finding(
+            Severity.INFO, "pad-is-eos",
+            f"Pad token is EOS {eos}; lora-doctor masks padding by position, so EOS labels are kept here. A collator "
+            "that masks by token id (DataCollatorForLanguageModeling) would drop every EOS label.",
+            "Nothing to fix for lora-doctor runs; prefer a distinct pad token if you reuse this tokenizer elsewhere.",
+        )]
+    if pad_is_eos:
+        return [Finding(
+            Severity.WARNING, "pad-is-eos",
+            f"Pad token is EOS {eos}: a collator that masks padding by token id (labels[input_ids == pad_id] = -100,"
+            " as DataCollatorForLanguageModeling does) also masks every EOS, and the model never learns to stop.",
+            "Use a distinct pad token (tokenizer.pad_token = tokenizer.unk_token), or mask by attention_mask and "
+            "verify with: lora-doctor check CONFIG (it inspects the labels).",
+        )]
+    return []
+
+
+@register
+def check_left_padding(ctx: CheckContext) -> list[Finding]:
+    if (ctx.padding_side or "").lower() != "left":
+        return []
+    return [Finding(
+        Severity.WARNING, "left-padding",
+        "padding_side='left' while training: it is meant for batched generation. In half precision it has "
+        "caused overflow/NaN (TRL warns about it) and shifts position ids unless every path uses the attention mask.",
+        "Train with tokenizer.padding_side = 'right' (padding_side: right in the config); switch to 'left' only "
+        "for generation.",
+    )]
+
+
+@register
+def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
+    if ctx.vocab_len is None or ctx.shape is None:
+        return []
+    rows = ctx.shape.vocab_size
+    new = ctx.vocab_len - rows
+    if new <= 0:
+        return []  # fewer tokens than rows is normal: vocabularies are padded to a multiple of 64/128
+    emb, out = _embed_names(ctx)
+    covered = set(ctx.modules_to_save or ()) >= {emb, out} or bool(ctx.trainable_token_indices)
+    if not ctx.resize_embeddings:
+        return [Finding(
+            Severity.ERROR, "vocab-mismatch",
+            f"The tokenizer has {ctx.vocab_len:,} tokens but the model's embedding has {rows:,} rows: the {new} "
+            "token id(s) past the end crash the embedding lookup ('index out of range in self', or a CUDA "
+            "device-side assert).",
+            f"model.resize_token_embeddings(len(tokenizer)) before get_peft_model, and train the new rows: "
+            f"LoraConfig(modules_to_save=['{emb}', '{out}']) or trainable_token_indices=[...new ids...].",
+        )]
+    if covered:
+        return []
+    return [Finding(
+        Severity.WARNING, "new-tokens-untrained",
+        f"{new} token(s) added beyond the model's {rows:,} embedding rows get freshly initialised embeddings, but "
+        "LoRA freezes embeddings: they are never trained, and not saved in the adapter either.",
+        f"LoraConfig(modules_to_save=['{emb}', '{out}']) (saves full matrices) or "
+        "LoraConfig(trainable_token_indices=[...new ids...]) (trains and saves only those rows).",
+    )]

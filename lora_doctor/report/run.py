@@ -1,0 +1,359 @@
+"""Check / probe / train results as one JSON dict, rendered to Markdown that pastes into a GitHub issue.
+
+The JSON dict is the source of truth: `render_markdown(result)` reads nothing else, so a saved
+result re-renders identically (`lora-doctor report RESULT.json`). Everything passes through
+`redact` before it is written. No torch import here.
+
+Schema (`schema: "lora-doctor.result/1"`), every section optional except kind, verdict, findings:
+    kind        'check' | 'probe' | 'train'
+    created     ISO-8601 UTC time
+    verdict     {'status': 'healthy'|'warnings'|'errors', 'errors': n, 'warnings': n, 'infos': n}
+    model       {'id', 'source', 'architecture', 'model_type'}
+    targets     {'requested', 'resolved': [...], 'trainable_params', 'total_params'}
+    memory      {'device', 'planned_total_bytes', 'planned_terms': {term: bytes},
+                 'measured': {'peak_allocated_bytes', 'peak_reserved_bytes', 'peak_rss_bytes', ...}}
+    loss        [float, ...] one per optimizer step
+    data        DataStats.to_dict()
+    config      RunConfig.to_dict()
+    findings    [Finding.to_dict(), ...] errors first
+    environment collect_environment()
+    extra       anything else (step time, tokens/s, output paths)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import LoraDoctorError
+from ..fileio import write_json_atomic, write_text_atomic
+from . import format_bytes, format_count
+from .env import redact
+
+SCHEMA = "lora-doctor.result/1"
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+"""Unicode block elements: plain text, so the curve survives a paste into an issue or a terminal."""
+NONFINITE_CHAR = "×"
+SEVERITY_ICON = {"error": "✗", "warning": "⚠", "info": "ℹ"}
+SEVERITY_ORDER = ("error", "warning", "info")
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+def verdict_of(findings: list[dict]) -> dict:
+    counts = {s: sum(1 for f in findings if f.get("severity") == s) for s in SEVERITY_ORDER}
+    status = "errors" if counts["error"] else "warnings" if counts["warning"] else "healthy"
+    return {"status": status, "errors": counts["error"], "warnings": counts["warning"], "infos": counts["info"]}
+
+
+def build_result(
+    kind: str,
+    *,
+    findings: list = (),
+    model: dict | None = None,
+    targets: dict | None = None,
+    memory: dict | None = None,
+    loss: list[float] | None = None,
+    data: dict | None = None,
+    config: dict | None = None,
+    environment: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The result dict, redacted. `findings` may be Finding objects or their dicts."""
+    found = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
+    found.sort(key=lambda f: SEVERITY_ORDER.index(f.get("severity", "info")))
+    result = {
+        "schema": SCHEMA,
+        "kind": kind,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "verdict": verdict_of(found),
+        "model": model,
+        "targets": targets,
+        "memory": memory,
+        "loss": [float(x) for x in loss] if loss is not None else None,
+        "data": data,
+        "config": config,
+        "findings": found,
+        "environment": environment,
+        "extra": extra or {},
+    }
+    return redact({k: v for k, v in result.items() if v is not None})
+
+
+def load_result(path: str | Path) -> dict:
+    """Read a saved result JSON. Raises LoraDoctorError (one line) if it is missing or not a result."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraDoctorError(f"Result file '{path}' not found.",
+                              "Pass the .json written by lora-doctor check/probe --json-out (see reports/).")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraDoctorError(f"'{path}' is not valid JSON ({e}).", "Pass a result written by lora-doctor.") from None
+    if not isinstance(result, dict) or not str(result.get("schema", "")).startswith("lora-doctor.result/"):
+        raise LoraDoctorError(f"'{path}' is not a lora-doctor result (no 'schema': '{SCHEMA}' key).",
+                              "Pass a JSON written by lora-doctor check --json or probe.")
+    if not isinstance(result.get("findings", []), list):
+        raise LoraDoctorError(f"'{path}' has a malformed 'findings' section.", "Re-run the command to regenerate it.")
+    return result
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip("/").split("/")[-1]).strip("-") or "model"
+
+
+def default_report_path(kind: str, model_id: str | None, suffix: str, reports_dir: str | Path = "reports") -> Path:
+    """reports/check-Mistral-7B-v0.1-20260101-120000.md"""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path(reports_dir) / f"{kind}-{_slug(model_id or 'model')}-{stamp}{suffix}"
+
+
+def write_result(result: dict, *, json_path: str | Path | None = None,
+                 markdown_path: str | Path | None = None) -> list[Path]:
+    """Write the JSON and/or Markdown atomically; both redacted again in case the dict was edited."""
+    result = redact(result)
+    written = []
+    if json_path is not None:
+        written.append(write_json_atomic(json_path, result))
+    if markdown_path is not None:
+        written.append(write_text_atomic(markdown_path, render_markdown(result)))
+    return written
+
+
+# --- rendering pieces -----------------------------------------------------------------------------
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """A loss curve in block characters, min to max; non-finite values show as '×'.
+
+    Longer traces are averaged into `width` buckets so the line fits an issue comment.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        return ""
+    if len(vals) > width:
+        buckets = []
+        for i in range(width):
+            chunk = vals[i * len(vals) // width:(i + 1) * len(vals) // width]
+            buckets.append(math.nan if any(not math.isfinite(v) for v in chunk) else sum(chunk) / len(chunk))
+        vals = buckets
+    finite = [v for v in vals if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    out = []
+    for v in vals:
+        if not math.isfinite(v):
+            out.append(NONFINITE_CHAR)
+        elif hi == lo:
+            out.append(SPARK_CHARS[0])
+        else:
+            out.append(SPARK_CHARS[min(len(SPARK_CHARS) - 1, int((v - lo) / (hi - lo) * len(SPARK_CHARS)))])
+    return "".join(out)
+
+
+def _md_cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict_line(verdict: dict) -> str:
+    e, w, i = verdict.get("errors", 0), verdict.get("warnings", 0), verdict.get("infos", 0)
+    if e:
+        head = f"✗ {e} error{'s' * (e != 1)}" + (f", {w} warning{'s' * (w != 1)}" if w else "") + " — fix before training"
+    elif w:
+        head = f"⚠ healthy, with {w} warning{'s' * (w != 1)}"
+    else:
+        head = "✓ healthy"
+    return head + (f" ({i} note{'s' * (i != 1)})" if i else "")
+
+
+def _fmt_loss(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else str(x)
+
+
+def _section_summary(result: dict) -> list[str]:
+    rows = []
+    model = result.get("model") or {}
+    if model.get("id"):
+        src = f" ({model['source']})" if model.get("source") else ""
+        arch = f" · {model['architecture']}" if model.get("architecture") else ""
+        rows.append(("Model", f"`{model['id']}`{src}{arch}"))
+    t = result.get("targets") or {}
+    if t.get("requested") is not None:
+        req = t["requested"] if isinstance(t["requested"], str) else ", ".join(t["requested"])
+        rows.append(("Targets requested", f"`{req}`"))
+    if t.get("resolved"):
+        rows.append(("Target modules", ", ".join(f"`{n}`" for n in t["resolved"])))
+    if t.get("trainable_params") is not None:
+        total = t.get("total_params")
+        share = f" of {format_count(total)} ({100 * t['trainable_params'] / total:.3f}%)" if total else ""
+        rows.append(("Trainable params", f"{format_count(t['trainable_params'])}{share}"))
+    if not rows:
+        return []
+    return [_table(rows, ("", "")), ""]
+
+
+def _section_findings(findings: list[dict]) -> list[str]:
+    out = ["## Findings", ""]
+    if not findings:
+        return out + ["No findings: every check passed.", ""]
+    for f in findings:
+        sev = f.get("severity", "info")
+        out.append(f"### {SEVERITY_ICON.get(sev, '')} {sev} · `{f.get('code', '?')}`")
+        out.append("")
+        out.append(str(f.get("message", "")))
+        out.append("")
+        hint = str(f.get("hint", ""))
+        if "\n" in hint:
+            out += ["**Fix:**", "", "```", hint, "```", ""]
+        elif hint:
+            out += [f"**Fix:** {hint}", ""]
+    return out
+
+
+def _section_memory(memory: dict) -> list[str]:
+    planned = memory.get("planned_total_bytes")
+    measured = memory.get("measured") or {}
+    terms = memory.get("planned_terms") or {}
+    out = ["## Memory: plan vs measured", ""]
+    device = memory.get("device")
+    if device:
+        out += [f"Device: {device}", ""]
+    rows = []
+    peak = None
+    for key, label in (("peak_allocated_bytes", "peak allocated (torch)"), ("peak_reserved_bytes", "peak reserved (torch)"),
+                       ("nvml_peak_used_bytes", "peak used (NVML)"), ("peak_rss_bytes", "peak process RSS")):
+        if measured.get(key) is not None:
+            peak = measured[key] if peak is None else peak
+            err = f"{100 * (planned - measured[key]) / measured[key]:+.1f}%" if planned and measured[key] else "—"
+            rows.append((label, format_bytes(planned), format_bytes(measured[key]), err))
+    if planned is not None and not rows:
+        rows.append(("total", format_bytes(planned), "—", "—"))
+    if rows:
+        out += [_table(rows, ("", "planned", "measured", "plan error")), ""]
+    if terms:
+        out += ["<details><summary>Planned breakdown</summary>", "",
+                _table([(k.removesuffix("_bytes").replace("_", " "), format_bytes(v)) for k, v in terms.items()],
+                       ("term", "bytes")), "", "</details>", ""]
+    return out if len(out) > 2 else []
+
+
+def _section_loss(loss: list[float]) -> list[str]:
+    if not loss:
+        return []
+    finite = [x for x in loss if math.isfinite(x)]
+    summary = f"{len(loss)} steps"
+    if finite:
+        summary += f", first {_fmt_loss(loss[0])}, last {_fmt_loss(loss[-1])}, min {min(finite):.4f}"
+    bad = len(loss) - len(finite)
+    if bad:
+        summary += f", {bad} non-finite (×)"
+    return ["## Loss", "", "```", f"{sparkline(loss)}  {summary}", "```", ""]
+
+
+def _section_data(data: dict) -> list[str]:
+    keys = [("source", "Source"), ("format", "Format"), ("n_examples", "Examples"), ("n_truncated", "Truncated by max_length"),
+            ("n_response_lost", "Response lost entirely"), ("max_length", "max_length"),
+            ("longest_tokens", "Longest example (tokens)"), ("n_label_tokens", "Label tokens"),
+            ("pad_token", "Pad token"), ("eos_token", "EOS token")]
+    rows = [(label, f"`{data[k]}`" if k in ("pad_token", "eos_token", "source") else
+             format_count(data[k]) if isinstance(data[k], int) and not isinstance(data[k], bool) else data[k])
+            for k, label in keys if data.get(k) is not None]
+    formats = data.get("formats_seen") or data.get("formats")
+    if formats:
+        rows.append(("Row formats", ", ".join(f"{k}: {v}" for k, v in formats.items())))
+    if not rows:
+        return []
+    return ["## Data", "", _table(rows, ("", "")), ""]
+
+
+def _details(summary: str, body: list[str]) -> list[str]:
+    return [f"<details><summary>{summary}</summary>", "", *body, "", "</details>", ""]
+
+
+def _section_config(config: dict) -> list[str]:
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip()
+    return _details("Config", ["```yaml", text, "```"])
+
+
+def _section_environment(env: dict) -> list[str]:
+    rows = []
+    for key, value in env.items():
+        if value is None or value == [] or value == "":
+            continue
+        if isinstance(value, list):
+            value = ", ".join(map(str, value))
+        rows.append((key, value))
+    return _details("Environment", [_table(rows, ("", ""))])
+
+
+def _section_extra(extra: dict) -> list[str]:
+    rows = [(k, v) for k, v in extra.items() if isinstance(v, (str, int, float, bool)) and v is not None]
+    if not rows:
+        return []
+    return ["## Run", "", _table([(k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else v) for k, v in rows],
+                                 ("", "")), ""]
+
+
+def render_markdown(result: dict) -> str:
+    """The whole report as GitHub-flavoured Markdown, from the result dict alone."""
+    kind = result.get("kind", "run")
+    model_id = (result.get("model") or {}).get("id")
+    verdict = result.get("verdict") or verdict_of(result.get("findings") or [])
+    out = [f"# lora-doctor {kind}" + (f": `{model_id}`" if model_id else ""), "",
+           f"**Verdict: {verdict_line(verdict)}**", ""]
+    out += _section_summary(result)
+    out += _section_findings(result.get("findings") or [])
+    if result.get("memory"):
+        out += _section_memory(result["memory"])
+    if result.get("loss"):
+        out += _section_loss(result["loss"])
+    if result.get("extra"):
+        out += _section_extra(result["extra"])
+    if result.get("data"):
+        out += _section_data(result["data"])
+    if result.get("config"):
+        out += _section_config(result["config"])
+    if result.get("environment"):
+        out += _section_environment(result["environment"])
+    created = result.get("created")
+    out.append(f"<sub>lora-doctor · {result.get('schema', SCHEMA)}" + (f" · {created}" if created else "") + "</sub>")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_text(result: dict) -> str:
+    """Findings grouped by severity with their fixes, for the terminal."""
+    verdict = result.get("verdict") or verdict_of(result.get("findings") or [])
+    model_id = (result.get("model") or {}).get("id")
+    lines = [f"lora-doctor {result.get('kind', 'run')}" + (f": {model_id}" if model_id else "")]
+    t = result.get("targets") or {}
+    if t.get("resolved"):
+        lines.append(f"  targets: {', '.join(t['resolved'])}")
+    if t.get("trainable_params") is not None:
+        lines.append(f"  trainable params: {format_count(t['trainable_params'])}"
+                     + (f" of {format_count(t['total_params'])}" if t.get("total_params") else ""))
+    if result.get("loss"):
+        lines.append(f"  loss: {sparkline(result['loss'])}")
+    findings = result.get("findings") or []
+    for sev in SEVERITY_ORDER:
+        group = [f for f in findings if f.get("severity") == sev]
+        if not group:
+            continue
+        lines += ["", f"{sev.upper()}S ({len(group)})" if len(group) > 1 else sev.upper()]
+        for f in group:
+            lines.append(f"  {SEVERITY_ICON[sev]} [{f.get('code')}] {f.get('message')}")
+            hint = str(f.get("hint", "")).replace("\n", "\n      ")
+            if hint:
+                lines.append(f"    fix: {hint}")
+    lines += ["", f"Verdict: {verdict_line(verdict)}"]
+    return "\n".join(lines) + "\n"
