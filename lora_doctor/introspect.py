@@ -15,10 +15,13 @@ What is targetable, and by what (transformers 5.x, peft 0.21):
   parameter's module, the output embedding and `_keep_in_fp32_modules`. We call those same functions.
 - Fused MoE experts: transformers 5 builds Mixtral's experts as two 3-D nn.Parameters per layer
   (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I)), not per-expert Linear modules, and the
-  router as a bare (E, H) Parameter. So bitsandbytes leaves the experts in 16 bit, 'all-linear' adapts only
-  attention, and peft reaches the experts only through `LoraConfig(target_parameters=...)`, which refuses
-  DoRA and lora_dropout > 0 (`peft.tuners.lora.layer.ParamWrapper.update_layer`). ModelShape lists them as
-  ParamGroup and the 'mlp' preset resolves to them.
+  router as a bare (E, H) Parameter (`gate.weight`). So bitsandbytes leaves experts and router in 16 bit, and
+  peft reaches them only through `LoraConfig(target_parameters=...)`, which refuses DoRA and lora_dropout > 0
+  (`peft.tuners.lora.layer.ParamWrapper.update_layer`). peft 0.21 keeps v4 adapters working by rewriting the
+  config for these models (`peft.utils.transformers_weight_conversion`): 'all-linear' then adds the router and
+  both expert tensors as target_parameters, with rank and alpha doubled on `gate_up_proj` (w1 and w3 fused).
+  We run that same rewrite to mark ParamGroup.all_linear / rank_multiplier, and pass 'all-linear' to peft as
+  the string, so counts stay peft's own. The 'mlp' preset is the expert tensors at plain rank r.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +132,24 @@ def _modules_not_quantized(model) -> list[str]:
     return HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
 
 
+def _peft_all_linear_parameters(model) -> tuple[list[str], dict[str, int]]:
+    """What peft's transformers-v5 rewrite turns 'all-linear' into beyond Linear modules, at r=1.
+
+    Returns (target_parameters, rank_pattern); both empty for models peft does not rewrite.
+    """
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # older peft: no rewrite, 'all-linear' is Linear/Conv1D only
+        return [], {}
+    config = LoraConfig(r=1, lora_alpha=1, target_modules="all-linear")
+    try:
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+    except (ValueError, KeyError, AttributeError):
+        return [], {}
+    return sorted(config.target_parameters or ()), {k: int(v) for k, v in (config.rank_pattern or {}).items()}
+
+
 def _cfg(config, *names, default=None):
     for name in names:
         value = getattr(config, name, None)
@@ -188,24 +210,32 @@ def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> Mode
         for k, paths in embeddings.items()
     )
 
-    # Fused 3-D expert tensors: bare Parameters on a non-Linear module.
+    # Bare Parameters peft can reach via target_parameters: every 3-D tensor (fused experts), plus whatever
+    # peft's own 'all-linear' rewrite for v5 MoE models targets (the router's gate.weight).
+    all_linear_params, rank_pattern = _peft_all_linear_parameters(model)
     param_groups_raw: dict[tuple, list[str]] = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             continue
         for p_name, p in module.named_parameters(recurse=False):
-            if p.ndim != 3:
-                continue
-            # peft's ParamWrapper: (E, in, out) if the module says is_transposed, else (E, out, in).
-            if getattr(module, "is_transposed", False):
-                n_exp, in_f, out_f = p.shape
+            path = f"{mod_name}.{p_name}"
+            in_all_linear = _matches([path], *all_linear_params) if all_linear_params else False
+            if p.ndim == 3:
+                # peft's ParamWrapper: (E, in, out) if the module says is_transposed, else (E, out, in).
+                if getattr(module, "is_transposed", False):
+                    n_exp, in_f, out_f = p.shape
+                else:
+                    n_exp, out_f, in_f = p.shape
+            elif p.ndim == 2 and in_all_linear:
+                (out_f, in_f), n_exp = p.shape, 1
             else:
-                n_exp, out_f, in_f = p.shape
-            key = (f"{mod_name.rsplit('.', 1)[-1]}.{p_name}", n_exp, in_f, out_f)
-            param_groups_raw.setdefault(key, []).append(f"{mod_name}.{p_name}")
+                continue
+            multiplier = next((v for pat, v in rank_pattern.items() if re.fullmatch(pat, path)), 1)
+            key = (f"{mod_name.rsplit('.', 1)[-1]}.{p_name}", n_exp, in_f, out_f, in_all_linear, multiplier)
+            param_groups_raw.setdefault(key, []).append(path)
     param_groups = tuple(
         ParamGroup(name=k[0], num_experts=k[1], in_features=k[2], out_features=k[3], count=len(paths),
-                   paths=tuple(paths))
+                   all_linear=k[4], rank_multiplier=k[5], paths=tuple(paths))
         for k, paths in param_groups_raw.items()
     )
 
@@ -262,9 +292,9 @@ def load_shape(model: str, *, trust_remote_code: bool = False) -> tuple[ModelSha
 # -- targets ---------------------------------------------------------------------------------------------------
 
 
-def _matches(paths: Sequence[str], target: str) -> bool:
+def _matches(paths: Sequence[str], *targets: str) -> bool:
     """peft's rule (check_target_module_exists with a list): exact name, or a '.'-suffix."""
-    return any(p == target or p.endswith("." + target) for p in paths)
+    return any(p == t or p.endswith("." + t) for p in paths for t in targets)
 
 
 def _is_attention(path: str) -> bool:
@@ -301,8 +331,9 @@ def preset_targets(shape: ModelShape) -> dict[str, tuple[str, ...]]:
     return {
         "qv": tuple(_role_names(shape, paths_by_name, qv_paths)),
         "attn": tuple(_role_names(shape, paths_by_name, attn_paths)),
-        "mlp": tuple(_role_names(shape, paths_by_name, mlp_paths)) + tuple(g.name for g in shape.param_groups),
-        "all-linear": tuple(paths_by_name),
+        "mlp": tuple(_role_names(shape, paths_by_name, mlp_paths))
+        + tuple(g.name for g in shape.param_groups if g.num_experts > 1),
+        "all-linear": tuple(paths_by_name) + tuple(g.name for g in shape.param_groups if g.all_linear),
     }
 
 
@@ -447,25 +478,36 @@ def partial_coverage(shape: ModelShape, requested: str | Sequence[str]) -> Cover
 
 
 def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] | None = None):
-    """The peft LoraConfig for `lora` on this model: module targets and expert-tensor targets split apart.
+    """The peft LoraConfig for `lora` on this model, as the engine should build it.
+
+    Exactly 'all-linear' goes to peft as the string, so peft applies its own rules (including its v5 MoE
+    rewrite); anything else is resolved to names and split into target_modules and target_parameters.
 
     Raises:
-        LoraDoctorError: DoRA or dropout requested on fused expert tensors, which peft's ParamWrapper refuses.
+        LoraDoctorError: bad targets, or DoRA / dropout on parameter targets, which peft's ParamWrapper refuses.
     """
     from peft import LoraConfig
 
-    names = resolve_targets(shape, lora.targets if targets is None else targets)
-    param_names = [n for n in names if any(_matches(g.paths, n) for g in shape.param_groups)]
-    module_names = [n for n in names if n not in param_names]
+    raw = lora.targets if targets is None else targets
+    names = resolve_targets(shape, raw)
+    if _split_targets(raw) == ["all-linear"]:
+        target_modules: str | list[str] = "all-linear"
+        param_names = [g.name for g in shape.param_groups if g.all_linear]
+        target_parameters = None  # peft adds them itself
+    else:
+        param_names = [n for n in names if any(_matches(g.paths, n) for g in shape.param_groups)]
+        # An empty list, not None: None makes peft fall back to its per-model default targets.
+        target_modules = [n for n in names if n not in param_names]
+        target_parameters = param_names or None
     if param_names and lora.use_dora:
         raise LoraDoctorError(
-            f"DoRA cannot adapt the fused expert tensors {', '.join(param_names)} of {shape.model_id!r} "
-            "(peft's target_parameters supports plain LoRA only).",
+            f"DoRA cannot adapt the parameter targets {', '.join(param_names)} of {shape.model_id!r} "
+            "(fused MoE experts / router; peft's target_parameters supports plain LoRA only).",
             f"Drop --dora, or target attention only: lora-doctor plan {shape.model_id} --target attn --dora",
         )
     if param_names and lora.dropout > 0:
         raise LoraDoctorError(
-            f"LoRA on the fused expert tensors {', '.join(param_names)} of {shape.model_id!r} does not support "
+            f"LoRA on the parameter targets {', '.join(param_names)} of {shape.model_id!r} does not support "
             f"dropout (got {lora.dropout}).",
             "Set --dropout 0, or target attention only: --target attn",
         )
@@ -475,9 +517,8 @@ def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] 
         lora_dropout=lora.dropout,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
-        # An empty list, not None: None makes peft fall back to its per-model default targets.
-        target_modules=module_names,
-        target_parameters=param_names or None,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
         task_type="CAUSAL_LM",
     )
 
@@ -517,13 +558,13 @@ def trainable_counts(
         shape = model_shape(model, config, model_id=getattr(config, "_name_or_path", "") or config.model_type,
                             source="given")
     ranks = list(ranks) if ranks is not None else [lora.r]
-    names = resolve_targets(shape, lora.targets if targets is None else targets)
-    # Dropout never changes a count; zero it so expert-tensor targets (which refuse dropout) can be counted.
-    counting = dataclasses.replace(lora, dropout=0.0, targets=names)
+    raw = lora.targets if targets is None else targets
+    # Dropout never changes a count; zero it so parameter targets (which refuse dropout) can be counted.
+    counting = dataclasses.replace(lora, dropout=0.0)
     measured: dict[int, tuple[int, int]] = {}
     for r in list(dict.fromkeys(ranks))[:2]:
         LoraSpec(r=r)  # validates r the way the CLI would
-        measured[r] = _peft_count(model, lora_config(shape, dataclasses.replace(counting, r=r), names))
+        measured[r] = _peft_count(model, lora_config(shape, dataclasses.replace(counting, r=r), raw))
     if len(measured) == 2:
         (r1, (t1, a1)), (r2, (t2, _)) = measured.items()
         slope, rem = divmod(t2 - t1, r2 - r1)

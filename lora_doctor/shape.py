@@ -42,20 +42,26 @@ class LeafGroup:
 
 @dataclass(frozen=True)
 class ParamGroup:
-    """Fused 3-D expert tensors (transformers 5 MoE, e.g. Mixtral `experts.gate_up_proj` (E, 2I, H)).
+    """Bare nn.Parameters that LoRA can adapt only through peft's `target_parameters`.
 
-    They are bare nn.Parameters, not Linear modules: bitsandbytes leaves them in 16 bit, peft's 'all-linear'
-    skips them, and peft adapts them only through `LoraConfig(target_parameters=...)` (no DoRA, dropout 0).
+    In transformers 5 these are fused 3-D MoE expert tensors (Mixtral `experts.gate_up_proj` (E, 2I, H),
+    `experts.down_proj` (E, H, I)) and MoE router weights (`gate.weight` (E, H)). They are not Linear modules:
+    bitsandbytes leaves them in 16 bit and peft's LoRA on them allows no DoRA and no dropout.
     Their elements are counted in ModelShape.other_params.
     """
 
     name: str
     """Owning module's leaf name + parameter name, as peft's target_parameters matches it ('experts.down_proj')."""
     num_experts: int
+    """Leading expert dimension; 1 for a 2-D parameter such as a router weight."""
     in_features: int
     out_features: int
     count: int
     """How many layers carry this tensor."""
+    all_linear: bool = False
+    """True if peft's 'all-linear' adapts it (peft 0.21 remaps 'all-linear' onto v5 MoE parameters)."""
+    rank_multiplier: int = 1
+    """peft's rank_pattern factor under 'all-linear' (2 for gate_up_proj: the fused w1+w3 get 2r, alpha 2x)."""
     paths: tuple[str, ...] = field(default=(), compare=False, repr=False)
     """Full parameter names, e.g. 'model.layers.0.mlp.experts.down_proj'."""
 
@@ -92,7 +98,7 @@ class ModelShape:
     extra: dict = field(default_factory=dict, compare=False)
     """Architecture-specific numbers (e.g. sliding_window) for the activation model."""
     param_groups: tuple[ParamGroup, ...] = ()
-    """Fused 3-D expert tensors peft can reach only via target_parameters; counted in other_params."""
+    """Expert tensors and router weights peft can reach only via target_parameters; counted in other_params."""
     embeddings: tuple[LeafGroup, ...] = ()
     """nn.Embedding groups (kind 'Embedding', in_features=num_embeddings, out_features=embedding_dim); their
     elements are embedding_params. Not quantized, not default targets."""
