@@ -67,10 +67,22 @@ def check_truncation(ctx: CheckContext) -> list[Finding]:
     return findings
 
 
+def _distinct_formats(formats: dict[str, int]) -> dict[str, int]:
+    """Row signatures ('instruction+output') grouped so that a row missing a field (a subset signature,
+    reported as empty-fields) counts with the full format; what remains are genuinely different layouts."""
+    sigs = {k: frozenset(k.split("+")) for k, v in formats.items() if v and k != "empty"}
+    maximal = [k for k, s in sigs.items() if not any(s < t for t in sigs.values())]
+    out = {k: 0 for k in maximal}
+    for k, s in sigs.items():
+        home = next(m for m in maximal if s <= sigs[m])
+        out[home] += formats[k]
+    return out
+
+
 @register
 def check_dataset_format(ctx: CheckContext) -> list[Finding]:
     findings = []
-    formats = {k: v for k, v in (ctx.formats or {}).items() if v}
+    formats = _distinct_formats(ctx.formats or {})
     if len(formats) > 1:
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(formats.items(), key=lambda kv: -kv[1]))
         findings.append(Finding(

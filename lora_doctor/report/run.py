@@ -150,7 +150,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
         elif hi == lo:
             out.append(SPARK_CHARS[0])
         else:
-            out.append(SPARK_CHARS[min(len(SPARK_CHARS) - 1, int((v - lo) / (hi - lo) * len(SPARK_CHARS)))])
+            out.append(SPARK_CHARS[round((v - lo) / (hi - lo) * (len(SPARK_CHARS) - 1))])
     return "".join(out)
 
 
@@ -306,7 +306,8 @@ def _section_extra(extra: dict) -> list[str]:
 
 
 def render_markdown(result: dict) -> str:
-    """The whole report as GitHub-flavoured Markdown, from the result dict alone."""
+    """The whole report as GitHub-flavoured Markdown, from the result dict alone (redacted again)."""
+    result = redact(result)
     kind = result.get("kind", "run")
     model_id = (result.get("model") or {}).get("id")
     verdict = result.get("verdict") or verdict_of(result.get("findings") or [])

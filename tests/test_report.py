@@ -1,0 +1,167 @@
+"""Reports: JSON <-> Markdown round trip, sparkline, redaction, and the `report` command."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_doctor.checks import Finding, Severity
+from lora_doctor.cli import cli
+from lora_doctor.report.env import REDACTED, collect_environment, is_secret_key, redact
+from lora_doctor.report.run import SCHEMA, build_result, load_result, render_markdown, render_text, sparkline, write_result
+
+HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+
+
+def _result(**overrides):
+    kw = dict(
+        findings=[Finding(Severity.WARNING, "left-padding", "padding_side='left' while training.",
+                          "tokenizer.padding_side = 'right'"),
+                  Finding(Severity.ERROR, "lr-not-positive", "Learning rate is 0.", "Use --lr 2e-4."),
+                  Finding(Severity.INFO, "pad-is-eos", "Pad is EOS.", "for p in x:\n    pass")],
+        model={"id": "tiny-llama", "source": "local directory", "architecture": "LlamaForCausalLM"},
+        targets={"requested": "all-linear", "resolved": ["q_proj", "v_proj"], "trainable_params": 16384,
+                 "total_params": 1_000_000},
+        memory={"device": "NVIDIA A100-SXM4-80GB", "planned_total_bytes": 6 * 2**30,
+                "planned_terms": {"base_weights_bytes": 4 * 2**30, "activations_bytes": 2 * 2**30},
+                "measured": {"peak_allocated_bytes": 5 * 2**30, "peak_reserved_bytes": 6 * 2**30}},
+        loss=[2.5, 2.2, 2.0, 1.7, 1.5, 1.4],
+        data={"source": "data.jsonl", "n_examples": 100, "n_truncated": 3, "formats_seen": {"instruction+output": 100}},
+        config={"model": "tiny-llama", "lora": {"r": 8, "targets": "all-linear"}, "train": {"lr": 0.0}},
+        environment={"python": "3.11.7", "torch": "2.13.0", "gpus": ["A100"], "cuda": None},
+        extra={"step_time_s": 0.1234, "tokens_per_s": 5000.0},
+    )
+    kw.update(overrides)
+    return build_result("probe", **kw)
+
+
+def test_sparkline():
+    assert sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
+    assert sparkline([3.0, 3.0, 3.0]) == "▁▁▁"
+    assert sparkline([2.0, math.nan, 1.0, math.inf]) == "█×▁×"
+    assert sparkline([]) == ""
+    long = sparkline([float(i % 10) for i in range(1000)], width=40)
+    assert len(long) == 40
+    falling = sparkline(list(range(100, 0, -1)), width=10)
+    assert len(falling) == 10 and falling[0] == "█" and falling[-1] == "▁"
+    assert list(falling) == sorted(falling, reverse=True)
+
+
+def test_result_schema_and_verdict():
+    r = _result()
+    assert r["schema"] == SCHEMA and r["kind"] == "probe"
+    assert r["verdict"] == {"status": "errors", "errors": 1, "warnings": 1, "infos": 1}
+    assert [f["severity"] for f in r["findings"]] == ["error", "warning", "info"]
+    healthy = build_result("check", findings=[])
+    assert healthy["verdict"]["status"] == "healthy"
+
+
+def test_json_round_trip_renders_the_same_markdown(tmp_path):
+    r = _result()
+    json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
+    write_result(r, json_path=json_path, markdown_path=md_path)
+    again = load_result(json_path)
+    assert again == json.loads(json.dumps(r))
+    md = render_markdown(again)
+    assert md == md_path.read_text() == render_markdown(r)
+    assert md.startswith("# lora-doctor probe: `tiny-llama`")
+    assert "**Verdict: ✗ 1 error, 1 warning — fix before training (1 note)**" in md
+    assert "### ✗ error · `lr-not-positive`" in md and "**Fix:** Use --lr 2e-4." in md
+    assert "```\nfor p in x:\n    pass\n```" in md  # multi-line fixes stay code
+    assert "<details><summary>Environment</summary>" in md and "| torch | 2.13.0 |" in md
+    assert "<details><summary>Config</summary>" in md and "```yaml" in md
+    assert "▁" in md and "█" in md and "6 steps, first 2.5000, last 1.4000" in md
+    assert "| peak allocated (torch) | 6.00 GiB | 5.00 GiB | +20.0% |" in md
+    assert "16,384 of 1,000,000 (1.638%)" in md
+    assert "`q_proj`, `v_proj`" in md
+
+
+def test_markdown_of_a_minimal_result():
+    md = render_markdown({"schema": SCHEMA, "kind": "check", "findings": []})
+    assert "✓ healthy" in md and "No findings" in md
+
+
+def test_text_rendering_groups_by_severity():
+    text = render_text(_result())
+    assert text.index("ERROR") < text.index("WARNING") < text.index("INFO")
+    assert "[lr-not-positive]" in text and "fix: Use --lr 2e-4." in text
+    assert text.rstrip().endswith("fix before training (1 note)")
+
+
+@pytest.mark.parametrize("key,secret", [
+    ("HF_TOKEN", True), ("hf_token", True), ("HUGGING_FACE_HUB_TOKEN", True), ("WANDB_API_KEY", True),
+    ("AWS_SECRET_ACCESS_KEY", True), ("password", True), ("apiKey", True), ("use_auth_token", True),
+    ("pad_token", False), ("eos_token", False), ("response_key", False), ("max_new_tokens", False),
+    ("model", False), ("tokenizer", False), ("num_tokens", False),
+])
+def test_secret_keys(key, secret):
+    assert is_secret_key(key) is secret
+
+
+def test_redaction_everywhere(monkeypatch, tmp_path):
+    env_secret = "s3cr3t-wandb-value-123456"
+    monkeypatch.setenv("HF_TOKEN", HF)
+    monkeypatch.setenv("WANDB_API_KEY", env_secret)
+    home = str(Path.home())
+    config = {"model": f"{home}/models/llama", "hub_token": "not-an-hf-looking-token",
+              "data": {"path": "data.jsonl", "note": f"pushed with {HF}", "pad_token": "</s>"},
+              "url": "https://user:hunter22@example.com/x", "misc": [f"key={env_secret}"]}
+    environment = dict(collect_environment(include_bnb=False), HF_TOKEN=HF, dump=f"WANDB_API_KEY={env_secret}")
+    r = _result(config=config, environment=environment)
+    json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
+    write_result(r, json_path=json_path, markdown_path=md_path)
+    for text in (json_path.read_text(), md_path.read_text(), render_text(r)):
+        assert HF not in text and env_secret not in text and "not-an-hf-looking-token" not in text
+        assert "hunter22" not in text
+    saved = json.loads(json_path.read_text())
+    assert saved["config"]["hub_token"] == REDACTED
+    assert saved["config"]["data"]["pad_token"] == "</s>"  # tokenizer fields are not credentials
+    if home not in ("", "/"):
+        assert saved["config"]["model"] == "~/models/llama"
+        assert home + "/" not in md_path.read_text()
+
+
+def test_redact_keeps_non_strings():
+    assert redact({"HF_TOKEN": None, "n": 3, "ok": True, "xs": (1, 2)}) == {"HF_TOKEN": None, "n": 3, "ok": True, "xs": [1, 2]}
+
+
+def test_collect_environment_is_guarded():
+    env = collect_environment()
+    for key in ("python", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "cuda_available"):
+        assert key in env
+    assert env["torch"] and env["transformers"]
+    if not env["cuda_available"]:
+        assert env["gpus"] == [] and env["bf16_supported"] is None
+    json.dumps(env)
+
+
+# --- lora-doctor report ---------------------------------------------------------------------------------------
+
+
+def test_report_command_renders_and_writes(tmp_path):
+    json_path = tmp_path / "r.json"
+    write_result(_result(), json_path=json_path)
+    res = CliRunner().invoke(cli, ["report", str(json_path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("# lora-doctor probe")
+    out = tmp_path / "sub" / "issue.md"
+    res = CliRunner().invoke(cli, ["report", str(json_path), "-o", str(out)])
+    assert res.exit_code == 0 and out.read_text() == render_markdown(load_result(json_path))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "not found"),
+    ("{not json", "not valid JSON"),
+    ('{"kind": "probe"}', "not a lora-doctor result"),
+    ('[1, 2]', "not a lora-doctor result"),
+])
+def test_report_command_bad_input_exits_2(tmp_path, content, needle):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    res = CliRunner().invoke(cli, ["report", str(path)])
+    assert res.exit_code == 2
+    assert needle in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
