@@ -1,0 +1,220 @@
+"""GPUs: a table of common cards, --gpu parsing, local detection (the only pynvml import), fit verdicts.
+
+Capacity convention. GPU memory is sold in binary units with a "GB" label (JEDEC Standard 100B.01: for
+memory capacity, giga = 2**30), so "24 GB" on an RTX 3090 is 24 GiB of DRAM. What a process can use is
+less: ECC and the driver reserve part of it, and `nvidia-smi --query-gpu=memory.total` (= NVML
+nvmlDeviceGetMemoryInfo().total, = torch.cuda.mem_get_info()[1]) reports the remainder. The table stores
+that reported total as `usable_bytes`, the figure a budget must fit in; values are the totals nvidia-smi
+commonly prints for each card with default ECC settings (e.g. Colab's T4 "15360MiB", AWS g5's A10G
+"23028MiB"). Cards with ECC switched off or a different board variant report slightly different totals;
+pass --gpu <GiB> for an exact figure, or run on the card and let detection read it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from .budget import MemoryBudget, MethodBudget, method_budget
+from .errors import LoraDoctorError
+from .units import BYTES_PER_GIB, BYTES_PER_MIB
+
+TIGHT_FRACTION = 0.90
+"""A budget above 90% of usable memory is 'tight': the estimate's own error (activations, fragmentation)
+is of that order, so such a run may or may not OOM."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    marketed_gb: float | None
+    """The vendor's "GB" figure (binary, see module docstring); None for a custom or detected size."""
+    usable_bytes: int
+    """Total device memory as CUDA reports it (nvidia-smi memory.total)."""
+    source: str = "table"
+    """'table', 'detected (NVML)', 'detected (CUDA)' or 'given (--gpu N)'."""
+
+
+def _mib(n: int) -> int:
+    return n * BYTES_PER_MIB
+
+
+GPUS: tuple[GPU, ...] = (
+    GPU("T4", 16, _mib(15360)),            # ECC on by default: 16 GiB GDDR6, 15360 MiB visible
+    GPU("A10G", 24, _mib(23028)),          # AWS g5; ECC on
+    GPU("L4", 24, _mib(23034)),            # GCP g2; ECC on
+    GPU("RTX 3090", 24, _mib(24576)),      # GDDR6X, no ECC: all 24 GiB reported
+    GPU("RTX 4090", 24, _mib(24564)),
+    GPU("A100 40GB", 40, _mib(40960)),     # SXM4 (the PCIe board reports 40536 MiB)
+    GPU("A100 80GB", 80, _mib(81920)),
+    GPU("H100 80GB", 80, _mib(81559)),     # SXM5 / PCIe HBM3
+    GPU("H200", 141, _mib(143771)),        # 141 GiB HBM3e
+)
+
+
+def _norm(name: str) -> str:
+    s = re.sub(r"[\s_\-]+", "", name.lower())
+    s = s.replace("nvidia", "").replace("geforce", "").replace("tesla", "")
+    return s.replace("gib", "gb")
+
+
+_ALIASES = {
+    "3090": "RTX 3090", "4090": "RTX 4090", "rtx3090": "RTX 3090", "rtx4090": "RTX 4090",
+    "a10": "A10G", "h100": "H100 80GB", "h10080gb": "H100 80GB", "h100sxm": "H100 80GB", "h100pcie": "H100 80GB",
+    "h200141gb": "H200", "a10040": "A100 40GB", "a10080": "A100 80GB",
+    "a100sxm440gb": "A100 40GB", "a100sxm480gb": "A100 80GB", "a100pcie40gb": "A100 40GB", "a100pcie80gb": "A100 80GB",
+}
+
+
+def gpu_names() -> tuple[str, ...]:
+    return tuple(g.name for g in GPUS)
+
+
+def lookup_gpu(spec: str) -> GPU:
+    """A GPU from --gpu: a table name (case, spaces and dashes ignored: 'rtx-4090', 'a100 80gb') or a size in GiB.
+
+    Raises:
+        LoraDoctorError: an unknown name, an ambiguous one ('a100') or a non-positive size.
+    """
+    text = str(spec).strip()
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gib|gb|g)?", text.lower())
+    if size:
+        gib = float(size.group(1))
+        if gib <= 0:
+            raise LoraDoctorError(f"--gpu size must be positive, got {spec!r}.", "Try: --gpu 24 (GiB) or --gpu 'RTX 4090'")
+        return GPU(f"{gib:g} GiB", None, int(gib * BYTES_PER_GIB), source="given (--gpu N)")
+    key = _norm(text)
+    by_norm = {_norm(g.name): g for g in GPUS}
+    if key in by_norm:
+        return by_norm[key]
+    if key in _ALIASES:
+        return by_norm[_norm(_ALIASES[key])]
+    matches = [g for n, g in by_norm.items() if n.startswith(key)] if key else []
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(gpu_names())
+    if len(matches) > 1:
+        raise LoraDoctorError(
+            f"--gpu {spec!r} is ambiguous: {', '.join(g.name for g in matches)}.",
+            f"Name one, e.g. --gpu '{matches[-1].name}', or give the memory in GiB: --gpu 40",
+        )
+    raise LoraDoctorError(f"Unknown GPU {spec!r}.", f"Known: {names}. Or give the memory in GiB: --gpu 24")
+
+
+def detect_local_gpu() -> GPU | None:
+    """The first local CUDA device with its total memory, via NVML, else torch.cuda; None without a GPU."""
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            if pynvml.nvmlDeviceGetCount() > 0:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                name = pynvml.nvmlDeviceGetName(handle)
+                name = name.decode() if isinstance(name, bytes) else name
+                total = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+                return GPU(name, None, total, source="detected (NVML)")
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, no device: fall through to CUDA, then to None
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            _, total = torch.cuda.mem_get_info(0)
+            return GPU(torch.cuda.get_device_name(0), None, int(total), source="detected (CUDA)")
+    except Exception:
+        pass
+    return None
+
+
+# -- verdicts ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    gpu: str
+    method: str
+    total_bytes: int
+    usable_bytes: int
+    status: str
+    """'fits', 'tight' (above TIGHT_FRACTION of usable) or 'does not fit'."""
+
+    @property
+    def fraction(self) -> float:
+        return self.total_bytes / self.usable_bytes
+
+
+def verdict_status(total_bytes: int, usable_bytes: int) -> str:
+    if total_bytes > usable_bytes:
+        return "does not fit"
+    if total_bytes > TIGHT_FRACTION * usable_bytes:
+        return "tight"
+    return "fits"
+
+
+def verdicts(budget: MemoryBudget, gpus=GPUS) -> list[Verdict]:
+    """One verdict per (GPU, method), GPU-major."""
+    return [
+        Verdict(g.name, m.key, m.total_bytes, g.usable_bytes, verdict_status(m.total_bytes, g.usable_bytes))
+        for g in gpus
+        for m in budget.methods
+    ]
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """What the chosen GPU allows for the primary method, other flags unchanged."""
+
+    gpu: GPU
+    method: str
+    verdict: str
+    total_bytes: int
+    max_batch: int | None
+    """Largest micro-batch at --seq-len whose budget fits usable memory; None if batch 1 does not."""
+    max_seq_len: int | None
+    """Largest sequence length at batch 1 that fits; None if none does."""
+    seq_len_cap: int | None
+    """The model's max_position_embeddings where it bounded the search."""
+
+
+MAX_BATCH_SEARCH = 1 << 16
+MAX_SEQ_SEARCH = 1 << 22
+
+
+def _largest(fits, hi_cap: int) -> int | None:
+    """Largest n in [1, hi_cap] with fits(n), for a monotone predicate: doubling, then bisection."""
+    if not fits(1):
+        return None
+    lo = 1
+    hi = 2
+    while hi <= hi_cap and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, hi_cap + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def headroom(budget: MemoryBudget, shape, gpu: GPU, method: str | None = None) -> Headroom:
+    """Largest batch (at the budget's seq_len) and largest seq_len (at batch 1) that fit `gpu` for one method."""
+    key = method or budget.primary
+    m: MethodBudget = budget.method(key)
+
+    def total(batch: int, seq_len: int) -> int:
+        train = replace(budget.train, batch=batch, seq_len=seq_len)
+        return method_budget(key, shape, budget.lora, budget.quant, train, budget.targets).total_bytes
+
+    cap = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
+    seq_cap = min(int(cap), MAX_SEQ_SEARCH) if cap else MAX_SEQ_SEARCH
+    max_batch = _largest(lambda b: total(b, budget.train.seq_len) <= gpu.usable_bytes, MAX_BATCH_SEARCH)
+    max_seq = _largest(lambda t: total(1, t) <= gpu.usable_bytes, seq_cap)
+    return Headroom(
+        gpu=gpu, method=key, verdict=verdict_status(m.total_bytes, gpu.usable_bytes), total_bytes=m.total_bytes,
+        max_batch=max_batch, max_seq_len=max_seq, seq_len_cap=seq_cap if cap and max_seq == seq_cap else None,
+    )
