@@ -212,7 +212,13 @@ def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> Mode
 
     # Bare Parameters peft can reach via target_parameters: every 3-D tensor (fused experts), plus whatever
     # peft's own 'all-linear' rewrite for v5 MoE models targets (the router's gate.weight).
-    all_linear_params, rank_pattern = _peft_all_linear_parameters(model)
+    has_bare_matrices = any(
+        p.ndim >= 2
+        for m in model.modules() if not isinstance(m, (nn.Linear, Conv1D, nn.Embedding))
+        for p in m.parameters(recurse=False)
+    )
+    # Only MoE-style models have bare matrices; dense models skip importing peft here.
+    all_linear_params, rank_pattern = _peft_all_linear_parameters(model) if has_bare_matrices else ([], {})
     param_groups_raw: dict[tuple, list[str]] = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
