@@ -147,7 +147,6 @@ class Engine:
     def _setup_model(self) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        from transformers import logging as hf_logging
 
         cfg, q = self.cfg, self.cfg.quant
         torch.manual_seed(cfg.train.seed)
@@ -174,19 +173,13 @@ class Engine:
             kwargs["dtype"] = torch_dtype(q.compute_dtype)
         else:
             kwargs["dtype"] = torch_dtype(cfg.train.precision)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # progress goes through our own callbacks, on stderr
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
-        except Exception as e:
-            if _is_oom(e):
-                raise
-            raise _model_error(cfg.model, e) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        with quiet_transformers():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
+            except Exception as e:
+                if _is_oom(e):
+                    raise
+                raise _model_error(cfg.model, e) from None
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
         if self.model_hook is not None:
             model = self.model_hook(model) or model
@@ -374,6 +367,12 @@ class Engine:
         dist.all_reduce(t)
         return t.tolist()
 
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on one (a signal may reach ranks between different steps)."""
+        if self.world_size == 1:
+            return bool(flag)
+        return self._all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
     def _one_step(self) -> StepRecord:
         import torch
 
@@ -440,7 +439,7 @@ class Engine:
         self.monitor.start("train")
         try:
             while self.step < target:
-                if should_stop is not None and should_stop():
+                if should_stop is not None and self._any_rank(should_stop()):
                     break
                 record = self._one_step()
                 every = self.cfg.train.eval_every
@@ -643,20 +642,41 @@ def merge_adapter(cfg: RunConfig, adapter_dir: str | os.PathLike, out_dir: str |
         raise LoraDoctorError(f"Cannot merge into {dtype!r}: only a 16/32-bit base can be merged.",
                               "Set output.merge_dtype: bf16 (the base is reloaded unquantized for the merge).")
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / MERGED_DIR
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch_dtype(dtype), device_map={"": "cpu"},
-                                                trust_remote_code=cfg.trust_remote_code)
+    with quiet_transformers():
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch_dtype(dtype), device_map={"": "cpu"},
+                                                    trust_remote_code=cfg.trust_remote_code)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         raise LoraDoctorError(f"The base {cfg.model!r} loads quantized, so merging would go into 4/8-bit weights.",
                               "Point --model at the unquantized (16-bit) checkpoint for the merge.")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with quiet_transformers():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tok = AutoTokenizer.from_pretrained(str(adapter_dir))
-    with torch.no_grad():
+    with torch.no_grad(), quiet_transformers():
         _atomic_dir(out, lambda tmp: (merged.save_pretrained(str(tmp), safe_serialization=True),
                                       tok.save_pretrained(str(tmp))))
     return out
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No loading/writing progress bars, info logs or deprecation notices from transformers/peft internals;
+    progress is ours to print, on stderr."""
+    from transformers import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _atomic_dir(final: Path, write: Callable[[Path], object]) -> None:

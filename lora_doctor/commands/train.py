@@ -1,0 +1,207 @@
+"""`lora-doctor train`: the full run on the probe's engine and config.
+
+Writes under output.dir: loss_log.jsonl (one StepRecord per line), checkpoints/step-NNNNNN
+(atomic, resumable), adapter/ (peft save_pretrained: adapter_model.safetensors +
+adapter_config.json), optional merged/ (16-bit), loss_curve.png, train_result.json; and a report
+under reports/. Ctrl-C or SIGTERM stops at the next step boundary and saves a checkpoint;
+`--resume` continues from the latest one and ends where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import LoraDoctorError
+from ..runconfig import RunConfig, config_from_cli, run_options
+
+LOSS_LOG = "loss_log.jsonl"
+LOSS_PNG = "loss_curve.png"
+RESULT_JSON = "train_result.json"
+EXIT_INTERRUPTED = 130
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; a second Ctrl-C raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.reason is not None
+
+    def _handler(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        click.echo(f"\n{self.reason}: finishing this step, then saving a checkpoint (Ctrl-C again to abort).", err=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler, no graceful stop
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def plot_loss_curve(path: Path, steps, eval_losses) -> Path | None:
+    """loss_curve.png via matplotlib's Agg backend; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from ..fileio import write_bytes_atomic
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s.step for s in steps], [s.loss for s in steps], label="train loss", lw=1.2)
+    if eval_losses:
+        ax.plot([s for s, _ in eval_losses], [v for _, v in eval_losses], "o-", label="eval (cross-entropy)", ms=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None, should_stop=None,
+          log=None, model_hook=None, write_report: bool = True):
+    """Run (or resume) a training run. Returns (engine, RunResult, outputs dict).
+
+    Raises:
+        LoraDoctorError: bad config/data/model, no checkpoint to resume, out of memory.
+    """
+    from ..engine import Engine, merge_adapter, write_loss_log
+
+    log = log or (lambda msg: None)
+    out_dir = Path(cfg.output.dir)
+    engine = Engine(cfg, model_hook=model_hook)
+    log(f"loading {cfg.model} ({cfg.quant.mode or 'no quantization'}, {engine.device}) ...")
+    engine.setup()
+    outputs: dict[str, str] = {}
+    if resume or checkpoint:
+        path = Path(checkpoint) if checkpoint else engine.latest_checkpoint()
+        if path is None:
+            raise LoraDoctorError(f"No checkpoint to resume in '{out_dir / 'checkpoints'}'.",
+                                  "Start without --resume, or pass --checkpoint PATH to a step-NNNNNN folder.")
+        engine.load_checkpoint(path)
+        log(f"resumed from {path} at step {engine.step}")
+    total = engine.total_steps
+    log(f"{engine.model_info.trainable_params:,} trainable params; {engine.data.stats.n_examples} examples; "
+        f"{total} steps of {cfg.train.batch}x{cfg.train.grad_accum}x{engine.world_size} examples")
+
+    log_path = out_dir / LOSS_LOG
+    if engine.is_main:
+        write_loss_log(log_path, engine.history)  # a resumed run's log restarts from its checkpoint
+    t0 = time.perf_counter()
+    start_step = engine.step
+
+    def progress(e, rec):
+        if not e.is_main:
+            return
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec.to_dict()) + "\n")
+        if rec.step % cfg.train.log_every == 0 or rec.step == total:
+            done = rec.step - start_step
+            rate = (time.perf_counter() - t0) / max(1, done)
+            ev = f"  eval {rec.eval_loss:.4f}" if rec.eval_loss is not None else ""
+            log(f"step {rec.step}/{total} ({100 * rec.step // total}%)  loss {rec.loss:.4f}{ev}  lr {rec.lr:.2e}  "
+                f"{rec.step_time_s:.2f} s/step  eta {rate * (total - rec.step):.0f} s")
+
+    def periodic_save(e, rec):
+        every = cfg.train.save_every
+        if every and rec.step % every == 0 and rec.step < total:
+            e.save_checkpoint()
+
+    engine.run_steps(None, callbacks=[progress, periodic_save], should_stop=should_stop)
+
+    stopped = should_stop is not None and should_stop() and engine.step < total
+    ckpt = engine.save_checkpoint()
+    outputs["checkpoint"] = str(ckpt)
+    if stopped:
+        log(f"stopped at step {engine.step}/{total}; checkpoint {ckpt}")
+        result = engine.result("train", stopped_early="signal", extra={"outputs": outputs})
+        return engine, result, outputs
+
+    outputs["adapter"] = str(engine.save_adapter())
+    outputs["loss_log"] = str(log_path)
+    if engine.is_main:
+        write_loss_log(log_path, engine.history)
+        if cfg.output.plot:
+            png = plot_loss_curve(out_dir / LOSS_PNG, engine.history, engine.eval_history)
+            if png is not None:
+                outputs["loss_curve"] = str(png)
+        if cfg.output.merge:
+            log("merging the adapter into a 16-bit copy of the base (reloaded unquantized) ...")
+            outputs["merged"] = str(merge_adapter(cfg, outputs["adapter"]))
+    result = engine.result("train", extra={"outputs": outputs})
+    if engine.is_main:
+        from ..fileio import write_json_atomic
+
+        outputs["result"] = str(write_json_atomic(out_dir / RESULT_JSON, result.to_dict()))
+    return engine, result, outputs
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@run_options
+@click.option("--steps", type=int, help="Optimizer steps (overrides train.max_steps).")
+@click.option("--merge/--no-merge", default=None, help="Merge the adapter into a 16-bit base after training.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output.dir.")
+@click.option("--checkpoint", type=click.Path(file_okay=False), help="Continue from this step-NNNNNN folder.")
+@click.option("--no-report", is_flag=True, help="Do not write JSON/Markdown under reports/.")
+def command(config, steps, merge, resume, checkpoint, no_report, **params):
+    """Train with the same engine and config as `probe`: adapter, checkpoints, loss log, curve.
+
+    Progress goes to stderr. Ctrl-C / SIGTERM saves a checkpoint at the next step boundary;
+    --resume continues from it and reaches the same result as an uninterrupted run. Multi-GPU:
+    accelerate launch -m lora_doctor.cli train CONFIG.
+
+    \b
+    Examples:
+      lora-doctor train examples/tiny.yaml
+      lora-doctor train examples/tiny.yaml --steps 100 --merge
+      lora-doctor train examples/tiny.yaml --resume
+    """
+    cfg = config_from_cli(config, params, extra={"train.max_steps": steps, "output.merge": merge})
+    log = (lambda m: click.echo(m, err=True))
+    with StopFlag() as stop:
+        engine, result, outputs = train(cfg, resume=resume, checkpoint=checkpoint, should_stop=stop, log=log)
+    if not engine.is_main:
+        return
+    report = None
+    if not no_report:
+        from .probe import _build_report, _findings, predict_memory, write_reports
+
+        prediction = predict_memory(cfg)
+        findings = _findings(cfg, engine, result, prediction)
+        report = _build_report("train", cfg, engine, result, findings, {"outputs_dir": cfg.output.dir}, prediction)
+        for path in write_reports(report, cfg, "train"):
+            log(f"wrote {path}")
+    for key, path in outputs.items():
+        click.echo(f"{key}: {path}")
+    ls = result.loss
+    if ls.first is not None:
+        click.echo(f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} steps"
+                   + (f"; eval {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""))
+    if result.stopped_early == "signal":
+        click.echo(f"Interrupted at step {result.steps[-1].step if result.steps else 0}. "
+                   f"Resume: lora-doctor train {config or '--model ' + cfg.model} --resume", err=True)
+        click.get_current_context().exit(EXIT_INTERRUPTED)
