@@ -182,6 +182,11 @@ def context_from_config(cfg: Any) -> dict:
         device_map=_first(cfg, "device_map"),
         resize_embeddings=_first(cfg, "resize_embeddings"),
     )
+    from ..runconfig import RunConfig
+
+    if isinstance(cfg, RunConfig):
+        # lora-doctor's collate pads labels with -100 by position, whatever the pad token id is.
+        out["padding_masked_by_position"] = True
     return {k: v for k, v in out.items() if v is not None}
 
 

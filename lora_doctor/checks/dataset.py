@@ -13,12 +13,16 @@ TRUNCATED_WARN_SHARE = 0.20
 """Above 20% of examples cut by max_length, answers the model learns end mid-sentence often enough to matter."""
 
 
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _length_hint(ctx: CheckContext) -> str:
     if ctx.length_p95:
-        return f"Raise max_length to at least the 95th-percentile length ({ctx.length_p95} tokens)"
+        return f"raise max_length to at least the 95th-percentile length ({ctx.length_p95} tokens)"
     if ctx.max_length:
-        return f"Raise max_length (now {ctx.max_length})"
-    return "Raise max_length"
+        return f"raise max_length (now {ctx.max_length}; --max-length N)"
+    return "raise max_length (--max-length N)"
 
 
 @register
@@ -53,7 +57,7 @@ def check_truncation(ctx: CheckContext) -> list[Finding]:
             Severity.WARNING if share >= RESPONSE_LOST_WARN_SHARE else Severity.INFO, "response-truncated",
             f"{lost} of {n} examples ({share:.1%}) lose their whole response to max_length={ctx.max_length}: "
             "they cost compute and teach nothing.",
-            f"{_length_hint(ctx)}, or drop/shorten the longest prompts.",
+            f"{_cap(_length_hint(ctx))}, or drop/shorten the longest prompts.",
         ))
     cut = ctx.n_truncated or 0
     if cut:
@@ -62,7 +66,7 @@ def check_truncation(ctx: CheckContext) -> list[Finding]:
             Severity.WARNING if share >= TRUNCATED_WARN_SHARE else Severity.INFO, "examples-truncated",
             f"{cut} of {n} examples ({share:.1%}) are longer than max_length={ctx.max_length} and are cut: the "
             "model learns answers that stop mid-way, without EOS.",
-            f"{_length_hint(ctx)} (memory permitting: lora-doctor plan MODEL --seq-len N).",
+            f"{_cap(_length_hint(ctx))}, memory permitting (lora-doctor plan MODEL --seq-len N).",
         ))
     return findings
 

@@ -57,6 +57,8 @@ def check_eos_learning(ctx: CheckContext) -> list[Finding]:
     pad_is_eos = ctx.pad_token_id is not None and ctx.pad_token_id == ctx.eos_token_id
     eos = f"'{ctx.eos_token}' (id {ctx.eos_token_id})" if ctx.eos_token else f"id {ctx.eos_token_id}"
     if ctx.labels:
+        if all(all(t == IGNORE_INDEX for t in seq) for seq in ctx.labels):
+            return []  # nothing is labelled at all: all-labels-masked says so
         labelled = sum(1 for seq in ctx.labels if ctx.eos_token_id in seq)
         if labelled == 0:
             cause = ("the pad token is EOS, so masking padding by token id also masks every EOS"

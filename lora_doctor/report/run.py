@@ -343,6 +343,9 @@ def render_text(result: dict) -> str:
     if t.get("trainable_params") is not None:
         lines.append(f"  trainable params: {format_count(t['trainable_params'])}"
                      + (f" of {format_count(t['total_params'])}" if t.get("total_params") else ""))
+    memory = result.get("memory") or {}
+    if memory.get("planned_total_bytes"):
+        lines.append(f"  planned peak memory: {format_bytes(memory['planned_total_bytes'])}")
     if result.get("loss"):
         lines.append(f"  loss: {sparkline(result['loss'])}")
     findings = result.get("findings") or []

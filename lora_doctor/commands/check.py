@@ -1,0 +1,198 @@
+"""`lora-doctor check CONFIG`: the doctor's static checks in seconds, without loading any weights.
+
+Flow: RunConfig -> model config (resolve.py) -> meta build + targets + peft counts (introspect.py)
+-> tokenizer only (local files) -> tokenize the dataset (data.py) -> plan (budget.py) -> checks ->
+findings grouped by severity. Exit 0 healthy (warnings allowed), 1 on an error finding, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import click
+
+from ..errors import LoraDoctorError
+from ..runconfig import RunConfig, config_from_cli, run_options
+
+LABEL_SAMPLE = 2000
+"""Tokenized examples whose labels the EOS / all-masked checks read: enough to be exhaustive for most
+fine-tuning sets while keeping `check` to seconds."""
+
+
+def _note(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@dataclass
+class StaticFacts:
+    """What `check` learned without weights; each part is None when it could not be obtained."""
+
+    shape: object = None
+    model_dtype: object = None
+    resolved_targets: tuple[str, ...] | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    tokenizer: object = None
+    data: dict | None = None
+    labels: list[list[int]] | None = None
+    plan: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _model_facts(cfg: RunConfig, facts: StaticFacts) -> None:
+    from .. import introspect
+    from ..resolve import resolve_model_config
+
+    resolved = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    # Read the checkpoint dtype before the meta build, which may stamp its own dtype on the config.
+    facts.model_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
+    meta = introspect.build_meta_model(resolved.config, trust_remote_code=cfg.trust_remote_code)
+    facts.shape = introspect.model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
+    coverage = introspect.partial_coverage(facts.shape, cfg.lora.targets)
+    try:
+        names = introspect.resolve_targets(facts.shape, cfg.lora.targets)
+    except LoraDoctorError:
+        if not coverage.unmatched:
+            raise  # e.g. a preset that matches nothing here: bad input, not a finding
+        if not coverage.matched:
+            return  # nothing matches: the target-not-found check reports it
+        # peft skips names that match nothing when others match: count what it would train.
+        names = introspect.resolve_targets(facts.shape, list(coverage.matched))
+    facts.resolved_targets = names
+    (count,) = introspect.trainable_counts(meta, cfg.lora, targets=names, shape=facts.shape)
+    facts.trainable_params, facts.total_params = count.trainable, count.all_params
+    try:
+        from ..budget import TERMS, memory_budget
+
+        budget = memory_budget(facts.shape, cfg.lora, cfg.quant, cfg.train_spec(), names)
+        method = budget.primary_method
+        facts.plan = {"budget": budget, "total_bytes": method.total_bytes,
+                      "terms": {name: getattr(method, name) for name, _ in TERMS}}
+    except (ImportError, AttributeError, LoraDoctorError) as e:
+        facts.notes.append(f"memory plan unavailable: {getattr(e, 'message', e)}")
+
+
+def _load_tokenizer(cfg: RunConfig):
+    """The tokenizer from local files only (a model folder or the HF cache); None when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - OSError/ValueError/EnvironmentError: no tokenizer files offline
+        return None
+    tok.padding_side = cfg.data.padding_side
+    return tok
+
+
+def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
+    """Tokenize the dataset exactly as the engine does (data.tokenize_rows), but keep going where the
+    engine would stop: a dataset whose every response is truncated away is a finding here, not a crash."""
+    from ..data import IGNORE_INDEX, read_rows, tokenize_rows
+
+    tok = facts.tokenizer
+    if not cfg.data.path:
+        facts.notes.append("no data.path: dataset checks skipped")
+        return
+    if tok is None:
+        facts.notes.append(f"no tokenizer files for '{cfg.model}' offline: dataset checks skipped")
+        return
+    rows = read_rows(cfg.data.path, cfg.data.split)
+    if cfg.data.max_examples is not None:
+        rows = rows[:cfg.data.max_examples]
+    examples, c = tokenize_rows(rows, tok, cfg.data, cfg.data.path)
+    if not examples:
+        raise LoraDoctorError(f"Dataset '{cfg.data.path}' produced no examples: every row is empty.",
+                              f"Check the fields {cfg.data.instruction_field!r}/{cfg.data.response_field!r}.")
+    facts.labels = [e.labels for e in examples[:LABEL_SAMPLE]]
+    facts.data = {
+        "source": str(cfg.data.path), "format": cfg.data.format, "n_examples": len(examples),
+        "n_truncated": sum(1 for e in examples if e.truncated),
+        "n_response_lost": sum(1 for e in examples if all(x == IGNORE_INDEX for x in e.labels)),
+        "empty_fields": c["empty"], "formats_seen": c["formats"], "max_length": cfg.data.max_length,
+        "longest_tokens": c["longest"], "n_label_tokens": sum(sum(1 for x in e.labels if x != IGNORE_INDEX)
+                                                              for e in examples),
+        "pad_token": tok.pad_token, "eos_token": tok.eos_token,
+    }
+
+
+def gather(cfg: RunConfig) -> StaticFacts:
+    facts = StaticFacts()
+    _model_facts(cfg, facts)
+    facts.tokenizer = _load_tokenizer(cfg)
+    _data_facts(cfg, facts)
+    return facts
+
+
+def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, list]:
+    from ..checks import build_context, run_checks
+    from ..report.run import build_result
+
+    ctx = build_context(
+        config=cfg, shape=facts.shape, tokenizer=facts.tokenizer, data_stats=facts.data, labels=facts.labels,
+        budget=(facts.plan or {}).get("budget"), env=env, trainable_params=facts.trainable_params,
+        resolved_targets=facts.resolved_targets,
+        model_config={"dtype": str(facts.model_dtype)} if facts.model_dtype is not None else None,
+    )
+    findings = run_checks(ctx)
+    shape = facts.shape
+    targets = cfg.lora.targets
+    result = build_result(
+        "check", findings=findings,
+        model={"id": shape.model_id, "source": shape.source, "architecture": shape.architecture,
+               "model_type": shape.model_type} if shape else {"id": cfg.model},
+        targets={"requested": targets if isinstance(targets, str) else list(targets),
+                 "resolved": list(facts.resolved_targets or []), "trainable_params": facts.trainable_params,
+                 "total_params": facts.total_params},
+        memory={"planned_total_bytes": facts.plan["total_bytes"], "planned_terms": facts.plan["terms"]}
+        if facts.plan else None,
+        data=facts.data, config=cfg.to_dict(), environment=env,
+        extra={"notes": "; ".join(facts.notes)} if facts.notes else None,
+    )
+    return result, findings
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@run_options
+@click.option("--merge/--no-merge", default=None, help="Check a run that merges the adapter at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (re-render it with lora-doctor report).")
+@click.option("--markdown", "markdown", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Write a Markdown report (default: reports/check-MODEL-TIME.md).")
+def command(config, merge, as_json, markdown, **params):
+    """Static diagnostics of a run config in seconds: no weights are loaded.
+
+    Builds the model on the meta device, loads only the tokenizer, tokenizes the dataset, and runs
+    the doctor's checks (targets, trainable params, precision, pad/EOS, masking, truncation, data
+    format, memory fit, lr/rank). Exit 0 when healthy (warnings allowed), 1 when an error-level
+    finding exists (use it to gate a training job), 2 on bad input.
+
+    \b
+    Examples:
+      lora-doctor check examples/tiny.yaml
+      lora-doctor check examples/tiny.yaml --target q_proj,v_proj --lr 1e-3
+      lora-doctor check examples/tiny.yaml --json > check.json
+      lora-doctor check examples/tiny.yaml --markdown
+    """
+    from ..report.env import collect_environment
+    from ..report.run import default_report_path, render_text, write_result
+
+    cfg = config_from_cli(config, params, extra={"output.merge": merge})
+    _note(f"checking {cfg.model} (no weights loaded) ...")
+    facts = gather(cfg)
+    for note in facts.notes:
+        _note(f"note: {note}")
+    env = collect_environment()
+    result, findings = static_result(cfg, facts, env)
+    if markdown is not None:
+        path = markdown or default_report_path("check", cfg.model, ".md", cfg.output.reports_dir)
+        (written,) = write_result(result, markdown_path=path)
+        _note(f"wrote {written}")
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(render_text(result), nl=False)
+    if any(f.severity.value == "error" for f in findings):
+        sys.exit(1)

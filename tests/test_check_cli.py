@@ -1,0 +1,127 @@
+"""`lora-doctor check`: exit codes 0/1/2, --json, --markdown, on a tiny local model and a small JSONL."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lora_doctor.cli import cli
+
+HF = "hf_" + "ZyXwVuTsRqPoNmLkJiHgFeDcBa9876543210"
+
+
+@pytest.fixture()
+def data_path(tmp_path):
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 3 else "numbers", "output": f"{2 * i + 1}."}
+            for i in range(24)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture()
+def config_path(tmp_path, tiny_llama_dir, data_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: {tiny_llama_dir}\n"
+        "quant: {mode: nf4, compute_dtype: bf16}\n"
+        "lora: {r: 8, alpha: 16, targets: all-linear}\n"
+        f"data: {{path: {data_path}, max_length: 64}}\n"
+        "train: {batch: 2, lr: 2.0e-4}\n"
+        f"output: {{reports_dir: {tmp_path / 'reports'}}}\n"
+    )
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["check", *map(str, args)])
+
+
+def test_healthy_config_exits_0_and_loads_no_weights(config_path, monkeypatch):
+    import transformers
+
+    def no_weights(*a, **k):
+        raise AssertionError("check must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    res = invoke(config_path)
+    assert res.exit_code == 0, res.output
+    assert "Verdict: ✓ healthy" in res.stdout
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in res.stdout
+
+
+def test_json_counts_match_peft(config_path, tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    res = invoke(config_path, "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["schema"].startswith("lora-doctor.result/") and result["kind"] == "check"
+    assert result["verdict"]["status"] == "healthy" and result["verdict"]["errors"] == 0
+    assert all(f["severity"] == "info" for f in result["findings"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert result["targets"]["trainable_params"] == trainable
+    assert result["targets"]["total_params"] == total
+    assert result["data"]["n_examples"] == 24 and result["data"]["n_response_lost"] == 0
+    assert result["memory"]["planned_total_bytes"] > 0
+
+
+def test_error_findings_exit_1(config_path):
+    res = invoke(config_path, "--target", "q_proj,wv", "--lr", "0", "--max-length", "12")
+    assert res.exit_code == 1, res.output
+    for code in ("all-labels-masked", "lr-not-positive", "partial-target-coverage"):
+        assert f"[{code}]" in res.stdout
+    assert res.stdout.index("ERROR") < res.stdout.index("WARNING")
+    assert "fix before training" in res.stdout
+
+
+def test_target_not_found_on_gpt2_exits_1(tmp_path, tiny_gpt2_dir, data_path):
+    cfg = tmp_path / "gpt2.yaml"
+    cfg.write_text(f"model: {tiny_gpt2_dir}\nlora: {{targets: [q_proj, v_proj]}}\ndata: {{path: {data_path}}}\n")
+    res = invoke(cfg, "--json")
+    assert res.exit_code == 1
+    result = json.loads(res.stdout)
+    (f,) = [f for f in result["findings"] if f["code"] == "target-not-found"]
+    assert "c_attn" in f["message"] and "--target qv (here: c_attn)" in f["hint"]
+
+
+def test_markdown_report_and_redaction(config_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HF)
+    out = tmp_path / "issue.md"
+    res = invoke(config_path, "--markdown", out, "--set", f"data.prompt_template=Q: {{instruction}} {HF}\nA: ",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    md = out.read_text()
+    assert md.startswith("# lora-doctor check") and "<details><summary>Environment</summary>" in md
+    assert HF not in md and HF not in res.stdout
+    assert "<redacted>" in json.loads(res.stdout)["config"]["data"]["prompt_template"]
+    res = invoke(config_path, "--markdown")
+    assert res.exit_code == 0
+    (written,) = (tmp_path / "reports").glob("check-*.md")
+    assert "✓ healthy" in written.read_text()
+
+
+def test_json_round_trips_through_report(config_path, tmp_path):
+    res = invoke(config_path, "--json", "--lr", "0.5")
+    assert res.exit_code == 0, res.output
+    saved = tmp_path / "check.json"
+    saved.write_text(res.stdout)
+    rendered = CliRunner().invoke(cli, ["report", str(saved)])
+    assert rendered.exit_code == 0 and "`lr-out-of-range`" in rendered.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["{tmp}/missing.yaml"], "not found"),
+    (["{cfg}", "--r", "0"], "--r must be a positive integer"),
+    (["{cfg}", "--set", "train.bogus=1"], "unknown key"),
+    (["{cfg}", "--data", "{tmp}/nope.jsonl"], "not found"),
+    (["{cfg}", "--model", "{tmp}/no-such-model"], "no-such-model"),
+])
+def test_bad_input_exits_2(args, needle, config_path, tmp_path):
+    args = [a.format(tmp=tmp_path, cfg=config_path) for a in args]
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
