@@ -222,6 +222,8 @@ def read_rows(path: str, split: str = "train") -> list[tuple[str, dict]]:
             raise LoraDoctorError(f"Cannot read '{p}': unknown file type {suffix!r}.",
                                   f"Use one of {', '.join(LOCAL_SUFFIXES)}.")
         return readers[suffix](p)
+    if p.is_dir():
+        return _read_hf(str(p), split)  # save_to_disk output, or a folder datasets.load_dataset understands
     if p.suffix.lower() in LOCAL_SUFFIXES or str(path).startswith((".", "/", "~")):
         near = sorted(q.name for q in p.parent.iterdir() if q.suffix.lower() in LOCAL_SUFFIXES) \
             if p.parent.is_dir() else []

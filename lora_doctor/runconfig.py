@@ -387,6 +387,12 @@ def _type_ok(value, annotation) -> tuple[bool, object]:
         if "int" in allowed and value.is_integer():
             return True, int(value)
         return False, value
+    if isinstance(value, str) and "float" in allowed and "str" not in allowed:
+        # YAML 1.1 reads '2e-4' (no dot) as a string; people write learning rates exactly like that.
+        try:
+            return True, float(value)
+        except ValueError:
+            return False, value
     if isinstance(value, str):
         return ("str" in allowed or "str|tuple[str,...]" in ann), value
     if isinstance(value, (tuple, list)):

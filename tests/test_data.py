@@ -1,0 +1,156 @@
+import json
+
+import pytest
+
+from lora_doctor.data import IGNORE_INDEX, collate, epoch_order, load_data
+from lora_doctor.errors import LoraDoctorError
+from lora_doctor.runconfig import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataConfig
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [
+    {"instruction": "Add two and three.", "input": "", "output": "Five."},
+    {"instruction": "Name the colour.", "input": "grass", "output": "Green."},
+    {"instruction": "Say hi.", "output": "Hi."},
+]
+
+
+def test_instruction_masking_is_exact(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    data = load_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS)), max_length=128), tok)
+    assert data.stats.n_examples == 3
+    for ex, row in zip(data.train, ROWS):
+        template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
+        prompt = tok(template.format(instruction=row["instruction"], input=row.get("input")))["input_ids"]
+        response = tok(row["output"], add_special_tokens=False)["input_ids"]
+        assert ex.input_ids == prompt + response + [tok.eos_token_id]
+        # Prompt masked, response and the appended EOS trained.
+        assert ex.labels == [IGNORE_INDEX] * len(prompt) + response + [tok.eos_token_id]
+    assert data.stats.eos_appended and data.stats.n_label_tokens == sum(
+        sum(1 for x in e.labels if x != IGNORE_INDEX) for e in data.train)
+    assert data.stats.formats_seen == {"instruction+output": 2, "instruction+input+output": 1}
+
+
+def test_text_format_trains_every_token(tmp_path, tiny_tokenizer):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "The quick brown fox."}])
+    data = load_data(DataConfig(path=str(p), format="text", max_length=64), tiny_tokenizer)
+    ex = data.train[0]
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_collate_masks_padding(tmp_path, tiny_tokenizer):
+    data = load_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS)), max_length=128), tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    for side in ("right", "left"):
+        b = collate(data.train, pad, side)
+        lengths = [len(e.input_ids) for e in data.train]
+        assert b["input_ids"].shape == (3, max(lengths))
+        assert b["attention_mask"].sum(1).tolist() == lengths
+        assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
+        assert (b["input_ids"][b["attention_mask"] == 0] == pad).all()
+        short = lengths.index(min(lengths))
+        assert b["attention_mask"][short, 0 if side == "right" else -1] == 1
+
+
+def test_truncation_and_lost_responses_counted(tmp_path, tiny_tokenizer):
+    long_prompt = {"instruction": "word " * 40, "output": "Yes."}
+    rows = [long_prompt, {"instruction": "Hi.", "output": "Yes. " * 10}, {"instruction": "Hi.", "output": "Yes."}]
+    data = load_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), max_length=20), tiny_tokenizer)
+    s = data.stats
+    assert s.n_truncated == 2
+    assert s.n_response_lost == 1  # the long prompt ate the whole response
+    assert all(len(e.input_ids) <= 20 for e in data.train)
+    assert s.longest_tokens > 20
+
+
+def test_empty_fields_and_missing_pad(tmp_path):
+    from lora_doctor.tiny import tiny_tokenizer
+
+    rows = [{"instruction": "Hi.", "output": ""}, {"instruction": "Hi.", "output": "Yes."}]
+    no_pad = tiny_tokenizer(pad=None)
+    data = load_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), max_length=64), no_pad)
+    assert data.stats.empty_fields == {"output": 1}
+    assert not data.stats.tokenizer_has_pad and data.pad_token_id == no_pad.eos_token_id
+    eos_pad = load_data(DataConfig(path=str(tmp_path / "d.jsonl")), tiny_tokenizer(pad="eos"))
+    assert eos_pad.stats.pad_is_eos
+
+
+def test_csv_json_parquet_and_datasets_folder(tmp_path, tiny_tokenizer):
+    import datasets
+
+    (tmp_path / "d.csv").write_text("instruction,output\nHi.,Yes.\nBye.,No.\n", encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps({"data": ROWS}), encoding="utf-8")
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for name, n in (("d.csv", 2), ("d.json", 3), ("d.parquet", 3), ("saved", 3)):
+        assert load_data(DataConfig(path=str(tmp_path / name)), tiny_tokenizer).stats.n_examples == n, name
+
+
+def test_eval_split_is_deterministic(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": f"Item {i}.", "output": "Ok."} for i in range(20)]
+    cfg = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_fraction=0.2)
+    a, b = load_data(cfg, tiny_tokenizer, seed=1), load_data(cfg, tiny_tokenizer, seed=1)
+    assert len(a.eval) == 4 and len(a.train) == 16
+    assert [e.origin for e in a.eval] == [e.origin for e in b.eval]
+    assert epoch_order(10, 3407, 0) == epoch_order(10, 3407, 0) != epoch_order(10, 3407, 1)
+
+
+# --- bad input: one clear error each ------------------------------------------------------------
+
+
+def test_missing_file_lists_neighbours(tmp_path, tiny_tokenizer):
+    write_jsonl(tmp_path / "train.jsonl", ROWS)
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(tmp_path / "trian.jsonl")), tiny_tokenizer)
+    assert "not found" in e.value.message and "train.jsonl" in e.value.hint
+
+
+def test_row_without_field_names_line_and_field(tmp_path, tiny_tokenizer):
+    p = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"instruction": "x", "response": "y"}])
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(p)), tiny_tokenizer)
+    assert "d.jsonl:2" in e.value.message and "'output'" in e.value.message and "response" in e.value.message
+    assert "response_field" in e.value.hint
+
+
+def test_empty_dataset(tmp_path, tiny_tokenizer):
+    (tmp_path / "e.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(LoraDoctorError, match="empty"):
+        load_data(DataConfig(path=str(tmp_path / "e.jsonl")), tiny_tokenizer)
+
+
+def test_non_utf8_line_number(tmp_path, tiny_tokenizer):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(p)), tiny_tokenizer)
+    assert "Line 2" in e.value.message and "UTF-8" in e.value.message and "iconv" in e.value.hint
+    c = tmp_path / "d.csv"
+    c.write_bytes(b"instruction,output\nok,ok\ncaf\xe9,x\n")
+    with pytest.raises(LoraDoctorError, match="Line 3"):
+        load_data(DataConfig(path=str(c)), tiny_tokenizer)
+
+
+def test_bad_json_line(tmp_path, tiny_tokenizer):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ROWS[0]) + "\n{not json}\n", encoding="utf-8")
+    with pytest.raises(LoraDoctorError, match="Line 2 .* not valid JSON"):
+        load_data(DataConfig(path=str(p)), tiny_tokenizer)
+
+
+def test_max_length_too_small_for_any_response(tmp_path, tiny_tokenizer):
+    p = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(p), max_length=8), tiny_tokenizer)
+    assert "max_length 8" in e.value.message and "--max-length" in e.value.hint
+
+
+def test_unknown_datasets_name_offline(tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(LoraDoctorError, match="could not be loaded"):
+        load_data(DataConfig(path="no-such-org/no-such-dataset-xyz"), tiny_tokenizer)

@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import pytest
+
+from lora_doctor.errors import LoraDoctorError
+from lora_doctor.runconfig import (DEFAULT_SEED, RunConfig, from_dict, load_run_config, parse_set, valid_keys)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_defaults_follow_qlora():
+    cfg = RunConfig(model="m")
+    assert cfg.train.seed == DEFAULT_SEED == 3407
+    assert cfg.train.optim == "paged-adamw-8bit"
+    assert cfg.quant.mode == "nf4" and cfg.quant.double_quant and cfg.quant.compute_dtype == "bf16"
+    assert cfg.train.max_grad_norm == 0.3
+    assert cfg.loss.kind == "ce"
+
+
+def test_example_yaml_and_toml_load():
+    y = load_run_config(EXAMPLES / "tiny.yaml")
+    assert y.lora.r == 8 and y.train.max_steps == 30 and y.quant.mode == "nf4"
+    # Relative paths resolve against the config file, so the example runs from any directory.
+    assert Path(y.data.path) == EXAMPLES / "data" / "tiny.jsonl"
+    t = load_run_config(EXAMPLES / "tiny-lora-gpt2.toml")
+    assert t.quant.mode is None  # "none" means a 16-bit base
+    assert t.lora.targets == ("c_attn", "c_proj", "c_fc")
+    assert t.train.optim == "adamw" and t.train.precision == "fp32"
+
+
+def test_flags_override_file(tmp_path):
+    cfg = load_run_config(EXAMPLES / "tiny.yaml", {"train.lr": 1e-4, "lora.r": 4, "train.batch": None})
+    assert cfg.train.lr == 1e-4 and cfg.lora.r == 4
+    assert cfg.train.batch == 8  # None = flag not given: the file wins
+
+
+def test_normalises_common_spellings():
+    cfg = from_dict({"model": "m", "train": {"optim": "paged_adamw_8bit", "precision": "bfloat16"},
+                     "quant": {"mode": "none"}, "lora": {"targets": ["q_proj", "v_proj"]}})
+    assert cfg.train.optim == "paged-adamw-8bit"
+    assert cfg.train.precision == "bf16"
+    assert cfg.quant.mode is None
+    assert cfg.lora.targets == ("q_proj", "v_proj")
+    assert from_dict({"model": "m", "train": {"lr": 1}}).train.lr == 1.0  # int accepted for a float
+
+
+def test_unknown_keys_list_valid_ones():
+    with pytest.raises(LoraDoctorError) as e:
+        from_dict({"model": "m", "train": {"learning_rate": 1e-4}}, source="run.yaml")
+    assert "'train.learning_rate'" in e.value.message and "run.yaml" in e.value.message
+    assert "lr" in e.value.hint and "grad_accum" in e.value.hint
+    with pytest.raises(LoraDoctorError) as e:
+        from_dict({"model": "m", "optimizer": {}})
+    assert "Valid top-level keys" in e.value.hint
+
+
+def test_every_problem_reported_once_with_the_users_names():
+    raw = {"model": "m", "lora": {"r": 0}, "train": {"lr": -1, "batch": "four", "optim": "lion"}, "bogus": 1}
+    with pytest.raises(LoraDoctorError) as e:
+        from_dict(raw, source="tiny.yaml")
+    msg = e.value.message
+    assert msg.startswith("5 problems")
+    for part in ("lora.r (in tiny.yaml)", "train.lr (in tiny.yaml)", "train.batch (in tiny.yaml)",
+                 "train.optim (in tiny.yaml)", "'bogus'"):
+        assert part in msg
+    # The same bad value from a flag is named as the flag.
+    with pytest.raises(LoraDoctorError) as e:
+        load_run_config(EXAMPLES / "tiny.yaml", {"train.lr": -1.0}, {"train.lr": "--lr"})
+    assert e.value.message.startswith("--lr must be")
+
+
+def test_range_checks():
+    for raw, needle in [({"train": {"eval_every": 0}}, "train.eval_every"), ({"data": {"format": "chat"}}, "data.format"),
+                        ({"loss": {"kind": "mse"}}, "loss.kind"), ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
+                        ({"train": {"scheduler": "poly"}}, "scheduler"), ({"quant": {"mode": "int3"}}, "int3")]:
+        with pytest.raises(LoraDoctorError) as e:
+            from_dict({"model": "m", **raw}, source="x.yaml")
+        assert needle in e.value.message, raw
+
+
+def test_missing_model_and_file():
+    with pytest.raises(LoraDoctorError, match="model.*required"):
+        from_dict({})
+    with pytest.raises(LoraDoctorError) as e:
+        load_run_config(EXAMPLES / "nope.yaml")
+    assert "not found" in e.value.message and "tiny.yaml" in e.value.hint
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: m\ntrain:\n  lr: [1\n")
+    with pytest.raises(LoraDoctorError, match="line"):
+        load_run_config(p)
+
+
+def test_parse_set():
+    assert parse_set(["train.batch=4", "lora.targets=q_proj,v_proj", "quant.mode=null"]) == {
+        "train.batch": 4, "lora.targets": "q_proj,v_proj", "quant.mode": None}
+    # YAML 1.1 reads 1e-4 as a string; the loader still takes it as the float the user meant.
+    assert load_run_config(None, {"model": "m", **parse_set(["train.lr=1e-4"])}).train.lr == 1e-4
+    with pytest.raises(LoraDoctorError, match="unknown key"):
+        parse_set(["train.learning_rate=1"])
+    with pytest.raises(LoraDoctorError, match="KEY=VALUE"):
+        parse_set(["train.lr"])
+    assert "train.lr" in valid_keys() and "model" in valid_keys()
+
+
+def test_replace_and_train_spec():
+    cfg = RunConfig(model="m").replace(**{"train.lr": 0.0, "data.max_length": 64})
+    assert cfg.train.lr == 0.0
+    spec = cfg.train_spec()
+    assert (spec.seq_len, spec.batch, spec.optim, spec.dtype) == (64, 1, "paged-adamw-8bit", "bf16")
+    assert cfg.to_dict()["train"]["lr"] == 0.0
