@@ -125,3 +125,22 @@ def test_bad_input_exits_2(args, needle, config_path, tmp_path):
     res = invoke(*args)
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
+
+
+def test_gpu_fit(config_path):
+    res = invoke(config_path, "--gpu", "0.25", "--json")
+    assert res.exit_code == 1, res.output
+    result = json.loads(res.stdout)
+    (f,) = [f for f in result["findings"] if f["code"] == "does-not-fit"]
+    assert "0.25 GiB" in f["message"] and result["memory"]["verdict"] == "does not fit"
+    res = invoke(config_path, "--gpu", "T4", "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["memory"]["verdict"] == "fits" and result["memory"]["largest_batch"] > 1
+    (f,) = [f for f in result["findings"] if f["code"] == "bf16-unsupported"]
+    assert f["severity"] == "warning" and "T4" in f["message"]
+
+
+def test_unknown_gpu_exits_2(config_path):
+    res = invoke(config_path, "--gpu", "Voodoo 5")
+    assert res.exit_code == 2 and "Unknown GPU" in res.output

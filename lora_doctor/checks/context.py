@@ -26,6 +26,8 @@ class CheckContext:
     modules_to_save: tuple[str, ...] | None = None
     trainable_token_indices: Any = None
     lr: float | None = None
+    optim: str | None = None
+    """'adamw', 'adamw-8bit', 'paged-adamw-8bit' or 'sgd'."""
     precision: str | None = None
     """Mixed-precision mode of the run: 'bf16', 'fp16' or 'fp32'."""
     quant_mode: str | None = None
@@ -168,6 +170,7 @@ def context_from_config(cfg: Any) -> dict:
         modules_to_save=tuple(mts) if mts else None,
         trainable_token_indices=_first(cfg, "trainable_token_indices", "lora.trainable_token_indices"),
         lr=_first(cfg, "lr", "learning_rate", "train.lr"),
+        optim=_first(cfg, "optim", "optimizer", "train.optim"),
         precision=_dtype_name(_first(cfg, "precision", "mixed_precision", "train.precision")),
         quant_mode=quant,
         compute_dtype=_dtype_name(_first(cfg, "compute_dtype", "quant.compute_dtype", "bnb_4bit_compute_dtype")),
@@ -237,11 +240,12 @@ def context_from_tokenizer(tok: Any) -> dict:
 
 
 def context_from_budget(budget: Any = None, verdict: Any = None) -> dict:
-    """Plan facts from budget.py's verdict for the chosen GPU (names read defensively)."""
+    """Plan facts for the chosen GPU from hardware.headroom() (a Headroom) or a hardware.Verdict."""
+    gpu = _first(verdict, "gpu")
     out = dict(
         fit_verdict=_first(verdict, "verdict", "status", "fit"),
-        gpu_name=_first(verdict, "gpu_name", "gpu.name", "name"),
-        gpu_bytes=_first(verdict, "gpu_bytes", "capacity_bytes", "gpu.memory_bytes", "usable_bytes"),
+        gpu_name=_first(verdict, "gpu_name", "gpu.name") or (gpu if isinstance(gpu, str) else None),
+        gpu_bytes=_first(verdict, "gpu_bytes", "gpu.usable_bytes", "usable_bytes"),
         required_bytes=_first(verdict, "required_bytes", "total_bytes") or _first(budget, "total_bytes"),
         largest_batch=_first(verdict, "largest_batch", "max_batch"),
         largest_seq_len=_first(verdict, "largest_seq_len", "max_seq_len"),

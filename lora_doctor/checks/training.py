@@ -74,8 +74,11 @@ def check_memory_fit(ctx: CheckContext) -> list[Finding]:
         options.append(f"--batch {ctx.largest_batch}")
     if ctx.largest_seq_len:
         options.append(f"--seq-len {ctx.largest_seq_len}")
+    levers = [lever for lever, already in (("--grad-ckpt", ctx.gradient_checkpointing), ("--quant nf4", ctx.quant_mode),
+                                           ("--optim paged-adamw-8bit", ctx.optim != "adamw")) if not already]
+    levers.append("a lower --r or a shorter --max-length")
     fix = (f"Largest that fits on {gpu}: {' or '.join(options)}. " if options else "") + \
-        "Also: --grad-ckpt, --optim paged-adamw-8bit, a 4-bit base, or a lower --r (lora-doctor plan MODEL --gpu NAME)."
+        f"{'Other levers' if options else 'Levers'}: {', '.join(levers)}; compare with lora-doctor plan MODEL --gpu NAME."
     if verdict == "does-not-fit":
         return [Finding(Severity.ERROR, "does-not-fit",
                         f"The plan says this run does not fit {gpu}: it{need} and will stop with CUDA out of memory.", fix)]

@@ -37,10 +37,11 @@ class StaticFacts:
     data: dict | None = None
     labels: list[list[int]] | None = None
     plan: dict | None = None
+    headroom: object = None
     notes: list[str] = field(default_factory=list)
 
 
-def _model_facts(cfg: RunConfig, facts: StaticFacts) -> None:
+def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None) -> None:
     from .. import introspect
     from ..resolve import resolve_model_config
 
@@ -71,6 +72,14 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts) -> None:
                       "terms": {name: getattr(method, name) for name, _ in TERMS}}
     except (ImportError, AttributeError, LoraDoctorError) as e:
         facts.notes.append(f"memory plan unavailable: {getattr(e, 'message', e)}")
+        return
+    from ..hardware import detect_local_gpu, headroom, lookup_gpu
+
+    gpu = lookup_gpu(gpu_spec) if gpu_spec else detect_local_gpu()
+    if gpu is None:
+        facts.notes.append("no GPU given or detected: memory-fit check skipped (pass --gpu NAME or --gpu GiB)")
+        return
+    facts.headroom = headroom(budget, facts.shape, gpu)
 
 
 def _load_tokenizer(cfg: RunConfig):
@@ -116,12 +125,23 @@ def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
     }
 
 
-def gather(cfg: RunConfig) -> StaticFacts:
+def gather(cfg: RunConfig, gpu: str | None = None) -> StaticFacts:
     facts = StaticFacts()
-    _model_facts(cfg, facts)
+    _model_facts(cfg, facts, gpu)
     facts.tokenizer = _load_tokenizer(cfg)
     _data_facts(cfg, facts)
     return facts
+
+
+def _memory_section(facts: StaticFacts) -> dict | None:
+    if not facts.plan:
+        return None
+    memory = {"planned_total_bytes": facts.plan["total_bytes"], "planned_terms": facts.plan["terms"]}
+    h = facts.headroom
+    if h is not None:
+        memory.update(device=f"{h.gpu.name} ({h.gpu.source})", gpu_usable_bytes=h.gpu.usable_bytes,
+                      verdict=h.verdict, largest_batch=h.max_batch, largest_seq_len=h.max_seq_len)
+    return memory
 
 
 def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, list]:
@@ -130,7 +150,7 @@ def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, 
 
     ctx = build_context(
         config=cfg, shape=facts.shape, tokenizer=facts.tokenizer, data_stats=facts.data, labels=facts.labels,
-        budget=(facts.plan or {}).get("budget"), env=env, trainable_params=facts.trainable_params,
+        budget=(facts.plan or {}).get("budget"), verdict=facts.headroom, env=env, trainable_params=facts.trainable_params,
         resolved_targets=facts.resolved_targets,
         model_config={"dtype": str(facts.model_dtype)} if facts.model_dtype is not None else None,
     )
@@ -144,8 +164,7 @@ def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, 
         targets={"requested": targets if isinstance(targets, str) else list(targets),
                  "resolved": list(facts.resolved_targets or []), "trainable_params": facts.trainable_params,
                  "total_params": facts.total_params},
-        memory={"planned_total_bytes": facts.plan["total_bytes"], "planned_terms": facts.plan["terms"]}
-        if facts.plan else None,
+        memory=_memory_section(facts),
         data=facts.data, config=cfg.to_dict(), environment=env,
         extra={"notes": "; ".join(facts.notes)} if facts.notes else None,
     )
@@ -156,10 +175,12 @@ def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, 
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @run_options
 @click.option("--merge/--no-merge", default=None, help="Check a run that merges the adapter at the end.")
+@click.option("--gpu", default=None, help="GPU to check the memory plan against: a name (A100 80GB, RTX 4090, T4) "
+              "or a size in GiB. Default: the local GPU, if any.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (re-render it with lora-doctor report).")
 @click.option("--markdown", "markdown", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Write a Markdown report (default: reports/check-MODEL-TIME.md).")
-def command(config, merge, as_json, markdown, **params):
+def command(config, merge, gpu, as_json, markdown, **params):
     """Static diagnostics of a run config in seconds: no weights are loaded.
 
     Builds the model on the meta device, loads only the tokenizer, tokenizes the dataset, and runs
@@ -179,7 +200,7 @@ def command(config, merge, as_json, markdown, **params):
 
     cfg = config_from_cli(config, params, extra={"output.merge": merge})
     _note(f"checking {cfg.model} (no weights loaded) ...")
-    facts = gather(cfg)
+    facts = gather(cfg, gpu)
     for note in facts.notes:
         _note(f"note: {note}")
     env = collect_environment()

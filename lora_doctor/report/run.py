@@ -226,7 +226,16 @@ def _section_memory(memory: dict) -> list[str]:
     out = ["## Memory: plan vs measured", ""]
     device = memory.get("device")
     if device:
-        out += [f"Device: {device}", ""]
+        line = f"Device: {device}"
+        if memory.get("gpu_usable_bytes"):
+            line += f", {format_bytes(memory['gpu_usable_bytes'])} usable"
+        if memory.get("verdict"):
+            line += f" — plan verdict: **{memory['verdict']}**"
+            fits = [f"batch {memory['largest_batch']}" if memory.get("largest_batch") else None,
+                    f"seq len {memory['largest_seq_len']} (batch 1)" if memory.get("largest_seq_len") else None]
+            if any(fits):
+                line += f"; largest that fits: {', '.join(f for f in fits if f)}"
+        out += [line, ""]
     rows = []
     peak = None
     for key, label in (("peak_allocated_bytes", "peak allocated (torch)"), ("peak_reserved_bytes", "peak reserved (torch)"),
