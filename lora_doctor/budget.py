@@ -44,12 +44,12 @@ from .units import BYTES_PER_MIB, DTYPE_BYTES
 #   absmax  uint8, one per 64-block, quantized by quantize_blockwise(absmax - offset, blocksize=256)
 #   offset  float32 scalar, the mean subtracted before quantizing
 #   state2.absmax  float32, one per block of 256 first-level constants
-#   state2.code    float32[256], the 8-bit dynamic map: ONE tensor (functional.name2qmap["dynamic"])
-#                  shared by every module on the device, so counted once.
+#   state2.code    float32[256], the 8-bit dynamic map; quantize_blockwise() stores
+#                  `code.to(A.device, copy=True)`, so every module holds its own copy.
 NF4_CODE_BYTES = 16 * 4
 DQ_BLOCKSIZE = 256
 DQ_OFFSET_BYTES = 4
-DQ_SHARED_CODE_BYTES = 256 * 4
+DQ_CODE_BYTES = 256 * 4
 
 # --- optimizers ---------------------------------------------------------------------------------
 # torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype. Its 0-d `step` counter lives
@@ -270,11 +270,11 @@ def packed_4bit_bytes(n: int) -> int:
 
 
 def quant_state_bytes(n: int, blocksize: int = 64, double_quant: bool = False) -> int:
-    """QuantState tensors of one Linear4bit with n weight elements, excluding the device-wide shared DQ code."""
+    """Bytes of the QuantState tensors of one Linear4bit with n weight elements."""
     blocks = ceil(n / blocksize)
     if not double_quant:
         return blocks * 4 + NF4_CODE_BYTES
-    return blocks * 1 + ceil(blocks / DQ_BLOCKSIZE) * 4 + DQ_OFFSET_BYTES + NF4_CODE_BYTES
+    return blocks * 1 + ceil(blocks / DQ_BLOCKSIZE) * 4 + DQ_OFFSET_BYTES + DQ_CODE_BYTES + NF4_CODE_BYTES
 
 
 def quantized_base_bytes(shape: ModelShape, quant: QuantSpec) -> tuple[int, int, int]:
@@ -292,8 +292,6 @@ def quantized_base_bytes(shape: ModelShape, quant: QuantSpec) -> tuple[int, int,
         packed += packed_4bit_bytes(n) * g.count
         consts += quant_state_bytes(n, quant.blocksize, quant.double_quant) * g.count
         quantized_numel += n * g.count
-    if quant.double_quant and packed:
-        consts += DQ_SHARED_CODE_BYTES
     return packed, consts, shape.total_params - quantized_numel
 
 

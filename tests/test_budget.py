@@ -1,0 +1,405 @@
+"""budget.py against ground truth: bytes of materialised tiny models (bitsandbytes 4-bit included),
+real torch / bitsandbytes optimizer states after one step, peft's trainable counts, and the tensors
+autograd actually saves."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from lora_doctor.budget import (
+    ALLOCATOR_FRAGMENTATION,
+    CUDA_CONTEXT_BYTES,
+    TERMS,
+    activation_bytes,
+    lora_param_count,
+    memory_budget,
+    method_budget,
+    packed_4bit_bytes,
+    quant_state_bytes,
+)
+from lora_doctor.introspect import lora_config, model_shape, resolve_targets
+from lora_doctor.shape import LeafGroup, ModelShape
+from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
+
+# -- helpers: ground truth from real tensors ------------------------------------------------------------------
+
+
+def _shape(model, name="tiny"):
+    return model_shape(model, model.config, model_id=name, source="test")
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of distinct storages (a tensor shared by several owners counts once, as on a device)."""
+    seen = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def _quant_state_tensors(model):
+    out = []
+    for module in model.modules():
+        qs = getattr(getattr(module, "weight", None), "quant_state", None)
+        if qs is None:
+            continue
+        out += [qs.absmax, qs.code, qs.offset]
+        if qs.state2 is not None:
+            out += [qs.state2.absmax, qs.state2.code]
+    return out
+
+
+def _materialised(model):
+    """(base bytes, 4-bit packed bytes, non-4-bit base bytes, quant-state bytes, adapter bytes) of a real model."""
+    base, packed, adapters = [], [], []
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if "lora_" in name:
+            adapters.append(p)
+        elif type(p).__name__ == "Params4bit":
+            packed.append(p)
+        else:
+            base.append(p)
+    return (
+        _storage_bytes(base + packed),
+        _storage_bytes(packed),
+        _storage_bytes(base),
+        _storage_bytes(_quant_state_tensors(model)),
+        _storage_bytes(adapters),
+    )
+
+
+def _peft(model, shape, lora, targets):
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, lora_config(shape, lora, targets))
+
+
+def _load_4bit(path, quant_type, double_quant):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        dtype=torch.bfloat16,
+        device_map="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from lora_doctor.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("budget")
+    return {arch: save_tiny_model(root / arch, arch) for arch in ("llama", "qwen2", "gpt2", "mixtral")}
+
+
+# -- static terms == bytes of a materialised model ---------------------------------------------------------------
+
+TRAIN = TrainSpec(seq_len=64, batch=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+def test_qlora_static_bytes_equal_materialised_model(tiny_dirs, arch, quant_type, double_quant):
+    from peft import prepare_model_for_kbit_training
+
+    # Shape from the meta-free fp32 model saved on disk: the same architecture the 4-bit load sees.
+    from transformers import AutoModelForCausalLM
+
+    shape = _shape(AutoModelForCausalLM.from_pretrained(tiny_dirs[arch]))
+    lora = LoraSpec(r=8, dropout=0.0, use_dora=arch == "llama" and double_quant)
+    targets = resolve_targets(shape, "attn" if arch == "mixtral" else "all-linear")
+    quant = QuantSpec(mode=quant_type, double_quant=double_quant)
+
+    model = _load_4bit(tiny_dirs[arch], quant_type, double_quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = prepare_model_for_kbit_training(model)
+    model = _peft(model, shape, lora, targets)
+    base, packed, unquantized, consts, adapters = _materialised(model)
+
+    key = f"qlora-{quant_type}" + ("-dq" if double_quant else "")
+    b = method_budget(key, shape, lora, quant, TRAIN, targets)
+    assert b.base_weights_bytes == base
+    assert b.fp32_upcast_bytes == unquantized
+    assert b.quant_constants_bytes == consts
+    assert b.adapter_weights_bytes == adapters
+    assert b.trainable_params == model.get_nb_trainable_parameters()[0]
+    # and prepare_model_for_kbit_training really left nothing but 4-bit and fp32 behind
+    assert {p.dtype for p in model.parameters()} <= {torch.uint8, torch.float32}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_lora_bf16_static_bytes_equal_materialised_model(arch):
+    from lora_doctor.tiny import build_tiny_model
+
+    model = build_tiny_model(arch, dtype=torch.bfloat16)
+    shape = _shape(model)
+    lora = LoraSpec(r=4, dropout=0.0)
+    targets = resolve_targets(shape, "all-linear")
+    model = _peft(model, shape, lora, targets)
+    base, _, _, _, adapters = _materialised(model)
+    b = method_budget("lora-bf16", shape, lora, QuantSpec(), TRAIN, targets)
+    assert b.base_weights_bytes == base
+    assert b.adapter_weights_bytes == adapters  # fp32: peft's autocast_adapter_dtype
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
+def test_full_finetune_weights_equal_materialised_model(arch):
+    from lora_doctor.tiny import build_tiny_model
+
+    model = build_tiny_model(arch, dtype=torch.float32)
+    shape = _shape(model)
+    fp32 = method_budget("full-fp32", shape, LoraSpec(), QuantSpec(), TRAIN, ())
+    assert fp32.base_weights_bytes == _storage_bytes(model.parameters())
+    bf16 = method_budget("full-bf16", shape, LoraSpec(), QuantSpec(), TRAIN, ())
+    assert bf16.base_weights_bytes == _storage_bytes(model.to(torch.bfloat16).parameters())
+    assert fp32.trainable_params == shape.total_params
+
+
+def test_tied_embedding_counted_once():
+    from lora_doctor.tiny import build_tiny_model
+
+    tied = build_tiny_model("qwen2")
+    untied = build_tiny_model("qwen2", tie_word_embeddings=False)
+    s_tied, s_untied = _shape(tied), _shape(untied)
+    vocab_x_h = tied.config.vocab_size * tied.config.hidden_size
+    adamw = dataclasses.replace(TRAIN, optim="adamw")
+    a = method_budget("full-fp32", s_tied, LoraSpec(), QuantSpec(), adamw, ())
+    b = method_budget("full-fp32", s_untied, LoraSpec(), QuantSpec(), adamw, ())
+    assert b.base_weights_bytes - a.base_weights_bytes == 4 * vocab_x_h
+    assert b.optimizer_states_bytes - a.optimizer_states_bytes == 8 * vocab_x_h  # AdamW
+
+
+# -- optimizer states and gradients == a real optimizer after one step ------------------------------------------
+
+
+def _optimizer(name, params):
+    import bitsandbytes as bnb
+
+    return {
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-3),
+        "adamw-8bit": lambda: bnb.optim.AdamW8bit(params, lr=1e-3),
+        "paged-adamw-8bit": lambda: bnb.optim.PagedAdamW8bit(params, lr=1e-3),
+        "sgd": lambda: torch.optim.SGD(params, lr=1e-3),
+    }[name]()
+
+
+def _state_bytes(opt) -> int:
+    # The 0-d 'step' counters stay on the host for torch AdamW (not capturable/fused) and are ints in bnb.
+    tensors = [v for st in opt.state.values() for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor)]
+    return _storage_bytes(tensors)
+
+
+def _one_step(model, optim):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(optim, params)
+    ids = torch.randint(4, 400, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return opt, _storage_bytes(p.grad for p in params)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd"])
+def test_lora_optimizer_states_equal_real_optimizer(optim):
+    from lora_doctor.tiny import build_tiny_model
+
+    # r=64 on hidden 64: lora_A of q (64x64 = 4096) takes 8-bit state, lora_B of k (32x64) stays 32-bit.
+    model = build_tiny_model("llama", dtype=torch.float32)
+    shape = _shape(model)
+    lora = LoraSpec(r=64, dropout=0.0, use_dora=True)
+    targets = resolve_targets(shape, "all-linear")
+    model = _peft(model, shape, lora, targets)
+    opt, grad_bytes = _one_step(model, optim)
+    b = method_budget("lora-bf16", shape, lora, QuantSpec(), dataclasses.replace(TRAIN, optim=optim), targets)
+    assert b.optimizer_states_bytes == _state_bytes(opt)
+    assert b.gradients_bytes == grad_bytes
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw-8bit", "sgd"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_finetune_optimizer_states_equal_real_optimizer(arch, optim):
+    from lora_doctor.tiny import build_tiny_model
+
+    model = build_tiny_model(arch, dtype=torch.float32)
+    shape = _shape(model)
+    opt, grad_bytes = _one_step(model, optim)
+    b = method_budget("full-fp32", shape, LoraSpec(), QuantSpec(), dataclasses.replace(TRAIN, optim=optim), ())
+    assert b.optimizer_states_bytes == _state_bytes(opt)
+    assert b.gradients_bytes == grad_bytes
+
+
+# -- counts equal peft on shipped configs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_id", "targets", "r", "expected"),
+    [
+        ("mistralai/Mistral-7B-v0.1", "q_proj,k_proj,v_proj,o_proj", 4, 3_407_872),
+        ("meta-llama/Llama-2-7b-hf", "all-linear", 16, 39_976_960),
+    ],
+)
+def test_adapter_count_matches_known_peft_figures(model_id, targets, r, expected):
+    from lora_doctor.introspect import load_shape
+
+    shape, _ = load_shape(model_id)
+    names = resolve_targets(shape, targets)
+    assert lora_param_count(shape, names, LoraSpec(r=r)) == expected
+    b = memory_budget(shape, LoraSpec(r=r), QuantSpec(), TrainSpec(), names)
+    assert b.method("qlora-nf4-dq").adapter_weights_bytes == 4 * expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model_id", ["openai-community/gpt2", "microsoft/Phi-3-mini-4k-instruct", "tiiuae/falcon-7b",
+                 "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen2.5-7B"],
+)
+def test_adapter_count_equals_peft_on_meta_model(model_id):
+    from lora_doctor.introspect import load_shape, trainable_counts
+
+    shape, meta = load_shape(model_id)
+    names = resolve_targets(shape, "all-linear")
+    for count in trainable_counts(meta, LoraSpec(r=8, dropout=0.0), names, [8, 64], shape=shape):
+        assert lora_param_count(shape, names, LoraSpec(r=count.r)) == count.trainable
+
+
+# -- arithmetic of the 4-bit format -----------------------------------------------------------------------------
+
+
+def test_quant_state_formula_pinned():
+    # 4096x4096: 262,144 blocks of 64. Plain: fp32 absmax + 16-entry code.
+    assert quant_state_bytes(4096 * 4096, 64, False) == 262_144 * 4 + 64
+    # DQ: uint8 absmax, fp32 absmax of 1,024 blocks of 256, fp32 offset, 256-entry 8-bit map, 4-bit code.
+    assert quant_state_bytes(4096 * 4096, 64, True) == 262_144 + 1_024 * 4 + 4 + 1024 + 64
+    assert packed_4bit_bytes(4096 * 4096) == 8_388_608
+    assert packed_4bit_bytes(3) == 2
+
+
+# -- activations against what autograd saves ----------------------------------------------------------------------
+
+
+def _saved_bytes(model, ids, autocast: bool) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "full"), ("llama", "lora"), ("qwen2", "lora"),
+                                            ("mixtral", "full"), ("mixtral", "lora")])
+def test_activation_estimate_tracks_saved_tensors(arch, mode):
+    """No grad checkpointing: the estimate (plus the fp32 log-probs cross_entropy saves) is within 10% of
+    the bytes autograd's saved-tensor hooks see in a real bf16 forward."""
+    from lora_doctor.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    model = build_tiny_model(arch, dtype=torch.bfloat16, vocab_size=1000, hidden_size=256, intermediate_size=768,
+                             attn_implementation="sdpa")
+    shape = _shape(model)
+    B, T = 2, 128
+    train = TrainSpec(seq_len=T, batch=B, grad_ckpt=False, attn_impl="sdpa")
+    ids = torch.randint(4, 1000, (B, T))
+    if mode == "full":
+        est = activation_bytes(shape, train, base_trains=True, c=2)
+        got = _saved_bytes(model.train(), ids, autocast=False)
+    else:
+        lora = LoraSpec(r=8, dropout=0.0)  # CPU dropout keeps a float mask where CUDA keeps a bool one
+        targets = resolve_targets(shape, "all-linear")
+        model.requires_grad_(False)
+        model = _peft(model, shape, lora, targets).train()
+        est = activation_bytes(shape, train, base_trains=False, c=2, targets=targets, lora=lora)
+        got = _saved_bytes(model, ids, autocast=True)
+    est += B * T * shape.vocab_size * 4
+    assert abs(est - got) / got < 0.10, (est, got)
+
+
+def _hand_shape(**kw) -> ModelShape:
+    h, inter, layers, heads, kv, vocab = 4096, 14336, 32, 32, 8, 32000
+    leaves = tuple(
+        LeafGroup(n, "Linear", i, o, False, layers, True, True)
+        for n, i, o in [("q_proj", h, h), ("k_proj", h, kv * 128), ("v_proj", h, kv * 128), ("o_proj", h, h),
+                        ("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)]
+    ) + (LeafGroup("lm_head", "Linear", h, vocab, False, 1, False, False),)
+    leaf_params = sum(g.weight_numel for g in leaves)
+    base = dict(model_id="hand/mistral", source="hand", model_type="mistral", architecture="MistralForCausalLM",
+                num_layers=layers, hidden_size=h, intermediate_size=inter, num_attention_heads=heads,
+                num_kv_heads=kv, head_dim=128, vocab_size=vocab, tie_word_embeddings=False,
+                total_params=leaf_params + vocab * h + (2 * layers + 1) * h, embedding_params=vocab * h,
+                leaves=leaves, other_params=(2 * layers + 1) * h)
+    base.update(kw)
+    return ModelShape(**base)
+
+
+def test_hand_built_mistral_matches_published_total():
+    shape = _hand_shape()
+    assert shape.total_params == 7_241_732_096  # Mistral-7B-v0.1, as peft prints it
+
+
+def test_activation_scaling_rules():
+    shape = _hand_shape()
+    t = TrainSpec(seq_len=2048, batch=1, grad_ckpt=False)
+    lora, targets = LoraSpec(r=16), ("q_proj", "v_proj")
+    one = activation_bytes(shape, t, base_trains=False, c=2, targets=targets, lora=lora)
+    # linear in batch
+    assert activation_bytes(shape, dataclasses.replace(t, batch=4), base_trains=False, c=2, targets=targets,
+                            lora=lora) == 4 * one
+    # checkpointing keeps layer inputs + one layer: far less
+    ckpt = activation_bytes(shape, dataclasses.replace(t, grad_ckpt=True), base_trains=False, c=2, targets=targets,
+                            lora=lora)
+    assert ckpt < one / 5
+    # eager keeps a (T, T) row per head: superlinear in seq_len; sdpa does not
+    eager = dataclasses.replace(t, attn_impl="eager")
+    e1 = activation_bytes(shape, eager, base_trains=False, c=2, targets=targets, lora=lora)
+    e2 = activation_bytes(shape, dataclasses.replace(eager, seq_len=4096), base_trains=False, c=2, targets=targets,
+                          lora=lora)
+    assert e2 > 2.2 * e1
+    assert e1 - one >= 32 * 32 * 2048 * 2048 * 4  # at least the fp32 softmax of every layer
+    # GQA: fewer KV heads save less
+    mha = _hand_shape(num_kv_heads=32)
+    assert activation_bytes(mha, t, base_trains=False, c=2) > activation_bytes(shape, t, base_trains=False, c=2)
+
+
+def test_runtime_overhead_and_total_are_consistent():
+    shape = _hand_shape()
+    b = memory_budget(shape, LoraSpec(r=16), QuantSpec(), TrainSpec(), ("q_proj", "v_proj"))
+    for m in b.methods:
+        allocated = sum(getattr(m, f) for f, _ in TERMS if f != "runtime_overhead_bytes")
+        assert m.runtime_overhead_bytes == CUDA_CONTEXT_BYTES + int(allocated * ALLOCATOR_FRAGMENTATION)
+        assert m.total_bytes == allocated + m.runtime_overhead_bytes
+        assert all(isinstance(getattr(m, f), int) and getattr(m, f) >= 0 for f, _ in TERMS)
+    keys = [m.key for m in b.methods]
+    assert keys == ["full-fp32", "full-bf16", "lora-bf16", "qlora-nf4", "qlora-nf4-dq"]
+    totals = [m.total_bytes for m in b.methods]
+    assert totals[0] > totals[2] > totals[3] > totals[4]
+    assert b.primary == "qlora-nf4-dq"
+    assert memory_budget(shape, LoraSpec(), QuantSpec(mode=None), TrainSpec(), ("q_proj",)).primary == "lora-bf16"
+
+
+def test_logits_term_follows_vocab():
+    shape = _hand_shape()
+    t = TrainSpec(seq_len=1024, batch=2)
+    small = method_budget("qlora-nf4-dq", shape, LoraSpec(), QuantSpec(), t, ("q_proj",)).logits_bytes
+    big = method_budget("qlora-nf4-dq", _hand_shape(vocab_size=128256), LoraSpec(), QuantSpec(), t,
+                        ("q_proj",)).logits_bytes
+    assert small == 2 * 1024 * 32000 * (2 + 12)
+    assert big == 2 * 1024 * 128256 * (2 + 12)
