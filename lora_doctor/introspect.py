@@ -486,8 +486,9 @@ def partial_coverage(shape: ModelShape, requested: str | Sequence[str]) -> Cover
 def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] | None = None):
     """The peft LoraConfig for `lora` on this model, as the engine should build it.
 
-    Exactly 'all-linear' goes to peft as the string, so peft applies its own rules (including its v5 MoE
-    rewrite); anything else is resolved to names and split into target_modules and target_parameters.
+    'all-linear' (or exactly the names it resolves to) goes to peft as the string, so peft applies its own
+    rules, including its v5 MoE rewrite; anything else is resolved to names and split into target_modules
+    and target_parameters.
 
     Raises:
         LoraDoctorError: bad targets, or DoRA / dropout on parameter targets, which peft's ParamWrapper refuses.
@@ -496,7 +497,11 @@ def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] 
 
     raw = lora.targets if targets is None else targets
     names = resolve_targets(shape, raw)
-    if _split_targets(raw) == ["all-linear"]:
+    all_linear = preset_targets(shape)["all-linear"]
+    # Resolved 'all-linear' names count as 'all-linear' too, so callers may pass either form.
+    if _split_targets(raw) == ["all-linear"] or (
+        len(names) == len(all_linear) and set(names) == set(all_linear)
+    ):
         target_modules: str | list[str] = "all-linear"
         param_names = [g.name for g in shape.param_groups if g.all_linear]
         target_parameters = None  # peft adds them itself
@@ -529,13 +534,23 @@ def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] 
     )
 
 
-def _peft_count(model: nn.Module, config) -> tuple[int, int]:
+# Adapter tensors whose size is a multiple of r (peft/tuners/lora/layer.py update_layer); anything else that
+# trains (DoRA's lora_magnitude_vector) does not depend on r.
+_RANK_TENSOR = re.compile(r"\.lora_(embedding_)?[AB]\.")
+
+
+def _peft_count(model: nn.Module, config) -> tuple[int, int, int]:
+    """(trainable, all, rank-free part of trainable) as peft reports them, on a copy of `model`."""
     from peft import get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(copy.deepcopy(model), config)  # peft mutates the model it wraps
-        return peft_model.get_nb_trainable_parameters()
+        # peft mutates the model it wraps; low_cpu_mem_usage puts the adapter tensors on meta too.
+        peft_model = get_peft_model(copy.deepcopy(model), config, low_cpu_mem_usage=True)
+        trainable, all_params = peft_model.get_nb_trainable_parameters()
+    rank_free = sum(p.numel() for n, p in peft_model.named_parameters()
+                    if p.requires_grad and not _RANK_TENSOR.search(n))
+    return trainable, all_params, rank_free
 
 
 def trainable_counts(
@@ -546,43 +561,49 @@ def trainable_counts(
     *,
     shape: ModelShape | None = None,
 ) -> list[TrainableCount]:
-    """Trainable / all parameter counts exactly as peft reports them, for each rank.
+    """Trainable / all parameter counts exactly as peft reports them (print_trainable_parameters), per rank.
 
-    peft is run for real on a deep copy of the meta model at the first two distinct ranks; every count is
-    affine in r (lora_A r*in + lora_B r*out per module, r*E*(in+out) per expert tensor, plus a rank-free DoRA
-    magnitude vector), so further ranks are a*r + b from those two. Tests check this against peft directly.
+    peft runs for real (get_peft_model on a deep copy of the meta model) at the first rank. Other ranks
+    scale the adapter tensors peft created: every lora_A / lora_B has r (or a fixed multiple of r, e.g.
+    peft's 2r on a fused gate_up_proj) as one dimension, and DoRA's magnitude vectors do not depend on r.
+    Tests check the scaled counts against peft run at each rank.
 
     Args:
         model_or_config: a meta (or real) model, or a transformers config to build one from.
         lora: the adapter spec; its r and targets are the defaults for `ranks` and `targets`.
-        targets: preset or names; defaults to `lora.targets`.
+        targets: preset or names (raw or resolve_targets output); defaults to `lora.targets`.
         ranks: ranks to report; defaults to `(lora.r,)`.
+        shape: the model's ModelShape if the caller has it (saves re-reading it).
+
+    Raises:
+        LoraDoctorError: a rank <= 0, targets that match nothing, DoRA on parameter targets.
     """
+    ranks = list(ranks) if ranks is not None else [lora.r]
+    for r in ranks:
+        LoraSpec(r=r)  # validates r the way the CLI would, before any work
     model = model_or_config if isinstance(model_or_config, nn.Module) else build_meta_model(model_or_config)
     if shape is None:
         config = model.config
         shape = model_shape(model, config, model_id=getattr(config, "_name_or_path", "") or config.model_type,
                             source="given")
-    ranks = list(ranks) if ranks is not None else [lora.r]
     raw = lora.targets if targets is None else targets
     # Dropout never changes a count; zero it so parameter targets (which refuse dropout) can be counted.
     counting = dataclasses.replace(lora, dropout=0.0)
-    measured: dict[int, tuple[int, int]] = {}
-    for r in list(dict.fromkeys(ranks))[:2]:
-        LoraSpec(r=r)  # validates r the way the CLI would
-        measured[r] = _peft_count(model, lora_config(shape, dataclasses.replace(counting, r=r), raw))
-    if len(measured) == 2:
-        (r1, (t1, a1)), (r2, (t2, _)) = measured.items()
-        slope, rem = divmod(t2 - t1, r2 - r1)
-        assert rem == 0, "LoRA parameter count is not affine in r"
-        base = a1 - t1
+
+    def measure(r: int) -> tuple[int, int, int]:
+        return _peft_count(model, lora_config(shape, dataclasses.replace(counting, r=r), raw))
+
+    r0 = ranks[0]
+    trainable0, all0, rank_free = measure(r0)
+    per_rank, rem = divmod(trainable0 - rank_free, r0)
     out = []
     for r in ranks:
-        if r in measured:
-            trainable, all_params = measured[r]
-        else:
-            LoraSpec(r=r)
-            trainable = t1 + slope * (r - r1)
-            all_params = base + trainable
+        if r == r0:
+            trainable, all_params = trainable0, all0
+        elif rem == 0:
+            trainable = rank_free + per_rank * r
+            all_params = all0 - trainable0 + trainable
+        else:  # some tensor is not a multiple of r (a fixed rank_pattern): ask peft again
+            trainable, all_params, _ = measure(r)
         out.append(TrainableCount(r=r, trainable=trainable, all_params=all_params))
     return out

@@ -157,6 +157,15 @@ def test_counts_equal_peft_at_several_ranks(arch, targets, peft_kwargs, dora):
         assert (count.trainable, count.all_params) == truth
 
 
+def test_resolved_all_linear_names_count_like_the_preset():
+    """check/plan pass resolve_targets output; on a v5 MoE that must still get peft's 'all-linear' rewrite."""
+    model, shape = meta_and_shape("mixtral")
+    names = resolve_targets(shape, "all-linear")
+    lora = LoraSpec(r=4, dropout=0.0)
+    assert trainable_counts(model, lora, names, shape=shape) == trainable_counts(model, lora, "all-linear", shape=shape)
+    assert lora_config(shape, lora, names).target_modules == "all-linear"
+
+
 def test_counts_equal_peft_on_real_llama_with_dora_at_rank_64():
     model, shape = meta_and_shape("llama-2-7b")
     ours = trainable_counts(model, LoraSpec(use_dora=True), "qv", [2, 16, 64], shape=shape)
