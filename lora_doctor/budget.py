@@ -237,14 +237,16 @@ def lora_param_tensors(shape: ModelShape, targets, lora: LoraSpec) -> Tensors:
     """LoRA tensors per wrapped module: lora_A (r x in), lora_B (out x r), DoRA magnitude (out).
 
     peft/tuners/lora/layer.py update_layer(); lora.Embedding has the same r*(num_embeddings + dim) numel;
-    ParamWrapper (fused expert tensors) uses lora_A (r*E x in) and lora_B (out x r*E). DoRA adds
+    ParamWrapper (fused expert tensors) uses lora_A (r*E x in) and lora_B (out x r*E), with r scaled by
+    ParamGroup.rank_multiplier (peft's rank_pattern for the fused gate_up_proj). DoRA adds
     `lora_magnitude_vector` of out_features (Liu et al. 2024, "DoRA", sec. 4). lora_bias is off by default.
     """
     tensors: Tensors = []
     for g, n in targeted_groups(shape, targets):
         experts = getattr(g, "num_experts", 1)
-        tensors.append((lora.r * experts * g.in_features, n))
-        tensors.append((g.out_features * lora.r * experts, n))
+        r = lora.r * getattr(g, "rank_multiplier", 1)  # peft's rank_pattern for fused gate_up expert tensors
+        tensors.append((r * experts * g.in_features, n))
+        tensors.append((g.out_features * r * experts, n))
         if lora.use_dora and not isinstance(g, ParamGroup):
             tensors.append((g.out_features, n))
     return tensors
@@ -410,7 +412,7 @@ def _lora_per_token_bytes(shape: ModelShape, targets, lora: LoraSpec, c: int) ->
     for g, n in targeted_groups(shape, targets):
         if isinstance(g, ParamGroup):
             # ParamWrapper: each token passes k of the E experts' slices of the fused tensor.
-            total += k * (c * g.in_features + c * lora.r) * n
+            total += k * (c * g.in_features + c * lora.r * getattr(g, "rank_multiplier", 1)) * n
             continue
         if g.kind == "Embedding":
             total += c * lora.r * n  # lora.Embedding looks rows of A up: only the (tokens, r) result is saved
