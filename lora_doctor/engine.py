@@ -235,20 +235,25 @@ class Engine:
         self.model = model
 
     def _lora_config(self, model):
-        """peft LoraConfig via introspect's preset resolution; plain peft matching when introspect is absent."""
+        """peft LoraConfig: presets resolved per architecture by introspect (plan uses the same); explicit
+        names that only the live model has (e.g. modules added by a hook) go to peft as they are."""
+        from peft import LoraConfig
+
         lora = self.cfg.lora
+        names = [t.strip() for t in lora.targets.split(",")] if isinstance(lora.targets, str) else list(lora.targets)
         try:
             from .introspect import load_shape, lora_config
         except ImportError:
             load_shape = None
         if load_shape is not None:
-            shape, _ = load_shape(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
-            return lora_config(shape, lora)
-        from peft import LoraConfig
-
-        targets = lora.targets
-        if isinstance(targets, str) and targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",")]
+            try:
+                shape, _ = load_shape(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
+                return lora_config(shape, lora)
+            except LoraDoctorError:
+                live = [n for n, _ in model.named_modules()]
+                if not all(any(p == t or p.endswith("." + t) for p in live) for t in names):
+                    raise
+        targets = "all-linear" if names == ["all-linear"] else names
         return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                           use_rslora=lora.use_rslora, target_modules=targets, task_type="CAUSAL_LM")
 

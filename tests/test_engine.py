@@ -1,0 +1,226 @@
+"""The engine on tiny random models, on CPU: it learns, gradients flow, planted faults show up."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from lora_doctor.engine import Engine, OutOfMemory
+from lora_doctor.errors import LoraDoctorError
+from lora_doctor.measure import MemoryMonitor, loss_stats
+from lora_doctor.runconfig import from_dict
+
+
+def learnable_rows(n=16):
+    """A constant response: any working adapter drives its loss down within a few steps."""
+    return [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in learnable_rows()), encoding="utf-8")
+    return p
+
+
+def make_cfg(model_dir, data_path, out_dir, **dotted):
+    raw = {"model": str(model_dir), "lora": {"r": 4, "dropout": 0.0},
+           "data": {"path": str(data_path), "max_length": 32},
+           "train": {"batch": 4, "max_steps": 8, "lr": 1e-2, "grad_ckpt": False, "optim": "adamw",
+                     "precision": "fp32"},
+           "quant": {"mode": None},
+           "output": {"dir": str(out_dir), "reports_dir": str(out_dir / "reports")}}
+    return from_dict(raw).replace(**dotted)
+
+
+@pytest.fixture(scope="module")
+def qlora(tiny_llama_dir, data_path, tmp_path_factory):
+    """One nf4 QLoRA run as QLoRA does it: bf16 compute, gradient checkpointing, paged AdamW 8-bit."""
+    out = tmp_path_factory.mktemp("qlora")
+    cfg = make_cfg(tiny_llama_dir, data_path, out, **{
+        "quant.mode": "nf4", "train.precision": "bf16", "train.grad_ckpt": True, "train.optim": "paged-adamw-8bit"})
+    engine = Engine(cfg).setup()
+    engine.run_steps(8)
+    return engine, engine.result("probe")
+
+
+def test_qlora_nf4_loss_decreases(qlora):
+    engine, result = qlora
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in engine.peft_model.modules())
+    assert result.model.quant == "nf4"
+    assert result.loss.finite and result.loss.decreasing
+    assert result.loss.last < 0.9 * result.loss.first, result.losses
+    assert max(result.losses[4:]) < min(result.losses[:2]), result.losses
+    assert len(result.steps) == 8 and all(s.label_tokens > 0 for s in result.steps)
+
+
+def test_gradient_flow_in_every_adapter(qlora):
+    engine, result = qlora
+    gf = result.grad_flow
+    assert len(gf.modules) == result.model.n_adapted_modules == 14  # 2 layers x 7 projections
+    assert gf.healthy and not gf.modules_without_grad and not gf.modules_unchanged
+    assert gf.frozen_params_with_grad == ()
+    for m in gf.modules:
+        # B starts at zero, so dL/dA is exactly zero at the first step; B gets a gradient at once.
+        assert m.lora_A_grad_norms[0] == 0.0
+        assert m.lora_B_grad_norms[0] > 0.0
+        assert all(g > 0 for g in m.lora_A_grad_norms[1:])
+    trainable = [n for n, p in engine.peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert result.model.trainable_params == engine.peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_measurements_recorded(qlora):
+    _, result = qlora
+    assert set(result.memory) == {"load", "train"}
+    for phase in result.memory.values():
+        assert phase.device == "cpu" and phase.peak_rss_bytes >= phase.start_rss_bytes > 0
+        assert phase.peak_allocated_bytes is None  # CUDA-only numbers are None on CPU, never -1
+    tp = result.throughput
+    assert tp.median_step_time_s > 0 and tp.tokens_per_s > 0
+    d = result.to_dict()
+    json.dumps(d)  # JSON-serialisable as is
+    assert d["grad_flow"]["healthy"] and d["loss"]["decreasing"]
+    # The views the doctor's context reader uses.
+    assert set(result.weight_deltas) == {m.module for m in result.grad_flow.modules}
+    assert result.base_params_with_grad == 0
+
+
+def test_saved_adapter_reloads_with_same_logits(qlora, tiny_llama_dir, tmp_path):
+    from peft import PeftModel, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    engine, _ = qlora
+    path = engine.save_adapter(tmp_path / "adapter")
+    assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                device_map={"": "cpu"})
+    # Same preparation as the engine (fp32 norms and lm_head), so the logits match exactly.
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    reloaded = PeftModel.from_pretrained(base, str(path)).eval()
+    ids = torch.tensor([engine.data.train[0].input_ids])
+    engine.peft_model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = engine.peft_model(input_ids=ids).logits.float()
+        got = reloaded(input_ids=ids).logits.float()
+    engine.peft_model.train()
+    torch.testing.assert_close(got, want)
+
+
+def test_lr_zero_leaves_weights_unchanged(tiny_llama_dir, data_path, tmp_path):
+    engine = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path, **{"train.lr": 0.0})).setup()
+    engine.run_steps(3)
+    gf = engine.result("probe").grad_flow
+    assert all(m.received_grad for m in gf.modules)
+    assert set(gf.modules_unchanged) == {m.module for m in gf.modules}
+    assert not gf.healthy
+
+
+def test_module_off_the_loss_path_gets_no_gradient(tiny_llama_dir, data_path, tmp_path):
+    def add_unused(model):
+        model.model.unused_proj = torch.nn.Linear(64, 64)  # never called in forward
+        return model
+
+    cfg = make_cfg(tiny_llama_dir, data_path, tmp_path, **{"lora.targets": "q_proj,unused_proj"})
+    engine = Engine(cfg, model_hook=add_unused).setup()
+    engine.run_steps(2)
+    gf = engine.result("probe").grad_flow
+    assert gf.modules_without_grad == ("model.unused_proj",)
+    assert "model.layers.0.self_attn.q_proj" not in gf.modules_without_grad
+
+
+def test_loss_kinds_and_eval_is_plain_ce(tiny_llama_dir, data_path, tmp_path):
+    engine = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path)).setup()
+    engine.model.eval()
+    from lora_doctor.data import collate
+
+    batch = collate(engine.data.train[:4], engine.data.pad_token_id)
+    with torch.no_grad():
+        ce = engine._loss_step(batch, "ce")
+        base = engine.cfg
+        engine.cfg = base.replace(**{"loss.focal_gamma": 0.0, "loss.label_smoothing": 0.0})
+        focal0, ls0 = engine._loss_step(batch, "focal"), engine._loss_step(batch, "label_smoothing")
+        engine.cfg = base.replace(**{"loss.focal_gamma": 2.0, "loss.label_smoothing": 0.1})
+        focal2, ls1 = engine._loss_step(batch, "focal"), engine._loss_step(batch, "label_smoothing")
+    # Focal with gamma 0 and smoothing 0 are exactly cross-entropy; gamma > 0 down-weights every token.
+    torch.testing.assert_close(focal0, ce)
+    torch.testing.assert_close(ls0, ce)
+    assert focal2 < ce and not torch.isclose(ls1, ce)
+    engine.cfg = base.replace(**{"loss.kind": "focal"})
+    ev_focal = engine.evaluate() if engine.data.eval else None
+    assert ev_focal is None or math.isfinite(ev_focal)
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, data_path, tmp_path):
+    big = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path / "a", **{"train.batch": 8})).setup()
+    acc = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path / "b", **{"train.batch": 4, "train.grad_accum": 2})).setup()
+    # Same seed, same epoch order: micro-batches 0 and 1 of size 4 are the big batch's 8 examples.
+    rb, ra = big.run_steps(1)[0], acc.run_steps(1)[0]
+    assert rb.label_tokens == ra.label_tokens
+    torch.testing.assert_close(ra.loss, rb.loss)
+    torch.testing.assert_close(ra.grad_norm, rb.grad_norm)
+    for (n, w), (_, v) in zip(big.trainable_state().items(), acc.trainable_state().items()):
+        torch.testing.assert_close(v, w, msg=n)
+
+
+def test_out_of_memory_is_a_clean_error(tiny_llama_dir, data_path, tmp_path, monkeypatch):
+    engine = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path)).setup()
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "_loss_step", boom)
+    with pytest.raises(OutOfMemory) as e:
+        engine.run_steps(2)
+    assert "Out of memory at step 1" in e.value.message and "peak" in e.value.message
+    assert "--batch" in e.value.hint and "--grad-ckpt" in e.value.hint
+    assert isinstance(e.value, LoraDoctorError)
+    assert not (tmp_path / "checkpoints").exists()  # nothing half-written
+
+
+def test_bitsandbytes_unavailable(tiny_llama_dir, data_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    cfg = make_cfg(tiny_llama_dir, data_path, tmp_path, **{"quant.mode": "nf4"})
+    with pytest.raises(LoraDoctorError) as e:
+        Engine(cfg).setup()
+    assert "bitsandbytes" in e.value.message and "--quant none" in e.value.hint
+
+
+def test_missing_model_and_unknown_target(tiny_llama_dir, data_path, tmp_path):
+    with pytest.raises(LoraDoctorError, match="Cannot load model"):
+        Engine(make_cfg(tmp_path / "no-model", data_path, tmp_path)).setup()
+    with pytest.raises(LoraDoctorError) as e:
+        Engine(make_cfg(tiny_llama_dir, data_path, tmp_path, **{"lora.targets": "qkv_proj"})).setup()
+    assert "qkv_proj" in e.value.message and "q_proj" in e.value.hint
+
+
+# --- measure.py on hand-made inputs ----------------------------------------------------------------
+
+
+def test_loss_stats():
+    falling = loss_stats([4.0, 3.0, 2.5, 2.0])
+    assert falling.decreasing and falling.slope_per_step == pytest.approx(-0.65)
+    assert falling.relative_change == pytest.approx(0.5)
+    bad = loss_stats([1.0, float("nan"), float("inf")])
+    assert (bad.n_nan, bad.n_inf, bad.finite) == (1, 1, False)
+    assert loss_stats([0.0, 0.0, 0.0]).stuck_at_zero
+    assert loss_stats([2.0, 2.001, 1.999]).not_moving
+    empty = loss_stats([])
+    assert empty.first is None and empty.slope_per_step is None
+
+
+def test_memory_monitor_sees_an_allocation():
+    mon = MemoryMonitor("cpu", interval_s=0.001)
+    mon.start("x")
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    float(block.sum())
+    stats = mon.stop()
+    del block
+    assert stats.rss_delta_bytes >= 48 * 1024 * 1024
+    assert stats.peak_bytes == stats.rss_delta_bytes
