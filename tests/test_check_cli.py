@@ -144,3 +144,10 @@ def test_gpu_fit(config_path):
 def test_unknown_gpu_exits_2(config_path):
     res = invoke(config_path, "--gpu", "Voodoo 5")
     assert res.exit_code == 2 and "Unknown GPU" in res.output
+
+
+def test_eos_not_appended_is_found_in_the_labels(config_path):
+    res = invoke(config_path, "--set", "data.add_eos=false", "--json")
+    assert res.exit_code == 0, res.output  # a warning: the run works, the model just never learns to stop
+    (f,) = [f for f in json.loads(res.stdout)["findings"] if f["code"] == "eos-never-learned"]
+    assert f["severity"] == "warning" and "none of the 24" in f["message"] and "add_eos" in f["hint"]

@@ -90,7 +90,7 @@ PLANTED = {
                           dict(pad_token="</s>", pad_token_id=2, labels=[[-100, 17, 18], [-100, 40]])),
     "11-pad-eos-unknown": ("pad-is-eos", "warning", dict(pad_token="</s>", pad_token_id=2, labels=None)),
     "11-no-eos-appended": ("eos-never-learned", "warning", dict(labels=[[-100, 17, 18], [-100, 40]])),
-    "12-all-masked": ("all-labels-masked", "error", dict(labels=[[-100] * 5, [-100] * 3])),
+    "12-all-masked": ("all-labels-masked", "error", dict(labels=[[-100] * 5, [-100] * 3], n_response_lost=None)),
     "12-all-lost": ("all-labels-masked", "error", dict(labels=None, n_response_lost=1000)),
     "13-response-lost": ("response-truncated", "warning", dict(n_response_lost=80)),
     "13-truncated": ("examples-truncated", "warning", dict(n_truncated=300)),

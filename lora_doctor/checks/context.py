@@ -188,8 +188,11 @@ def context_from_config(cfg: Any) -> dict:
     from ..runconfig import RunConfig
 
     if isinstance(cfg, RunConfig):
-        # lora-doctor's collate pads labels with -100 by position, whatever the pad token id is.
+        # What lora-doctor's engine does with this config (engine.py, data.py): collate pads labels with
+        # -100 by position whatever the pad id is; checkpointing is non-reentrant with input grads enabled.
         out["padding_masked_by_position"] = True
+        out.setdefault("use_reentrant", False)
+        out["input_require_grads"] = True
     return {k: v for k, v in out.items() if v is not None}
 
 

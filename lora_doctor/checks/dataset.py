@@ -27,13 +27,14 @@ def _length_hint(ctx: CheckContext) -> str:
 
 @register
 def check_all_labels_masked(ctx: CheckContext) -> list[Finding]:
+    # The dataset counts cover every example; the labels may be a sample of them.
     all_masked = None
-    if ctx.labels:
-        all_masked = all(all(t == IGNORE_INDEX for t in seq) for seq in ctx.labels)
-        n = len(ctx.labels)
-    elif ctx.n_examples and ctx.n_response_lost is not None:
+    if ctx.n_examples and ctx.n_response_lost is not None:
         all_masked = ctx.n_response_lost >= ctx.n_examples
         n = ctx.n_examples
+    elif ctx.labels:
+        all_masked = all(all(t == IGNORE_INDEX for t in seq) for seq in ctx.labels)
+        n = len(ctx.labels)
     if not all_masked:
         return []
     return [Finding(

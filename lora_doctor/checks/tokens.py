@@ -61,14 +61,16 @@ def check_eos_learning(ctx: CheckContext) -> list[Finding]:
             return []  # nothing is labelled at all: all-labels-masked says so
         labelled = sum(1 for seq in ctx.labels if ctx.eos_token_id in seq)
         if labelled == 0:
+            by_pad = pad_is_eos and not ctx.padding_masked_by_position
             cause = ("the pad token is EOS, so masking padding by token id also masks every EOS"
-                     if pad_is_eos else "the template does not append EOS, or it is truncated away")
+                     if by_pad else "the template does not append EOS, or it is truncated away")
             return [Finding(
-                Severity.ERROR if pad_is_eos else Severity.WARNING, "eos-never-learned",
+                Severity.ERROR if by_pad else Severity.WARNING, "eos-never-learned",
                 f"EOS {eos} is a label in none of the {len(ctx.labels)} tokenized examples ({cause}): the model "
                 "never learns to stop and generates until max_new_tokens.",
                 "Append tokenizer.eos_token to every response and mask padding by attention_mask (labels[attention_mask"
-                " == 0] = -100), not by token id" + ("; better, use a pad token distinct from EOS." if pad_is_eos else "."),
+                " == 0] = -100), not by token id" + ("; better, use a pad token distinct from EOS." if by_pad else
+                                                     " (lora-doctor: data.add_eos: true, a larger --max-length)."),
             )]
         if pad_is_eos:
             return [Finding(
