@@ -165,3 +165,13 @@ def test_report_command_bad_input_exits_2(tmp_path, content, needle):
     assert res.exit_code == 2
     assert needle in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_report_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_doctor.report.run as r, lora_doctor.commands.report; "
+            "r.render_markdown({'schema': r.SCHEMA, 'kind': 'check', 'findings': [], 'config': {'a': 1}}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -249,7 +249,8 @@ def context_from_budget(budget: Any = None, verdict: Any = None) -> dict:
         fit_verdict=_first(verdict, "verdict", "status", "fit"),
         gpu_name=_first(verdict, "gpu_name", "gpu.name") or (gpu if isinstance(gpu, str) else None),
         gpu_bytes=_first(verdict, "gpu_bytes", "gpu.usable_bytes", "usable_bytes"),
-        required_bytes=_first(verdict, "required_bytes", "total_bytes") or _first(budget, "total_bytes"),
+        required_bytes=_first(verdict, "required_bytes", "total_bytes") or _first(budget, "primary_method.total_bytes",
+                                                                                   "total_bytes"),
         largest_batch=_first(verdict, "largest_batch", "max_batch"),
         largest_seq_len=_first(verdict, "largest_seq_len", "max_seq_len"),
     )

@@ -223,7 +223,7 @@ def _section_memory(memory: dict) -> list[str]:
     planned = memory.get("planned_total_bytes")
     measured = memory.get("measured") or {}
     terms = memory.get("planned_terms") or {}
-    out = ["## Memory: plan vs measured", ""]
+    out = ["## Memory: plan vs measured" if measured else "## Memory plan", ""]
     device = memory.get("device")
     if device:
         line = f"Device: {device}"
@@ -310,7 +310,7 @@ def _section_extra(extra: dict) -> list[str]:
     rows = [(k, v) for k, v in extra.items() if isinstance(v, (str, int, float, bool)) and v is not None]
     if not rows:
         return []
-    return ["## Run", "", _table([(k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else v) for k, v in rows],
+    return ["## Run details", "", _table([(k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else v) for k, v in rows],
                                  ("", "")), ""]
 
 
