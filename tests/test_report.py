@@ -94,7 +94,7 @@ def test_text_rendering_groups_by_severity():
     ("HF_TOKEN", True), ("hf_token", True), ("HUGGING_FACE_HUB_TOKEN", True), ("WANDB_API_KEY", True),
     ("AWS_SECRET_ACCESS_KEY", True), ("password", True), ("apiKey", True), ("use_auth_token", True),
     ("pad_token", False), ("eos_token", False), ("response_key", False), ("max_new_tokens", False),
-    ("model", False), ("tokenizer", False), ("num_tokens", False),
+    ("model", False), ("tokenizer", False), ("num_tokens", False), ("PWD", False), ("OLDPWD", False),
 ])
 def test_secret_keys(key, secret):
     assert is_secret_key(key) is secret

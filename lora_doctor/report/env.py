@@ -32,8 +32,9 @@ SECRET_PATTERNS = (
     re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in URLs
 )
 
-# A key names a credential when its last word is one of these (HF_TOKEN, WANDB_API_KEY, db_password) ...
-_SECRET_WORDS = {"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS", "APIKEY", "AUTH"}
+# A key names a credential when its last word is one of these (HF_TOKEN, WANDB_API_KEY, db_password; not
+# PWD, the shell's working directory) ...
+_SECRET_WORDS = {"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY", "AUTH"}
 # ... unless an earlier word says it is about a tokenizer or a dataset column (pad_token, response_key).
 _BENIGN_WORDS = {"PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK", "SPECIAL", "ADDITIONAL", "CHAT", "NUM", "MAX", "MIN",
                  "RESPONSE", "PROMPT", "TEXT", "INSTRUCTION", "INPUT", "OUTPUT", "LABEL", "FIELD", "COLUMN", "SORT",
