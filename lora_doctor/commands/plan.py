@@ -1,0 +1,194 @@
+"""`lora-doctor plan MODEL`: trainable counts and memory budgets from the config alone (meta device)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ..errors import LoraDoctorError
+from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
+
+DEFAULT_REPORT_DIR = Path("reports")
+_AUTO = "\0auto"
+
+
+def parse_ranks(value: str) -> list[int]:
+    """'16' or '4,8,16,64' -> [4, 8, 16, 64] (order kept, duplicates dropped).
+
+    Raises:
+        LoraDoctorError: anything that is not a positive integer.
+    """
+    ranks = []
+    for item in str(value).split(","):
+        item = item.strip()
+        if not re.fullmatch(r"[+-]?\d+", item):
+            raise LoraDoctorError(
+                f"--r must be a positive integer or a comma-separated list of them, got {value!r}.",
+                "Try: --r 16 or --r 4,8,16,64",
+            )
+        LoraSpec(r=int(item))  # the one place r is validated (r <= 0)
+        ranks.append(int(item))
+    return list(dict.fromkeys(ranks))
+
+
+def gather_plan(
+    model: str,
+    *,
+    ranks: list[int],
+    lora: LoraSpec,
+    quant: QuantSpec,
+    train: TrainSpec,
+    gpu: str | None = None,
+    detect_gpu: bool = True,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
+
+    Args:
+        model: hub id, local directory, config.json path or shipped config name.
+        ranks: LoRA ranks to plan; the first one gets the full memory table and GPU verdicts.
+        lora: adapter spec (targets, alpha, dropout, DoRA); its r is ignored in favour of `ranks`.
+        gpu: --gpu (table name or GiB). None: the local GPU if `detect_gpu` finds one, else no headroom.
+
+    Raises:
+        LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU.
+    """
+    from .. import budget as budget_mod
+    from .. import hardware
+    from ..introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
+    from ..resolve import resolve_model_config
+
+    chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
+    resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
+    meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
+    shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
+    targets = resolve_targets(shape, lora.targets)
+    counts = trainable_counts(meta, lora, targets, ranks, shape=shape)
+    if chosen is None and detect_gpu:
+        chosen = hardware.detect_local_gpu()
+
+    notes = []
+    budgets = []
+    for count in counts:
+        spec = LoraSpec(r=count.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
+                        use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+        b = budget_mod.memory_budget(shape, spec, quant, train, targets)
+        ours = b.primary_method.trainable_params
+        if ours != count.trainable:
+            notes.append(f"r={count.r}: budget arithmetic counts {ours:,} adapter parameters, peft "
+                         f"{count.trainable:,}; the memory table uses the arithmetic.")
+        entry = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
+        if chosen is not None:
+            entry["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
+        budgets.append(entry)
+
+    first = budget_mod.memory_budget(
+        shape, LoraSpec(r=counts[0].r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
+                        use_dora=lora.use_dora), quant, train, targets)
+    by_gpu: dict[str, dict] = {}
+    for v in hardware.verdicts(first):
+        by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
+    gpus = [{"name": g.name, "marketed_gb": g.marketed_gb, "usable_bytes": g.usable_bytes, "verdicts": by_gpu[g.name]}
+            for g in hardware.GPUS]
+
+    return {
+        "model": {"id": shape.model_id, "source": shape.source, "location": resolved.location,
+                  "architecture": shape.architecture, "model_type": shape.model_type,
+                  "total_params": shape.total_params},
+        "targets": {"requested": lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets),
+                    "resolved": list(targets)},
+        "lora": {**asdict(lora), "r": counts[0].r, "lora_alpha": lora.alpha if lora.alpha is not None else 2 * counts[0].r,
+                 "targets": list(targets)},
+        "quant": asdict(quant),
+        "train": asdict(train),
+        "trainable": [{"r": c.r, "trainable_params": c.trainable, "all_params": c.all_params,
+                       "trainable_fraction": c.fraction} for c in counts],
+        "budgets": budgets,
+        "gpus": gpus,
+        "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
+                                            "marketed_gb": chosen.marketed_gb, "source": chosen.source},
+        "constants": {"cuda_context_bytes": budget_mod.CUDA_CONTEXT_BYTES,
+                      "allocator_fragmentation": budget_mod.ALLOCATOR_FRAGMENTATION,
+                      "tight_fraction": hardware.TIGHT_FRACTION},
+        "notes": notes,
+    }
+
+
+def _headroom_dict(h) -> dict:
+    return {"gpu": h.gpu.name, "method": h.method, "verdict": h.verdict, "total_bytes": h.total_bytes,
+            "max_batch": h.max_batch, "max_seq_len": h.max_seq_len, "seq_len_cap": h.seq_len_cap}
+
+
+def default_markdown_path(data: dict) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", data["model"]["id"]).strip("-.") or "model"
+    ranks = "-".join(str(c["r"]) for c in data["trainable"])
+    return DEFAULT_REPORT_DIR / f"plan-{slug}-r{ranks}.md"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("--r", "ranks", default="16", show_default=True, metavar="R[,R...]",
+              help="LoRA rank, or a comma-separated sweep: --r 4,8,16,64.")
+@click.option("--target", "target", default="all-linear", show_default=True, metavar="NAMES|PRESET",
+              help="Leaf names (q_proj,v_proj) or a preset: qv, attn, mlp, all-linear.")
+@click.option("--alpha", type=int, default=None, help="lora_alpha (default 2*r).")
+@click.option("--dropout", type=float, default=0.05, show_default=True, help="lora_dropout.")
+@click.option("--dora", is_flag=True, help="Weight-decomposed LoRA: one magnitude vector per adapted module.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size per device.")
+@click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="Gradient checkpointing.")
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default="paged-adamw-8bit", show_default=True)
+@click.option("--quant", type=click.Choice(["nf4", "fp4", "none"]), default="nf4", show_default=True,
+              help="4-bit type of the QLoRA columns; 'none' makes LoRA on a bf16 base your method.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="Quantize the 4-bit absmax constants too (QLoRA's double quantization).")
+@click.option("--attn", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default="sdpa", show_default=True,
+              help="Attention implementation; eager keeps a (T, T) matrix per head.")
+@click.option("--gpu", default=None, metavar="NAME|GiB",
+              help="Card for the largest-batch search: 'RTX 4090', 'A100 80GB', ... or a size in GiB. "
+                   "Default: the local GPU if any.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow configs that need the model repository's own code.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure (integer bytes) as JSON on stdout.")
+@click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
+              help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
+def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
+            attn, gpu, trust_remote_code, as_json, markdown):
+    """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
+
+    MODEL is a hub id, a local directory or config.json, or a shipped config (works offline).
+    The model is built on the meta device; counts come from peft itself. Memory is costed for
+    full fp32, full bf16, LoRA on bf16 and QLoRA with and without double quantization, with a
+    fit verdict for common GPUs and the largest batch / sequence length for yours.
+
+    \b
+    Examples:
+      lora-doctor plan mistralai/Mistral-7B-v0.1 --r 16
+      lora-doctor plan meta-llama/Llama-2-7b-hf --r 4,8,16,64 --target qv --gpu "RTX 4090"
+      lora-doctor plan Qwen/Qwen2.5-7B --seq-len 4096 --batch 4 --no-grad-ckpt --json | jq '.budgets[0]'
+      lora-doctor plan gpt2 --markdown
+    """
+    from ..report.plan import render_plan, render_plan_markdown
+    from ..fileio import write_text_atomic
+
+    rank_list = parse_ranks(ranks)
+    lora = LoraSpec(r=rank_list[0], alpha=alpha, dropout=dropout, targets=target, use_dora=dora)
+    quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
+    train = TrainSpec(seq_len=seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
+    data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
+                       trust_remote_code=trust_remote_code)
+
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(render_plan(data), nl=False)
+    for note in data["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if markdown is not None:
+        path = default_markdown_path(data) if markdown == _AUTO else Path(markdown)
+        write_text_atomic(path, render_plan_markdown(data))
+        click.echo(f"Markdown report written to {path}", err=True)

@@ -1,0 +1,183 @@
+"""`plan` rendering: the data dict from commands/plan.gather_plan -> terminal text or GitHub Markdown.
+
+The only place plan's bytes become "GiB" strings. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from . import format_bytes, format_count
+
+TERM_LABELS = (
+    ("base_weights_bytes", "base weights"),
+    ("quant_constants_bytes", "quantization constants"),
+    ("adapter_weights_bytes", "adapter weights"),
+    ("gradients_bytes", "gradients"),
+    ("optimizer_states_bytes", "optimizer states"),
+    ("activations_bytes", "activations"),
+    ("logits_bytes", "logits / loss buffers"),
+    ("runtime_overhead_bytes", "runtime overhead"),
+)
+STATUS_MARK = {"fits": "✓", "tight": "⚠", "does not fit": "✗"}
+
+
+def peft_line(count: dict) -> str:
+    """Exactly peft's print_trainable_parameters() line."""
+    return (f"trainable params: {count['trainable_params']:,d} || all params: {count['all_params']:,d} || "
+            f"trainable%: {100 * count['trainable_params'] / count['all_params']:.4f}")
+
+
+def _step_line(data: dict) -> str:
+    t, q, lora = data["train"], data["quant"], data["lora"]
+    quant = "none (bf16 base)" if q["mode"] is None else q["mode"] + (" + double quant" if q["double_quant"] else "")
+    return (f"batch {t['batch']} × seq {t['seq_len']}, gradient checkpointing {'on' if t['grad_ckpt'] else 'off'}, "
+            f"attention {t['attn_impl']}, optimizer {t['optim']}, quantization {quant}, "
+            f"lora_alpha {lora['lora_alpha']}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else ""))
+
+
+def memory_rows(budget: dict) -> tuple[list[str], list[list[str]]]:
+    methods = budget["methods"]
+    headers = ["term"] + [m["label"] + (" *" if m["key"] == budget["primary"] else "") for m in methods]
+    rows = [[label] + [format_bytes(m[field]) for m in methods] for field, label in TERM_LABELS]
+    rows.append(["total"] + [format_bytes(m["total_bytes"]) for m in methods])
+    return headers, rows
+
+
+def _verdict_cell(v: dict) -> str:
+    return f"{STATUS_MARK[v['status']]} {v['status']} ({100 * v['fraction']:.0f}%)"
+
+
+def verdict_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    budget = data["budgets"][0]
+    headers = ["GPU", "usable"] + [m["label"] for m in budget["methods"]]
+    rows = []
+    for g in data["gpus"]:
+        name = g["name"] + (" (chosen)" if data.get("gpu") and data["gpu"]["name"] == g["name"] else "")
+        rows.append([name, format_bytes(g["usable_bytes"])] + [_verdict_cell(g["verdicts"][m["key"]])
+                                                               for m in budget["methods"]])
+    return headers, rows
+
+
+def sweep_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    gpu = data.get("gpu")
+    headers = ["r", "trainable params", "adapter + grads + optimizer", "activations", "total"]
+    if gpu:
+        headers += [f"on {gpu['name']}", "max batch", "max seq"]
+    rows = []
+    for count, b in zip(data["trainable"], data["budgets"]):
+        m = next(x for x in b["methods"] if x["key"] == b["primary"])
+        row = [count["r"], format_count(count["trainable_params"]),
+               format_bytes(m["adapter_weights_bytes"] + m["gradients_bytes"] + m["optimizer_states_bytes"]),
+               format_bytes(m["activations_bytes"]), format_bytes(m["total_bytes"])]
+        if gpu:
+            h = b["headroom"]
+            row += [f"{STATUS_MARK[h['verdict']]} {h['verdict']}", _opt(h["max_batch"]), _opt(h["max_seq_len"])]
+        rows.append(row)
+    return headers, rows
+
+
+def _opt(n) -> str:
+    return "—" if n is None else f"{n:,}"
+
+
+def _headroom_lines(data: dict) -> list[str]:
+    gpu = data.get("gpu")
+    if not gpu:
+        return ["No GPU chosen or detected: pass --gpu NAME or --gpu GiB for the largest batch and sequence length."]
+    b = data["budgets"][0]
+    h = b["headroom"]
+    label = next(m["label"] for m in b["methods"] if m["key"] == h["method"])
+    lines = [
+        f"{gpu['name']} ({gpu['source']}, {format_bytes(gpu['usable_bytes'])} usable), {label}, r={b['r']}: "
+        f"needs {format_bytes(h['total_bytes'])} → {h['verdict']} ({100 * h['total_bytes'] / gpu['usable_bytes']:.0f}%).",
+    ]
+    t = data["train"]
+    if h["max_batch"] is None:
+        lines.append(f"  Even batch 1 at seq {t['seq_len']} does not fit.")
+    else:
+        lines.append(f"  Largest batch at seq {t['seq_len']}: {h['max_batch']:,}.")
+    if h["max_seq_len"] is None:
+        lines.append("  No sequence length fits at batch 1: the static terms alone exceed the card.")
+    else:
+        cap = " (the model's max_position_embeddings)" if h["seq_len_cap"] else ""
+        lines.append(f"  Largest seq_len at batch 1: {h['max_seq_len']:,}{cap}.")
+    return lines
+
+
+def render_plan(data: dict) -> str:
+    """Terminal view."""
+    m = data["model"]
+    lines = [
+        f"{m['id']}  ({m['architecture']}, model_type {m['model_type']})",
+        f"source: {m['source']}  ({m['location']})",
+        f"targets ({data['targets']['requested']}): {', '.join(data['targets']['resolved'])}",
+        f"step: {_step_line(data)}",
+        "",
+        "Trainable parameters (peft on the meta model):",
+    ]
+    lines += [f"  r={c['r']:<4} {peft_line(c)}" for c in data["trainable"]]
+    b0 = data["budgets"][0]
+    headers, rows = memory_rows(b0)
+    lines += ["", f"Memory per training step, r={b0['r']} (GiB = 2^30 bytes; * = your flags):",
+              tabulate(rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1))]
+    if len(data["budgets"]) > 1:
+        headers, rows = sweep_rows(data)
+        lines += ["", f"Rank sweep ({next(x['label'] for x in b0['methods'] if x['key'] == b0['primary'])}):",
+                  tabulate(rows, headers=headers, colalign=("right",) + ("right",) * (len(headers) - 1))]
+    headers, rows = verdict_rows(data)
+    lines += ["", f"GPU verdicts, r={b0['r']} (⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% "
+                  "of usable memory):",
+              tabulate(rows, headers=headers, colalign=("left", "right") + ("left",) * (len(headers) - 2))]
+    lines += [""] + _headroom_lines(data)
+    return "\n".join(lines) + "\n"
+
+
+def render_plan_markdown(data: dict) -> str:
+    """GitHub-flavoured Markdown that pastes into an issue: headings, pipe tables, an assumptions list."""
+    m = data["model"]
+    b0 = data["budgets"][0]
+    out = [
+        f"## lora-doctor plan: `{m['id']}`",
+        "",
+        f"- **Model**: {m['architecture']} (`{m['model_type']}`), {m['total_params']:,} parameters; "
+        f"config from {m['source']}",
+        f"- **Targets** (`{data['targets']['requested']}`): {', '.join(f'`{t}`' for t in data['targets']['resolved'])}",
+        f"- **Step**: {_step_line(data)}",
+        "",
+        "### Trainable parameters (peft, exact)",
+        "",
+        "```",
+        *[f"r={c['r']:<4} {peft_line(c)}" for c in data["trainable"]],
+        "```",
+        "",
+        f"### Memory per training step, r={b0['r']}",
+        "",
+    ]
+    headers, rows = memory_rows(b0)
+    out += [tabulate(rows, headers=headers, tablefmt="github"), "", "GiB = 2^30 bytes. `*` = the method your flags describe.", ""]
+    if len(data["budgets"]) > 1:
+        headers, rows = sweep_rows(data)
+        out += ["### Rank sweep", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
+    headers, rows = verdict_rows(data)
+    out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
+    out += [line.strip() for line in _headroom_lines(data)]
+    c = data["constants"]
+    out += [
+        "",
+        "<details><summary>Assumptions</summary>",
+        "",
+        "- Base weights, quantization constants and adapter weights are exact (bitsandbytes QuantState, "
+        "peft fp32 adapters, fp32 upcast by `prepare_model_for_kbit_training`); optimizer states are exact for "
+        "torch AdamW / bitsandbytes 8-bit AdamW.",
+        "- Full bf16 uses the ZeRO mixed-precision convention: bf16 weights and gradients, fp32 master weights "
+        "counted with the optimizer states.",
+        "- Activations and logits are a model of the tensors autograd saves (per-layer inventory after Korthikanti "
+        "et al. 2022), not a measurement.",
+        f"- Runtime overhead: {format_bytes(c['cuda_context_bytes'])} CUDA context + "
+        f"{100 * c['allocator_fragmentation']:.0f}% allocator fragmentation.",
+        "- GPU usable memory is the total `nvidia-smi` reports (vendor GB are binary GiB, minus ECC/driver reserve).",
+        "",
+        "</details>",
+    ]
+    return "\n".join(out) + "\n"
