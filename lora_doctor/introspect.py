@@ -309,18 +309,21 @@ def _is_attention(path: str) -> bool:
 
 
 def _role_names(shape: ModelShape, paths_by_name: dict[str, list[str]], role_paths: set[str]) -> list[str]:
-    """Leaf names covering exactly `role_paths`; a name shared with other roles (GPT-2 c_proj) gets its parent."""
-    names = []
+    """Leaf names covering exactly `role_paths`, in model order; a name shared with another role (GPT-2's
+    attn.c_proj / mlp.c_proj) is qualified by its parent module."""
+    group_index = {p: i for i, g in enumerate(shape.leaves) for p in g.paths}
+    named: dict[str, int] = {}  # name -> index of the first leaf group it covers
     for name, paths in paths_by_name.items():
         mine = [p for p in paths if p in role_paths]
         if not mine:
             continue
         if len(mine) == len(paths):
-            names.append(name)
+            named[name] = min(group_index[p] for p in mine)
         else:
-            for parent in dict.fromkeys(p.split(".")[-2] for p in mine):
-                names.append(f"{parent}.{name}")
-    return names
+            for p in mine:
+                qualified = f"{p.split('.')[-2]}.{name}"
+                named[qualified] = min(named.get(qualified, group_index[p]), group_index[p])
+    return sorted(named, key=named.__getitem__)
 
 
 def preset_targets(shape: ModelShape) -> dict[str, tuple[str, ...]]:

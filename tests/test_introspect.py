@@ -130,6 +130,7 @@ CASES = [
     ("gpt2", "all-linear", dict(target_modules="all-linear")),   # Conv1D
     ("gpt2", "attn", dict(target_modules=["c_attn", "attn.c_proj"])),
     ("gpt2", "mlp", dict(target_modules=["c_fc", "mlp.c_proj"])),
+    ("gpt2", "c_proj", dict(target_modules=["c_proj"])),         # one name, two shapes (attn and mlp)
     ("phi3", "all-linear", dict(target_modules="all-linear")),   # fused qkv_proj / gate_up_proj
     ("phi3", "qv", dict(target_modules=["qkv_proj"])),
     ("falcon", "all-linear", dict(target_modules="all-linear")),  # fused query_key_value, FalconLinear
@@ -294,7 +295,7 @@ EXPECTED_PRESETS = {
     "qwen2": dict(qv=("q_proj", "v_proj"), attn=("q_proj", "k_proj", "v_proj", "o_proj"),
                   mlp=("gate_proj", "up_proj", "down_proj")),
     "phi3": dict(qv=("qkv_proj",), attn=("o_proj", "qkv_proj"), mlp=("gate_up_proj", "down_proj")),
-    "gpt2": dict(qv=("c_attn",), attn=("c_attn", "attn.c_proj"), mlp=("mlp.c_proj", "c_fc")),
+    "gpt2": dict(qv=("c_attn",), attn=("c_attn", "attn.c_proj"), mlp=("c_fc", "mlp.c_proj")),
     "falcon": dict(qv=("query_key_value",), attn=("query_key_value", "dense"), mlp=("dense_h_to_4h", "dense_4h_to_h")),
     "opt-125m": dict(qv=("v_proj", "q_proj"), attn=("k_proj", "v_proj", "q_proj", "out_proj"), mlp=("fc1", "fc2")),
     "mixtral": dict(qv=("q_proj", "v_proj"), attn=("q_proj", "k_proj", "v_proj", "o_proj"),

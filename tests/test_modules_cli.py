@@ -39,7 +39,7 @@ def test_json_is_clean_stdout_with_every_figure():
     c_proj = [(g["in_features"], g["out_features"]) for g in data["leaves"] if g["name"] == "c_proj"]
     assert c_proj == [(768, 768), (3072, 768)]
     assert {g["kind"] for g in data["leaves"]} == {"Conv1D", "Linear"}
-    assert data["presets"] == {"qv": ["c_attn"], "attn": ["c_attn", "attn.c_proj"], "mlp": ["mlp.c_proj", "c_fc"],
+    assert data["presets"] == {"qv": ["c_attn"], "attn": ["c_attn", "attn.c_proj"], "mlp": ["c_fc", "mlp.c_proj"],
                                "all-linear": ["c_attn", "c_proj", "c_fc"]}
 
 
