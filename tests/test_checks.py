@@ -26,8 +26,11 @@ Q = "model.layers.0.self_attn.q_proj"
 
 @pytest.fixture()
 def healthy(shapes) -> CheckContext:
+    return healthy_context(shapes["llama"])
+
+
+def healthy_context(shape) -> CheckContext:
     """Every fact a check reads, all of them healthy: a bf16 QLoRA run on an A100."""
-    shape = shapes["llama"]
     return CheckContext(
         model_id="tiny-llama", targets="all-linear", lora_r=8, lora_alpha=16, use_rslora=False, lr=2e-4,
         precision="bf16", quant_mode="nf4", compute_dtype="bf16", merge=False, gradient_checkpointing=True,

@@ -43,8 +43,8 @@ def check_adapter_gradients(ctx: CheckContext) -> list[Finding]:
             every = len(still) == len(ctx.weight_deltas)
             findings.append(Finding(
                 Severity.ERROR if every else Severity.WARNING, "adapter-unchanged",
-                f"Adapter weights did not change during the probe in {'every module' if every else f'{len(still)} of {len(ctx.weight_deltas)} modules'}: "
-                f"{_names(still)}.",
+                f"Adapter weights did not change during the probe in "
+                f"{'every module' if every else f'{len(still)} of {len(ctx.weight_deltas)} modules'}: {_names(still)}.",
                 "Check the optimizer receives model.parameters() after get_peft_model, that lr > 0, and that "
                 "gradients are not all zero (see adapter-no-grad).",
             ))

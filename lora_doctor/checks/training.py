@@ -53,7 +53,7 @@ def check_merge_into_4bit(ctx: CheckContext) -> list[Finding]:
         )]
     return [Finding(
         Severity.ERROR, "merge-into-4bit",
-        f"Merge requested into a {ctx.quant_mode} (4-bit) base: merge_and_unload() dequantizes, adds the delta and "
+        f"Merge requested into a 4-bit ({ctx.quant_mode}) base: merge_and_unload() dequantizes, adds the delta and "
         "re-quantizes, so the rounding error loses part of the adapter (peft warns 'Merge lora module to 4-bit "
         "linear may get different generations due to rounding errors').",
         "Reload the base in bf16 (no quantization_config), PeftModel.from_pretrained(base, adapter_dir), then "
@@ -135,7 +135,8 @@ def check_lr_and_scaling(ctx: CheckContext) -> list[Finding]:
             findings.append(Finding(
                 Severity.WARNING, "alpha-r-unusual",
                 f"lora_alpha={alpha:g} with r={r} scales the update by {kind} = {scale:.3g}, outside the usual "
-                f"{ALPHA_OVER_R_RANGE[0]:g}..{ALPHA_OVER_R_RANGE[1]:g}: it acts like a {scale:.3g}x change of lr.",
+                f"{ALPHA_OVER_R_RANGE[0]:g}..{ALPHA_OVER_R_RANGE[1]:g}: the adapter's output is {scale:.3g}x that "
+                f"of alpha = r, roughly a {scale:.3g}x change of learning rate.",
                 f"Use --alpha {2 * r} (alpha = 2r) or --alpha {r}; compensate with lr if deliberate.",
             ))
     return findings
