@@ -331,3 +331,35 @@ def test_context_from_probe_result():
     found = {f.code: f for f in run_checks(ctx)}
     assert "model.layers.1.self_attn.q_proj" in found["adapter-no-grad"].message
     assert found["adapter-unchanged"].severity is Severity.WARNING  # one of two modules
+
+
+def test_real_training_steps_with_a_detached_adapter():
+    """A real LoRA run where one adapted module's output is cut off the graph: its adapter gets no gradient."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_doctor.measure import GradFlowRecorder
+    from lora_doctor.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(build_tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    dead = model.base_model.model.model.layers[1].self_attn.v_proj
+    dead.register_forward_hook(lambda module, args, out: out.detach())
+    recorder = GradFlowRecorder(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(4, 500, (2, 16))
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        recorder.record()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    flow = recorder.finish()
+    ctx = build_context(probe={"losses": losses, "grad_flow": flow}, model=model)
+    found = {f.code: f for f in run_checks(ctx)}
+    assert "model.layers.1.self_attn.v_proj" in found["adapter-no-grad"].message
+    assert "1 of 4" in found["adapter-no-grad"].message
+    assert found["adapter-unchanged"].severity is Severity.WARNING
+    assert not {"loss-not-finite", "loss-zero"} & set(found)
