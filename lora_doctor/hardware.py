@@ -78,7 +78,7 @@ def lookup_gpu(spec: str) -> GPU:
     """
     text = str(spec).strip()
     size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gib|gb|g)?", text.lower())
-    if size:
+    if size and _norm(text) not in _ALIASES:  # '4090' is a card, '24' a size
         gib = float(size.group(1))
         if gib <= 0:
             raise LoraDoctorError(f"--gpu size must be positive, got {spec!r}.", "Try: --gpu 24 (GiB) or --gpu 'RTX 4090'")

@@ -1,0 +1,197 @@
+"""`lora-doctor plan` through click's CliRunner, on configs shipped in the package (no network)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_doctor.budget import TERMS, memory_budget, method_budget
+from lora_doctor.cli import cli
+from lora_doctor.hardware import GPUS, TIGHT_FRACTION, detect_local_gpu, headroom, lookup_gpu, verdict_status
+from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
+
+MISTRAL = "mistralai/Mistral-7B-v0.1"
+
+
+def plan(*args):
+    return CliRunner().invoke(cli, ["plan", *args])
+
+
+@pytest.fixture(scope="module")
+def mistral_json():
+    result = plan(MISTRAL, "--r", "4,16", "--target", "q_proj,k_proj,v_proj,o_proj", "--gpu", "RTX 4090", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_terminal_output_has_every_section():
+    result = plan(MISTRAL, "--r", "4", "--target", "q_proj,k_proj,v_proj,o_proj", "--gpu", "rtx-4090")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    # peft's own line, for the figure the issue quotes (base 7,241,732,096 + 3,407,872 adapters)
+    assert "trainable params: 3,407,872 || all params: 7,245,139,968 || trainable%: 0.0470" in out
+    assert "source: shipped config" in out
+    assert "q_proj, k_proj, v_proj, o_proj" in out
+    for label in ("base weights", "quantization constants", "adapter weights", "gradients", "optimizer states",
+                  "activations", "logits / loss buffers", "runtime overhead", "total"):
+        assert label in out
+    for column in ("full fp32", "full bf16 mixed", "LoRA bf16", "QLoRA nf4", "QLoRA nf4+DQ *"):
+        assert column in out
+    for gpu in GPUS:
+        assert gpu.name in out
+    assert "RTX 4090 (chosen)" in out
+    assert "Largest batch at seq 2048:" in out and "Largest seq_len at batch 1:" in out
+    assert "GiB" in out and " GB " not in out
+
+
+def test_json_has_every_figure_as_integer_bytes(mistral_json):
+    data = mistral_json
+    assert [c["r"] for c in data["trainable"]] == [4, 16]
+    assert data["trainable"][0]["trainable_params"] == 3_407_872
+    assert data["trainable"][1]["trainable_params"] == 4 * 3_407_872
+    assert data["targets"]["resolved"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    for b in data["budgets"]:
+        assert [m["key"] for m in b["methods"]] == ["full-fp32", "full-bf16", "lora-bf16", "qlora-nf4", "qlora-nf4-dq"]
+        for m in b["methods"]:
+            for field, _ in TERMS:
+                assert isinstance(m[field], int) and m[field] >= 0
+            assert m["total_bytes"] == sum(m[f] for f, _ in TERMS)
+        assert b["headroom"]["gpu"] == "RTX 4090"
+    # adapters grow with r, the base does not
+    a, b = (next(m for m in bb["methods"] if m["key"] == "qlora-nf4-dq") for bb in data["budgets"])
+    assert b["adapter_weights_bytes"] == 4 * a["adapter_weights_bytes"] == 4 * 4 * 3_407_872  # fp32, r 4 -> 16
+    assert b["base_weights_bytes"] == a["base_weights_bytes"]
+    assert data["gpu"]["usable_bytes"] == lookup_gpu("RTX 4090").usable_bytes
+    assert {g["name"] for g in data["gpus"]} == {g.name for g in GPUS}
+
+
+def test_json_matches_the_library(mistral_json):
+    from lora_doctor.introspect import load_shape
+
+    shape, _ = load_shape(MISTRAL)
+    targets = tuple(mistral_json["targets"]["resolved"])
+    lib = memory_budget(shape, LoraSpec(r=4, targets=targets), QuantSpec(), TrainSpec(), targets)
+    assert mistral_json["budgets"][0]["methods"] == [m.to_dict() for m in lib.methods]
+
+
+def test_markdown_default_path_and_content():
+    runner = CliRunner()
+    with runner.isolated_filesystem():
+        result = runner.invoke(cli, ["plan", "gpt2", "--r", "8", "--markdown"])
+        assert result.exit_code == 0, result.output
+        path = Path("reports/plan-gpt2-r8.md")
+        assert path.exists()
+        text = path.read_text()
+    assert text.startswith("## lora-doctor plan: `gpt2`")
+    assert "| term " in text and "|---" in text
+    assert "trainable params:" in text and "<details>" in text
+    assert "Markdown report written to reports/plan-gpt2-r8.md" in result.stderr
+
+
+def test_markdown_explicit_path_and_json_on_stdout(tmp_path):
+    out = tmp_path / "sub" / "plan.md"
+    result = plan("gpt2", "--markdown", str(out), "--json", "--quant", "none", "--gpu", "24")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout stays pure JSON; the note goes to stderr
+    assert data["budgets"][0]["primary"] == "lora-bf16"
+    assert data["gpu"]["name"] == "24 GiB"
+    assert out.read_text().startswith("## lora-doctor plan")
+
+
+def test_conv1d_tied_model_counts_and_sweep():
+    result = plan("gpt2", "--r", "4,8,16,64", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    # GPT-2 small: c_attn 768->2304, attn c_proj 768->768, c_fc 768->3072, mlp c_proj 3072->768, 12 layers
+    per_r = 12 * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768))
+    assert [c["trainable_params"] for c in data["trainable"]] == [r * per_r for r in (4, 8, 16, 64)]
+    assert data["model"]["total_params"] == 124_439_808  # wte tied with lm_head, counted once
+    assert len(data["budgets"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["gpt2", "--r", "0"], "--r must be a positive integer"),
+        (["gpt2", "--r", "-4"], "--r must be a positive integer"),
+        (["gpt2", "--r", "8,abc"], "comma-separated"),
+        (["gpt2", "--r", "1.5"], "comma-separated"),
+        (["gpt2", "--seq-len", "0"], "--seq-len must be a positive integer"),
+        (["gpt2", "--batch", "0"], "--batch must be a positive integer"),
+        (["gpt2", "--gpu", "V100"], "Unknown GPU 'V100'"),
+        (["gpt2", "--gpu", "a100"], "ambiguous"),
+        (["gpt2", "--gpu", "0"], "--gpu size must be positive"),
+        (["gpt2", "--target", "all-linears"], "Unknown preset"),
+        (["microsoft/Phi-3-mini-4k-instruct", "--target", "q_proj"], "qkv_proj"),
+        (["no-such-org/no-such-model"], "no-such-org/no-such-model"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needle):
+    result = plan(*args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_click_type_errors_exit_2():
+    result = plan("gpt2", "--seq-len", "abc")
+    assert result.exit_code == 2
+    result = plan("gpt2", "--optim", "adam")
+    assert result.exit_code == 2
+
+
+# -- hardware ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_lookup_is_case_and_space_tolerant():
+    assert lookup_gpu("rtx 4090").name == lookup_gpu("RTX-4090").name == lookup_gpu("4090").name == "RTX 4090"
+    assert lookup_gpu("a100 80gb").name == lookup_gpu("A100-80GB").name == "A100 80GB"
+    assert lookup_gpu("h100").name == "H100 80GB"
+    assert lookup_gpu("24").usable_bytes == 24 * 1024**3
+    assert lookup_gpu("40.5 GiB").usable_bytes == int(40.5 * 1024**3)
+    # nvidia-smi totals: binary GiB minus ECC reserve, never above the marketed binary size
+    for g in GPUS:
+        assert g.usable_bytes <= g.marketed_gb * 1024**3
+        assert g.usable_bytes > 0.9 * g.marketed_gb * 1024**3
+
+
+def test_detect_local_gpu_is_none_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert detect_local_gpu() is None
+
+
+def test_verdict_thresholds():
+    usable = 1000
+    assert verdict_status(int(TIGHT_FRACTION * usable), usable) == "fits"
+    assert verdict_status(int(TIGHT_FRACTION * usable) + 1, usable) == "tight"
+    assert verdict_status(usable, usable) == "tight"
+    assert verdict_status(usable + 1, usable) == "does not fit"
+
+
+def test_headroom_is_the_boundary():
+    from lora_doctor.introspect import load_shape, resolve_targets
+
+    shape, _ = load_shape(MISTRAL)
+    targets = resolve_targets(shape, "all-linear")
+    lora, quant, train = LoraSpec(r=16), QuantSpec(), TrainSpec(seq_len=2048, batch=1)
+    b = memory_budget(shape, lora, quant, train, targets)
+    gpu = lookup_gpu("RTX 4090")
+    h = headroom(b, shape, gpu)
+
+    def total(batch, seq):
+        return method_budget(b.primary, shape, lora, quant, replace(train, batch=batch, seq_len=seq), targets).total_bytes
+
+    assert total(h.max_batch, 2048) <= gpu.usable_bytes < total(h.max_batch + 1, 2048)
+    assert total(1, h.max_seq_len) <= gpu.usable_bytes < total(1, h.max_seq_len + 1)
+    # a card too small for the static terms: nothing fits
+    tiny = lookup_gpu("2")
+    none = headroom(b, shape, tiny)
+    assert none.max_batch is None and none.max_seq_len is None and none.verdict == "does not fit"
