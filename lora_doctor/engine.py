@@ -478,7 +478,7 @@ class Engine:
 
         if not self.data.eval:
             raise LoraDoctorError("No evaluation data.", "Set data.eval_path or data.eval_fraction: 0.1")
-        self.model.eval()
+        self._eval_mode()
         b = self.cfg.train.batch
         batches = [self.data.eval[i:i + b] for i in range(0, len(self.data.eval), b)]
         batches = batches[self.rank::self.world_size]
@@ -494,6 +494,23 @@ class Engine:
         self.model.train()
         total, count = self._all_reduce_sum([total, float(count)])
         return total / count if count else float("nan")
+
+    def _eval_mode(self) -> None:
+        """model.eval(), except bitsandbytes 4-bit layers on CPU stay in train mode.
+
+        bitsandbytes' Linear4bit.forward on CPU, in eval mode under no_grad, repacks its weight in place
+        into a CPU-only layout (`_convert_weight_packed_for_cpu`); training afterwards runs through that
+        layout (its gemv has no autograd kernel) and the loss drifts from an un-evaluated run. Linear4bit
+        has no dropout, so train mode changes nothing else for it.
+        """
+        self.model.eval()
+        if self.device != "cpu" or self.cfg.quant.mode is None:
+            return
+        import bitsandbytes as bnb
+
+        for m in self.model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.training = True
 
     # --- results -------------------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""`train`: outputs, resume == uninterrupted, atomic checkpoints, merge, signals, CLI."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from lora_doctor.cli import cli
+from lora_doctor.commands.train import StopFlag, train
+from lora_doctor.engine import Engine
+from lora_doctor.errors import LoraDoctorError
+from lora_doctor.runconfig import from_dict
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
+    rows = [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(12)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+def qlora_cfg(model_dir, data_path, out_dir, **dotted):
+    """QLoRA as people run it (nf4, paged AdamW 8-bit, checkpointing) with dropout on, so RNG state matters."""
+    raw = {"model": str(model_dir), "lora": {"r": 4, "dropout": 0.1},
+           "data": {"path": str(data_path), "max_length": 32, "eval_fraction": 0.2},
+           "train": {"batch": 4, "max_steps": STEPS, "lr": 1e-2, "scheduler": "cosine", "warmup_steps": 2,
+                     "eval_every": 3},
+           "output": {"dir": str(out_dir), "reports_dir": str(out_dir / "reports"), "plot": True}}
+    return from_dict(raw).replace(**dotted)
+
+
+class StopAfter:
+    """should_stop() that turns true after n polls (one poll per step)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.calls > self.n
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_llama_dir, data_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    engine, result, outputs = train(qlora_cfg(tiny_llama_dir, data_path, out))
+    return engine, result, outputs, out
+
+
+def test_train_writes_every_output(full_run):
+    from peft import PeftConfig
+
+    engine, result, outputs, out = full_run
+    assert len(result.steps) == STEPS and result.stopped_early is None
+    assert [s for s, _ in result.eval_losses] == [3, 6]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert PeftConfig.from_pretrained(str(out / "adapter")).r == 4
+    lines = (out / "loss_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, STEPS + 1))
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "train_result.json").read_text())
+    assert saved["kind"] == "train" and len(saved["steps"]) == STEPS
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", f"step-{STEPS:06d}"]
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_resume_equals_uninterrupted(full_run, tiny_llama_dir, data_path, tmp_path):
+    _, want, _, want_dir = full_run
+    cfg = qlora_cfg(tiny_llama_dir, data_path, tmp_path)
+    _, first, _ = train(cfg, should_stop=StopAfter(3))
+    assert first.stopped_early == "signal" and len(first.steps) == 3
+    assert (tmp_path / "checkpoints" / "step-000003").is_dir()
+    assert not (tmp_path / "adapter").exists()  # no final adapter from an interrupted run
+    _, got, _ = train(cfg, resume=True)
+    torch.testing.assert_close([s.loss for s in got.steps], [s.loss for s in want.steps])
+    torch.testing.assert_close([s.lr for s in got.steps], [s.lr for s in want.steps])
+    torch.testing.assert_close(list(got.eval_losses), list(want.eval_losses))
+    a = load_file(str(want_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)
+
+
+def test_merge_reloads_a_16bit_base(full_run, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_doctor.engine import merge_adapter
+
+    engine, _, outputs, _ = full_run
+    cfg = engine.cfg.replace(**{"output.merge_dtype": "fp32"})
+    merged_dir = merge_adapter(cfg, outputs["adapter"], tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    unmerged = PeftModel.from_pretrained(base, outputs["adapter"]).eval()
+    ids = torch.tensor([engine.data.train[0].input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_is_atomic(full_run, tmp_path, monkeypatch):
+    engine = full_run[0]
+    root = tmp_path / "ckpts"
+    first = engine.save_checkpoint(root)
+    engine.step += 1  # pretend one more step happened
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        engine.save_checkpoint(root)
+    engine.step -= 1
+    assert sorted(p.name for p in root.iterdir()) == ["latest", first.name]
+    assert (root / "latest").read_text().strip() == first.name
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_llama_dir, data_path, tmp_path):
+    with pytest.raises(LoraDoctorError, match="No checkpoint to resume"):
+        train(qlora_cfg(tiny_llama_dir, data_path, tmp_path, **{"quant.mode": None, "train.optim": "adamw"}),
+              resume=True)
+
+
+def test_stop_flag_catches_sigterm():
+    with StopFlag() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() and stop.reason == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is not stop._handler
+
+
+@pytest.mark.slow
+def test_cli_sigterm_checkpoint_then_resume(tiny_gpt2_dir, data_path, tmp_path, monkeypatch):
+    """End to end through the CLI: SIGTERM mid-run -> exit 130 with a checkpoint; --resume finishes."""
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(f"""
+model: {tiny_gpt2_dir}
+quant: {{mode: none}}
+lora: {{r: 4, targets: c_attn}}
+data: {{path: {data_path}, max_length: 32}}
+train: {{batch: 4, max_steps: 4, lr: 1.0e-2, optim: adamw, precision: fp32, grad_ckpt: false}}
+output: {{dir: {tmp_path / 'run'}, reports_dir: {tmp_path / 'reports'}, plot: false}}
+""")
+    original = Engine._one_step
+
+    def one_step_then_term(self):
+        rec = original(self)
+        if rec.step == 2 and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+
+    monkeypatch.setattr(Engine, "_one_step", one_step_then_term)
+    r = CliRunner().invoke(cli, ["train", str(cfg_path), "--no-report"])
+    assert r.exit_code == 130, r.output
+    assert "--resume" in r.output and (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()
+    monkeypatch.setattr(Engine, "_one_step", original)
+    r = CliRunner().invoke(cli, ["train", str(cfg_path), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "adapter:" in r.output and "over 4 steps" in r.output
+    assert list((tmp_path / "reports").glob("train-*.md"))
+    assert len((tmp_path / "run" / "loss_log.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = CliRunner().invoke(cli, ["train", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"),
+                                 "--lr", "-1"])
+    assert r.exit_code == 2 and "--lr must be" in r.output
+    assert Path  # noqa: B018
