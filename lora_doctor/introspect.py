@@ -124,7 +124,7 @@ def _conv1d_class():
 
 
 def _modules_not_quantized(model) -> list[str]:
-    """The names transformers' bnb 4-bit quantizer keeps in 16 bit (quantizer_bnb_4bit._process_model_before_weight_loading)."""
+    """Names transformers' bnb 4-bit quantizer keeps in 16 bit (quantizer_bnb_4bit, before weight loading)."""
     from transformers.quantizers.base import HfQuantizer
 
     if not hasattr(model, "all_tied_weights_keys"):
@@ -156,13 +156,6 @@ def _cfg(config, *names, default=None):
         if value is not None:
             return value
     return default
-
-
-def _unique_numel(params) -> int:
-    seen: dict[int, int] = {}
-    for p in params:
-        seen.setdefault(id(p), p.numel())
-    return sum(seen.values())
 
 
 def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> ModelShape:
@@ -225,7 +218,7 @@ def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> Mode
             continue
         for p_name, p in module.named_parameters(recurse=False):
             path = f"{mod_name}.{p_name}"
-            in_all_linear = _matches([path], *all_linear_params) if all_linear_params else False
+            in_all_linear = _matches([path], *all_linear_params)
             if p.ndim == 3:
                 # peft's ParamWrapper: (E, in, out) if the module says is_transposed, else (E, out, in).
                 if getattr(module, "is_transposed", False):
@@ -363,7 +356,7 @@ def _suggest_preset(name: str) -> str:
 def _no_match_error(shape: ModelShape, name: str) -> LoraDoctorError:
     leaves = ", ".join(dict.fromkeys(g.name for g in shape.leaves if g.default_target))
     if shape.param_groups:
-        leaves += "; expert tensors: " + ", ".join(g.name for g in shape.param_groups)
+        leaves += "; parameter targets: " + ", ".join(g.name for g in shape.param_groups)
     if "-" in name or difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.6):
         return LoraDoctorError(
             f"Unknown preset {name!r}.",

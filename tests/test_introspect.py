@@ -248,7 +248,7 @@ def test_falcon_shape_numbers():
 
 
 def test_mixtral_experts_are_fused_parameters():
-    """transformers 5: experts are (E, 2I, H) and (E, H, I) Parameters, not Linear modules; router is a bare Parameter."""
+    """transformers 5: experts are (E, 2I, H) and (E, H, I) Parameters, not Linear; the router is a bare Parameter."""
     _, shape = meta_and_shape("mixtral-8x7b")
     assert {g.name for g in shape.leaves} == {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"}
     groups = {g.name: (g.num_experts, g.in_features, g.out_features, g.count, g.all_linear, g.rank_multiplier)
@@ -285,6 +285,38 @@ def test_quantizable_matches_a_real_nf4_load(arch, tmp_path):
     assert {p for g in shape.leaves if g.quantizable for p in g.paths} == really
     if arch == "falcon":
         assert really == set()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_meta_counts_equal_peft_on_the_real_nf4_model(arch, tmp_path):
+    """What the user's own print_trainable_parameters() says after nf4 load + prepare_model_for_kbit_training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_doctor.tiny import save_tiny_model
+
+    save_tiny_model(tmp_path, arch)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+    )
+    quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+    meta = build_meta_model(quantized.config)
+    shape = model_shape(meta, quantized.config, model_id=arch, source="test")
+    lora = LoraSpec(r=8, dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = get_peft_model(quantized, lora_config(shape, lora, "all-linear")).get_nb_trainable_parameters()
+    (ours,) = trainable_counts(meta, lora, "all-linear", shape=shape)
+    assert (ours.trainable, ours.all_params) == real
+
+
+def test_transformers_4_mixtral_names_point_at_the_fused_parameters():
+    _, shape = meta_and_shape("mixtral")
+    with pytest.raises(LoraDoctorError, match="matches target 'w1'") as e:
+        resolve_targets(shape, "q_proj,w1,w2,w3")
+    assert "parameter targets: gate.weight, experts.gate_up_proj, experts.down_proj" in e.value.hint
+    assert e.value.hint.endswith("--target mlp")
 
 
 # -- presets and targets --------------------------------------------------------------------------------------
