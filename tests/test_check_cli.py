@@ -102,6 +102,10 @@ def test_markdown_report_and_redaction(config_path, tmp_path, monkeypatch):
     assert res.exit_code == 0
     (written,) = (tmp_path / "reports").glob("check-*.md")
     assert "✓ healthy" in written.read_text()
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    assert invoke(config_path, "--markdown", folder).exit_code == 0
+    assert len(list(folder.glob("check-*.md"))) == 1
 
 
 def test_json_round_trips_through_report(config_path, tmp_path):

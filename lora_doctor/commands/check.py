@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
@@ -206,7 +207,10 @@ def command(config, merge, gpu, as_json, markdown, **params):
     env = collect_environment()
     result, findings = static_result(cfg, facts, env)
     if markdown is not None:
-        path = markdown or default_report_path("check", cfg.model, ".md", cfg.output.reports_dir)
+        if markdown and not Path(markdown).is_dir():
+            path = Path(markdown)
+        else:  # no PATH, or a folder: a timestamped name inside it
+            path = default_report_path("check", cfg.model, ".md", markdown or cfg.output.reports_dir)
         (written,) = write_result(result, markdown_path=path)
         _note(f"wrote {written}")
     if as_json:
