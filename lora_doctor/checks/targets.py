@@ -20,6 +20,15 @@ FUSED_LAYOUT = {
 }
 """Leaves that compute several projections in one matmul; one adapter on them is shared by all."""
 _ATTN_ROLES = {"q", "k", "v", "o"}
+_ROLE = {
+    **dict.fromkeys(("q_proj", "q", "query", "wq", "q_lin"), "q"),
+    **dict.fromkeys(("k_proj", "k", "key", "wk", "k_lin"), "k"),
+    **dict.fromkeys(("v_proj", "v", "value", "wv", "v_lin"), "v"),
+    **dict.fromkeys(("o_proj", "out_proj", "wo", "out_lin", "dense"), "o"),
+    **dict.fromkeys(("gate_proj", "w1", "up_proj", "w3", "down_proj", "w2", "fc1", "fc2", "c_fc",
+                     "dense_h_to_4h", "dense_4h_to_h", "gate_up_proj"), "mlp"),
+}
+"""Leaf name -> the projection it computes, to pick the preset the user meant."""
 
 
 def _coverage(ctx: CheckContext):
@@ -41,14 +50,14 @@ def _targetable(ctx: CheckContext) -> str:
 
 def _suggest(ctx: CheckContext, unmatched) -> str:
     """The preset matching what the user meant, and what it resolves to on this model."""
-    from ..introspect import _ROLE_OF_NAME, preset_targets
+    from ..introspect import preset_targets
 
-    roles = {_ROLE_OF_NAME.get(n.rsplit(".", 1)[-1]) for n in unmatched}
+    roles = {_ROLE.get(n.rsplit(".", 1)[-1]) for n in unmatched}
     if roles <= {"q", "v"}:
         preset = "qv"
     elif roles <= _ATTN_ROLES:
         preset = "attn"
-    elif roles <= {"gate", "up", "down"}:
+    elif roles <= {"mlp"}:
         preset = "mlp"
     else:
         preset = "all-linear"
