@@ -100,6 +100,7 @@ PLANTED = {
     "14-left": ("left-padding", "warning", dict(padding_side="left")),
     "15-vocab": ("vocab-mismatch", "error", dict(vocab_len=600)),
     "15-new-tokens": ("new-tokens-untrained", "warning", dict(vocab_len=600, resize_embeddings=True)),
+    "15-untrained-rows": ("untrained-token-embeddings", "warning", dict(untrained_label_tokens={2: 0.0})),
     "16-mixed": ("mixed-formats", "warning", dict(formats={"instruction+output": 900, "text": 100})),
     "16-empty": ("empty-fields", "warning", dict(empty_fields={"output": 3})),
     "17-bnb-missing": ("bnb-missing", "error", dict(bnb_installed=False)),
@@ -363,3 +364,22 @@ def test_real_training_steps_with_a_detached_adapter():
     assert "1 of 4" in found["adapter-no-grad"].message
     assert found["adapter-unchanged"].severity is Severity.WARNING
     assert not {"loss-not-finite", "loss-zero"} & set(found)
+
+
+def test_untrained_label_token_embeddings_found_in_real_weights(tiny_tokenizer):
+    import torch
+
+    from lora_doctor.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    labels = [[-100, 40, 41, 2], [-100, 50, 2]]
+    ctx = build_context(model=model, tokenizer=tiny_tokenizer, labels=labels)
+    assert ctx.untrained_label_tokens == {}
+    assert "untrained-token-embeddings" not in codes(run_checks(ctx))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[2].zero_()  # EOS never trained, as Llama-3 base's <|eot_id|>
+    ctx = build_context(model=model, tokenizer=tiny_tokenizer, labels=labels)
+    assert list(ctx.untrained_label_tokens) == [2]
+    (f,) = [f for f in run_checks(ctx) if f.code == "untrained-token-embeddings"]
+    assert "id 2" in f.message and "trainable_token_indices=[2]" in f.hint
+    assert "untrained-token-embeddings" not in codes(run_checks(ctx.replace(trainable_token_indices=[2])))

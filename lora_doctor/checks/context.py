@@ -61,6 +61,9 @@ class CheckContext:
     """Leaf names peft actually wraps with LoRA."""
     trainable_dtypes: tuple[str, ...] | None = None
     """Distinct dtypes of parameters with requires_grad, e.g. ('torch.float32',)."""
+    untrained_label_tokens: dict[int, float] | None = None
+    """Token ids that appear as labels but whose input-embedding row norm is a tiny fraction of the
+    median row's (read off real weights): the base model never trained them."""
     input_embedding_name: str | None = None
     output_embedding_name: str | None = None
 
@@ -348,6 +351,34 @@ def context_from_model(model: Any) -> dict:
     return out
 
 
+UNTRAINED_NORM_FRACTION = 0.01
+"""An embedding row below 1% of the median row norm was never trained: initialisers and training give
+rows of similar norm, while reserved tokens of some bases (Llama-3's special tokens) are ~0."""
+
+
+def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[int, float] | None:
+    """{token id: row norm / median row norm} for label tokens whose input embedding looks untrained.
+
+    Needs real weights: None on a meta model, without labels, or without an input embedding.
+    """
+    if model is None or not labels or not hasattr(model, "get_input_embeddings"):
+        return None
+    emb = model.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.is_meta or weight.dim() != 2:
+        return None
+    import torch
+
+    with torch.no_grad():
+        norms = weight.detach().float().norm(dim=-1)
+        median = float(norms.median())
+        if median <= 0:
+            return None
+        ids = sorted({t for seq in labels for t in seq if 0 <= t < norms.numel()})
+        ratios = (norms[ids] / median).tolist() if ids else []
+    return {i: r for i, r in zip(ids, ratios) if r < UNTRAINED_NORM_FRACTION}
+
+
 def build_context(
     *,
     config: Any = None,
@@ -390,6 +421,9 @@ def build_context(
             values["model_dtype"] = _dtype_name(dtype)
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
+        untrained = untrained_label_tokens(model, values["labels"])
+        if untrained is not None:
+            values["untrained_label_tokens"] = untrained
     if trainable_params is not None:
         values["trainable_params"] = int(trainable_params)
     if resolved_targets is not None:

@@ -139,3 +139,27 @@ def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
         f"LoraConfig(modules_to_save=['{emb}', '{out}']) (saves full matrices) or "
         "LoraConfig(trainable_token_indices=[...new ids...]) (trains and saves only those rows).",
     )]
+
+
+@register
+def check_untrained_label_tokens(ctx: CheckContext) -> list[Finding]:
+    """Label tokens whose embeddings the base never trained (e.g. chat-template specials on a base model)."""
+    bad = ctx.untrained_label_tokens
+    if not bad:
+        return []
+    emb, out = _embed_names(ctx)
+    trained = set(ctx.modules_to_save or ()) & {emb, out}
+    indices = ctx.trainable_token_indices
+    covered = set(indices if isinstance(indices, (list, tuple)) else
+                  [i for ids in (indices or {}).values() for i in ids] if isinstance(indices, dict) else [])
+    todo = {i: r for i, r in bad.items() if i not in covered}
+    if not todo or emb in trained:
+        return []
+    shown = ", ".join(f"id {i} ({r:.1e}x the median norm)" for i, r in list(todo.items())[:5])
+    return [Finding(
+        Severity.WARNING, "untrained-token-embeddings",
+        f"{len(todo)} token(s) the model must learn to emit have near-zero input embeddings ({shown}): the base "
+        "never trained them, and LoRA keeps embeddings frozen, so they stay untrained (and can give NaN or garbage).",
+        f"Train those rows: LoraConfig(trainable_token_indices={sorted(todo)[:8]}) (small, saved with the adapter), or "
+        f"modules_to_save=['{emb}', '{out}']; or use a tokenizer whose EOS/template tokens the base was trained on.",
+    )]
