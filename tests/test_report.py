@@ -175,3 +175,14 @@ def test_report_imports_no_torch():
             "r.render_markdown({'schema': r.SCHEMA, 'kind': 'check', 'findings': [], 'config': {'a': 1}}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_collect_environment_on_cuda():
+    import torch
+
+    env = collect_environment()
+    assert env["cuda_available"] and env["gpus"] and env["cuda"] == torch.version.cuda
+    cap = torch.cuda.get_device_capability(0)
+    assert env["cuda_capability"] == [cap[0], cap[1]] and env["bf16_supported"] == (cap >= (8, 0))
+    assert env["bnb_error"] is None  # a working install loads its CUDA library
