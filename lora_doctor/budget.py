@@ -222,9 +222,13 @@ def targeted_groups(shape: ModelShape, targets) -> list[tuple[LeafGroup | ParamG
     Leaves, embeddings (peft lora.Embedding) and fused expert tensors (peft target_parameters) all count.
     """
     names = tuple(targets)
+    bare = set(names) if not any("." in t for t in names) else None
     out = []
     for g in (*shape.leaves, *shape.embeddings, *shape.param_groups):
-        if g.paths:
+        if bare is not None and "." not in g.name:
+            # Every path of a group ends in its leaf name, so a bare target matches all of them or none.
+            n = (len(g.paths) or g.count) if g.name in bare else 0
+        elif g.paths:
             n = sum(1 for p in g.paths if any(_matches((p,), t) for t in names))
         else:
             n = g.count if g.name in names else 0

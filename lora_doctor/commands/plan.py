@@ -74,6 +74,7 @@ def gather_plan(
 
     notes = []
     budgets = []
+    first = None
     for count in counts:
         spec = LoraSpec(r=count.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
                         use_dora=lora.use_dora, use_rslora=lora.use_rslora)
@@ -82,14 +83,12 @@ def gather_plan(
         if ours != count.trainable:
             notes.append(f"r={count.r}: budget arithmetic counts {ours:,} adapter parameters, peft "
                          f"{count.trainable:,}; the memory table uses the arithmetic.")
+        first = first or b
         entry = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
         if chosen is not None:
             entry["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
         budgets.append(entry)
 
-    first = budget_mod.memory_budget(
-        shape, LoraSpec(r=counts[0].r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
-                        use_dora=lora.use_dora), quant, train, targets)
     by_gpu: dict[str, dict] = {}
     for v in hardware.verdicts(first):
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
