@@ -126,6 +126,7 @@ CASES = [
     ("llama", "all-linear", dict(target_modules="all-linear")),
     ("llama", "qv", dict(target_modules=["q_proj", "v_proj"])),
     ("mistral", "attn", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("llama", "embed_tokens,lm_head", dict(target_modules=["embed_tokens", "lm_head"])),  # lora.Embedding too
     ("qwen2", "all-linear", dict(target_modules="all-linear")),  # tied lm_head, q/k/v biases
     ("gpt2", "all-linear", dict(target_modules="all-linear")),   # Conv1D
     ("gpt2", "attn", dict(target_modules=["c_attn", "attn.c_proj"])),
