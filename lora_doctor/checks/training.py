@@ -77,6 +77,8 @@ def check_memory_fit(ctx: CheckContext) -> list[Finding]:
     levers = [lever for lever, already in (("--grad-ckpt", ctx.gradient_checkpointing), ("--quant nf4", ctx.quant_mode),
                                            ("--optim paged-adamw-8bit", ctx.optim != "adamw")) if not already]
     levers.append("a lower --r or a shorter --max-length")
+    if not options and ctx.required_bytes:
+        levers.append(f"a GPU with more than {format_bytes(ctx.required_bytes)} (lora-doctor plan MODEL lists them)")
     fix = (f"Largest that fits on {gpu}: {' or '.join(options)}. " if options else "") + \
         f"{'Other levers' if options else 'Levers'}: {', '.join(levers)}; compare with lora-doctor plan MODEL --gpu NAME."
     if verdict == "does-not-fit":

@@ -48,7 +48,7 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
 
     resolved = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     # Read the checkpoint dtype before the meta build, which may stamp its own dtype on the config.
-    facts.model_dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
+    facts.model_dtype = getattr(resolved.config, "dtype", None)  # transformers 5 maps torch_dtype here
     meta = introspect.build_meta_model(resolved.config, trust_remote_code=cfg.trust_remote_code)
     facts.shape = introspect.model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
     coverage = introspect.partial_coverage(facts.shape, cfg.lora.targets)
