@@ -76,6 +76,7 @@ def test_error_findings_exit_1(config_path):
         assert f"[{code}]" in res.stdout
     assert res.stdout.index("ERROR") < res.stdout.index("WARNING")
     assert "fix before training" in res.stdout
+    assert "the longest example is" in res.stdout
 
 
 def test_target_not_found_on_gpt2_exits_1(tmp_path, tiny_gpt2_dir, data_path):

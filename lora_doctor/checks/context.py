@@ -83,6 +83,8 @@ class CheckContext:
     formats: dict[str, int] | None = None
     """Examples per detected prompt format, e.g. {'alpaca': 980, 'plain': 20}."""
     length_p95: int | None = None
+    longest_tokens: int | None = None
+    """Longest example before truncation, EOS included."""
     labels: list[list[int]] | None = None
     """Label ids of (a sample of) the tokenized examples, -100 where masked."""
 
@@ -222,6 +224,7 @@ def context_from_data_stats(stats: Any, optional_fields: tuple[str, ...] = ("inp
         empty_fields=dict(empty) if isinstance(empty, dict) else None,
         formats=_collapse_formats(formats, optional_fields) if isinstance(formats, dict) else None,
         length_p95=_first(stats, "length_p95", "p95_length", "tokens_p95"),
+        longest_tokens=_first(stats, "longest_tokens", "max_tokens"),
         max_length=_first(stats, "max_length"),
     )
     return {k: v for k, v in out.items() if v is not None}

@@ -20,6 +20,9 @@ def _cap(text: str) -> str:
 def _length_hint(ctx: CheckContext) -> str:
     if ctx.length_p95:
         return f"raise max_length to at least the 95th-percentile length ({ctx.length_p95} tokens)"
+    if ctx.max_length and ctx.longest_tokens and ctx.longest_tokens > ctx.max_length:
+        return f"raise max_length (now {ctx.max_length}; the longest example is {ctx.longest_tokens} tokens: " \
+               f"--max-length {ctx.longest_tokens})"
     if ctx.max_length:
         return f"raise max_length (now {ctx.max_length}; --max-length N)"
     return "raise max_length (--max-length N)"
@@ -37,10 +40,13 @@ def check_all_labels_masked(ctx: CheckContext) -> list[Finding]:
         n = len(ctx.labels)
     if not all_masked:
         return []
+    if ctx.n_truncated is not None and ctx.n_truncated >= n:
+        cause = f"max_length={ctx.max_length} cuts every response away (all {n} examples are truncated)"
+    else:
+        cause = "either the response template was not found in the text, or max_length truncates every response away"
     return [Finding(
         Severity.ERROR, "all-labels-masked",
-        f"Every label of all {n} examples is -100: there is nothing to learn (the loss is NaN or 0). Either the "
-        "response template was not found in the text, or max_length truncates every response away.",
+        f"Every label of all {n} examples is -100: there is nothing to learn (the loss is NaN or 0); {cause}.",
         f"Check that the response marker (e.g. '### Response:') appears verbatim in the data; {_length_hint(ctx)}.",
     )]
 
