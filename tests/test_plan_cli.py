@@ -195,3 +195,16 @@ def test_headroom_is_the_boundary():
     tiny = lookup_gpu("2")
     none = headroom(b, shape, tiny)
     assert none.max_batch is None and none.max_seq_len is None and none.verdict == "does not fit"
+
+
+def test_notes_explain_unquantized_layers_on_stderr():
+    # transformers 5 only swaps exact nn.Linear: Falcon's FalconLinear subclass stays 16-bit, then fp32.
+    result = plan("tiiuae/falcon-7b", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    kinds = {n["kind"] for n in data["notes"]}
+    assert {"linears-not-quantized", "fp32-upcast"} <= kinds
+    assert "stay 16-bit under bitsandbytes" in result.stderr
+    qlora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "qlora-nf4-dq")
+    lora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
+    assert qlora["base_weights_bytes"] > lora["base_weights_bytes"]  # the trap the note explains

@@ -81,14 +81,14 @@ def gather_plan(
         b = budget_mod.memory_budget(shape, spec, quant, train, targets)
         ours = b.primary_method.trainable_params
         if ours != count.trainable:
-            notes.append(f"r={count.r}: budget arithmetic counts {ours:,} adapter parameters, peft "
-                         f"{count.trainable:,}; the memory table uses the arithmetic.")
+            notes.append({"kind": "count-mismatch", "r": count.r, "budget_params": ours, "peft_params": count.trainable})
         first = first or b
         entry = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
         if chosen is not None:
             entry["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
         budgets.append(entry)
 
+    notes += _shape_notes(shape, first)
     by_gpu: dict[str, dict] = {}
     for v in hardware.verdicts(first):
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
@@ -116,6 +116,25 @@ def gather_plan(
                       "tight_fraction": hardware.TIGHT_FRACTION},
         "notes": notes,
     }
+
+
+def _shape_notes(shape, budget) -> list[dict]:
+    """Facts that make QLoRA cost more than people expect, as numbers (report/plan.py words them)."""
+    notes = []
+    unquantized = [g for g in shape.leaves if g.default_target and not g.quantizable]
+    if unquantized:
+        n = sum(g.weight_numel for g in unquantized)
+        notes.append({"kind": "linears-not-quantized", "names": list(dict.fromkeys(g.name for g in unquantized)),
+                      "params": n, "fp32_bytes": 4 * n})
+    if shape.param_groups:
+        n = sum(g.numel for g in shape.param_groups)
+        notes.append({"kind": "experts-not-quantized", "names": [g.name for g in shape.param_groups],
+                      "params": n, "fp32_bytes": 4 * n})
+    qlora = next((m for m in budget.methods if m.fp32_upcast_bytes), None)
+    if qlora is not None:
+        notes.append({"kind": "fp32-upcast", "method": qlora.key, "fp32_bytes": qlora.fp32_upcast_bytes,
+                      "params": qlora.fp32_upcast_bytes // 4})
+    return notes
 
 
 def _headroom_dict(h) -> dict:
@@ -171,7 +190,7 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
       lora-doctor plan Qwen/Qwen2.5-7B --seq-len 4096 --batch 4 --no-grad-ckpt --json | jq '.budgets[0]'
       lora-doctor plan gpt2 --markdown
     """
-    from ..report.plan import render_plan, render_plan_markdown
+    from ..report.plan import render_notes, render_plan, render_plan_markdown
     from ..fileio import write_text_atomic
 
     rank_list = parse_ranks(ranks)
@@ -185,8 +204,8 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(render_plan(data), nl=False)
-    for note in data["notes"]:
-        click.echo(f"note: {note}", err=True)
+    for line in render_notes(data):
+        click.echo(f"note: {line}", err=True)
     if markdown is not None:
         path = default_markdown_path(data) if markdown == _AUTO else Path(markdown)
         write_text_atomic(path, render_plan_markdown(data))

@@ -105,6 +105,29 @@ def _headroom_lines(data: dict) -> list[str]:
     return lines
 
 
+def render_notes(data: dict) -> list[str]:
+    """One sentence per note from gather_plan, numbers included."""
+    out = []
+    for n in data.get("notes", []):
+        kind = n["kind"]
+        if kind == "linears-not-quantized":
+            out.append(f"{', '.join(n['names'])} ({format_count(n['params'])} weights) stay 16-bit under bitsandbytes "
+                       "4-bit (transformers swaps only exact nn.Linear / Conv1D), and prepare_model_for_kbit_training "
+                       f"then upcasts them to fp32: {format_bytes(n['fp32_bytes'])} in the QLoRA columns.")
+        elif kind == "experts-not-quantized":
+            out.append(f"Fused expert tensors {', '.join(n['names'])} ({format_count(n['params'])} params) are bare "
+                       "Parameters bitsandbytes does not quantize; after prepare_model_for_kbit_training they are "
+                       f"fp32: {format_bytes(n['fp32_bytes'])}, which is why QLoRA can cost more than LoRA bf16 here.")
+        elif kind == "fp32-upcast":
+            out.append(f"QLoRA base weights include {format_bytes(n['fp32_bytes'])} of fp32 parameters "
+                       f"({format_count(n['params'])}: embeddings, norms, lm_head, biases, anything not 4-bit) that "
+                       "prepare_model_for_kbit_training upcasts from 16 bit.")
+        elif kind == "count-mismatch":
+            out.append(f"r={n['r']}: budget arithmetic counts {format_count(n['budget_params'])} adapter parameters, "
+                       f"peft {format_count(n['peft_params'])}; the memory table uses the arithmetic.")
+    return out
+
+
 def render_plan(data: dict) -> str:
     """Terminal view."""
     m = data["model"]
@@ -162,6 +185,9 @@ def render_plan_markdown(data: dict) -> str:
     headers, rows = verdict_rows(data)
     out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
     out += [line.strip() for line in _headroom_lines(data)]
+    notes = render_notes(data)
+    if notes:
+        out += ["", "### Notes", ""] + [f"- {line}" for line in notes]
     c = data["constants"]
     out += [
         "",
