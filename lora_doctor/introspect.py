@@ -249,9 +249,14 @@ def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> Mode
     kv_heads = _cfg(tc, "num_key_value_heads", "num_kv_heads", "n_head_kv", default=heads)
     if getattr(tc, "multi_query", False) and not getattr(tc, "new_decoder_architecture", False):
         kv_heads = 1  # Falcon-7B: one shared K/V head
-    extra_keys = ("sliding_window", "max_position_embeddings", "hidden_act", "activation_function",
-                  "parallel_attn", "moe_intermediate_size", "attention_bias", "n_positions")
+    # Config facts the activation model and the doctor read: attention windows per layer (transformers 5
+    # `layer_types`: 'sliding_attention' / 'full_attention'), activation, context length, softcapping (Gemma-2).
+    extra_keys = ("sliding_window", "use_sliding_window", "layer_types", "max_position_embeddings", "n_positions",
+                  "hidden_act", "activation_function", "parallel_attn", "moe_intermediate_size", "attention_bias",
+                  "attn_logit_softcapping", "final_logit_softcapping")
     extra = {k: getattr(tc, k) for k in extra_keys if getattr(tc, k, None) is not None}
+    if "layer_types" in extra:
+        extra["layer_types"] = tuple(extra["layer_types"])
 
     return ModelShape(
         model_id=model_id,

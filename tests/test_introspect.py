@@ -236,6 +236,17 @@ def test_leaf_table_llama_7b():
     assert shape.embedding_params == 32000 * 4096
 
 
+def test_extra_carries_attention_layout():
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=128)
+    shape = model_shape(build_meta_model(config), config, model_id="gemma-2-tiny", source="test")
+    assert shape.extra["layer_types"] == ("sliding_attention", "full_attention") * 2
+    assert shape.extra["sliding_window"] == 128 and shape.extra["attn_logit_softcapping"] == 50.0
+    assert shape.head_dim == 16
+
+
 def test_gpt2_conv1d_groups_are_split_by_shape():
     _, shape = meta_and_shape("gpt2-124m")
     c_proj = sorted((g.in_features, g.out_features) for g in shape.leaves if g.name == "c_proj")

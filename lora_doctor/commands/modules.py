@@ -37,6 +37,7 @@ def gather_modules(model: str, *, trust_remote_code: bool = False) -> dict:
         "vocab_size": shape.vocab_size,
         "num_experts": shape.num_experts,
         "experts_per_token": shape.experts_per_token,
+        "config_facts": dict(shape.extra),
         "leaves": [_group_dict(g) for g in shape.leaves],
         "embeddings": [_group_dict(g) for g in shape.embeddings],
         "parameter_targets": [
