@@ -105,19 +105,25 @@ def detect_local_gpu() -> GPU | None:
     """The first local CUDA device with its total memory, via NVML, else torch.cuda; None without a GPU."""
     try:
         import pynvml  # nvidia-ml-py
-
-        pynvml.nvmlInit()
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
         try:
-            if pynvml.nvmlDeviceGetCount() > 0:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                name = pynvml.nvmlDeviceGetName(handle)
-                name = name.decode() if isinstance(name, bytes) else name
-                total = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-                return GPU(name, None, total, source="detected (NVML)")
+            pynvml.nvmlInit()
+        except pynvml.NVMLError:
+            # No NVIDIA driver (or no libnvidia-ml): CUDA cannot see a device either, so don't pay for importing torch.
+            return None
+        try:
+            if pynvml.nvmlDeviceGetCount() == 0:
+                return None
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            return GPU(name, None, int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), source="detected (NVML)")
+        except pynvml.NVMLError:
+            pass  # a driver too old for a query: ask CUDA
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library, no device: fall through to CUDA, then to None
-        pass
     try:
         import torch
 

@@ -17,6 +17,12 @@ from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
 MISTRAL = "mistralai/Mistral-7B-v0.1"
 
 
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path_factory, monkeypatch):
+    """One cache per test module run, never the user's ~/.cache."""
+    monkeypatch.setenv("LORA_DOCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "plan-cache"))
+
+
 def plan(*args):
     return CliRunner().invoke(cli, ["plan", *args])
 
@@ -208,3 +214,47 @@ def test_notes_explain_unquantized_layers_on_stderr():
     qlora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "qlora-nf4-dq")
     lora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
     assert qlora["base_weights_bytes"] > lora["base_weights_bytes"]  # the trap the note explains
+
+
+def test_cache_hit_is_identical_and_skips_torch(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from lora_doctor.resolve import shipped_config_path
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_bytes(shipped_config_path("openai-community/gpt2").read_bytes())
+    monkeypatch.setenv("LORA_DOCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    first = plan(str(model_dir), "--r", "8", "--json", "--gpu", "T4")
+    second = plan(str(model_dir), "--r", "8", "--json", "--gpu", "T4")
+    assert first.exit_code == second.exit_code == 0
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert (a.pop("cached"), b.pop("cached")) == (False, True)
+    assert a == b
+    assert "plan cache" in second.stderr
+
+    # A fresh process on a hit never imports torch, transformers or peft.
+    code = ("import sys; from click.testing import CliRunner; from lora_doctor.cli import cli; "
+            f"r = CliRunner().invoke(cli, ['plan', {str(model_dir)!r}, '--r', '8', '--gpu', 'T4']); "
+            "assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+    # A different rank is a miss for the counts, still correct; an edited config is a miss for everything.
+    third = plan(str(model_dir), "--r", "4", "--json")
+    assert json.loads(third.stdout)["cached"] is False
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["n_layer"] = 2
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    fourth = json.loads(plan(str(model_dir), "--r", "8", "--json").stdout)
+    assert fourth["cached"] is False
+    assert fourth["trainable"][0]["trainable_params"] == a["trainable"][0]["trainable_params"] // 6
+
+
+def test_cache_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_DOCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_DOCTOR_CACHE", "0")
+    assert plan("gpt2", "--json").exit_code == 0
+    assert not (tmp_path / "cache").exists()

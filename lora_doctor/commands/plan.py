@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
-import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -15,6 +17,12 @@ from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
 
 DEFAULT_REPORT_DIR = Path("reports")
 _AUTO = "\0auto"
+
+
+class _Count(NamedTuple):
+    r: int
+    trainable: int
+    all_params: int
 
 
 def parse_ranks(value: str) -> list[int]:
@@ -36,6 +44,110 @@ def parse_ranks(value: str) -> list[int]:
     return list(dict.fromkeys(ranks))
 
 
+# -- cache: a repeated plan of the same config skips torch, the meta build and peft -----------------------------
+#
+# Shape and peft counts depend only on the config file's bytes and the library versions, so they are cached
+# under that key (never the budget: that is arithmetic, recomputed every time). A changed config.json, a
+# transformers/peft/lora-doctor upgrade or a different --target/--dora/--r makes a miss, and a miss runs the
+# full path. LORA_DOCTOR_CACHE_DIR moves the cache; LORA_DOCTOR_CACHE=0 turns it off.
+
+CACHE_SCHEMA = 1
+
+
+def _cache_dir() -> Path | None:
+    if os.environ.get("LORA_DOCTOR_CACHE", "1") == "0":
+        return None
+    if os.environ.get("LORA_DOCTOR_CACHE_DIR"):
+        return Path(os.environ["LORA_DOCTOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lora-doctor" / "plan"
+
+
+def _locate_config(model: str) -> tuple[Path, str] | None:
+    """(config.json path, source) the way resolve_model_config would find it, without parsing; None for the hub."""
+    from .. import resolve
+
+    try:
+        path = Path(model.strip()).expanduser()
+        if path.is_dir():
+            return (path / "config.json", "local directory") if (path / "config.json").is_file() else None
+        if path.is_file():
+            return path, "local config.json"
+        if resolve._looks_like_path(model):
+            return None
+        cached = resolve._cached_config_path(model)
+        if cached is not None:
+            return cached, "HF cache"
+        shipped = resolve._shipped_path(model)
+        return (shipped, "shipped config") if shipped is not None else None
+    except (AttributeError, OSError, LoraDoctorError):  # resolve changed shape, or an odd path: take the full path
+        return None
+
+
+def _cache_key(model: str, trust_remote_code: bool) -> tuple[Path, str] | None:
+    from importlib.metadata import version
+
+    cache = _cache_dir()
+    located = _locate_config(model) if cache is not None else None
+    if located is None:
+        return None
+    config_path, source = located
+    try:
+        blob = config_path.read_bytes()
+    except OSError:
+        return None
+    from .. import __version__
+
+    h = hashlib.sha256()
+    for part in (str(CACHE_SCHEMA), __version__, version("transformers"), version("peft"), model.strip(),
+                 str(config_path.resolve()), source, str(trust_remote_code)):
+        h.update(part.encode() + b"\0")
+    h.update(blob)
+    return cache / f"{h.hexdigest()[:32]}.json", source
+
+
+def _shape_to_dict(shape) -> dict:
+    return asdict(shape)
+
+
+def _shape_from_dict(d: dict):
+    from ..shape import LeafGroup, ModelShape, ParamGroup
+
+    def build(cls, item):
+        item = dict(item)
+        if "paths" in item:
+            item["paths"] = tuple(item["paths"])
+        return cls(**item)
+
+    d = dict(d)
+    d["leaves"] = tuple(build(LeafGroup, g) for g in d["leaves"])
+    d["embeddings"] = tuple(build(LeafGroup, g) for g in d.get("embeddings", ()))
+    d["param_groups"] = tuple(build(ParamGroup, g) for g in d.get("param_groups", ()))
+    return ModelShape(**d)
+
+
+def _counts_key(targets, dora: bool, r: int) -> str:
+    return f"{targets}|{int(dora)}|{r}"
+
+
+def _read_cache(path: Path) -> dict | None:
+    try:
+        entry = json.loads(path.read_text())
+        entry["shape_obj"] = _shape_from_dict(entry["shape"])
+        return entry
+    except (OSError, ValueError, KeyError, TypeError):  # missing, corrupt or from another schema: a miss
+        return None
+
+
+def _write_cache(path: Path, entry: dict) -> None:
+    from ..fileio import write_json_atomic
+
+    try:
+        write_json_atomic(path, {k: v for k, v in entry.items() if k != "shape_obj"})
+    except OSError:
+        pass  # a read-only home is no reason to fail a plan
+
+
 def gather_plan(
     model: str,
     *,
@@ -46,6 +158,7 @@ def gather_plan(
     gpu: str | None = None,
     detect_gpu: bool = True,
     trust_remote_code: bool = False,
+    use_cache: bool = True,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -60,15 +173,34 @@ def gather_plan(
     """
     from .. import budget as budget_mod
     from .. import hardware
-    from ..introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
-    from ..resolve import resolve_model_config
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
-    resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
-    meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
-    shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
-    targets = resolve_targets(shape, lora.targets)
-    counts = trainable_counts(meta, lora, targets, ranks, shape=shape)
+    requested = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
+    key = _cache_key(model, trust_remote_code) if use_cache else None
+    entry = _read_cache(key[0]) if key else None
+    hit = entry is not None and requested in entry["targets"] and all(
+        _counts_key(requested, lora.use_dora, r) in entry["counts"] for r in ranks)
+    if hit:
+        shape, location = entry["shape_obj"], entry["location"]
+        targets = tuple(entry["targets"][requested])
+        counts = [_Count(r, *entry["counts"][_counts_key(requested, lora.use_dora, r)]) for r in ranks]
+    else:
+        from ..introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
+        from ..resolve import resolve_model_config
+
+        resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
+        meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
+        shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
+        location = resolved.location
+        targets = resolve_targets(shape, lora.targets)
+        counts = [_Count(c.r, c.trainable, c.all_params) for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
+        if key and resolved.source == key[1]:
+            entry = entry if entry is not None and entry.get("location") == location else {
+                "shape": _shape_to_dict(shape), "location": location, "targets": {}, "counts": {}}
+            entry["targets"][requested] = list(targets)
+            entry["counts"].update({_counts_key(requested, lora.use_dora, c.r): [c.trainable, c.all_params]
+                                    for c in counts})
+            _write_cache(key[0], entry)
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
 
@@ -96,7 +228,7 @@ def gather_plan(
             for g in hardware.GPUS]
 
     return {
-        "model": {"id": shape.model_id, "source": shape.source, "location": resolved.location,
+        "model": {"id": shape.model_id, "source": shape.source, "location": location,
                   "architecture": shape.architecture, "model_type": shape.model_type,
                   "total_params": shape.total_params},
         "targets": {"requested": lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets),
@@ -106,7 +238,8 @@ def gather_plan(
         "quant": asdict(quant),
         "train": asdict(train),
         "trainable": [{"r": c.r, "trainable_params": c.trainable, "all_params": c.all_params,
-                       "trainable_fraction": c.fraction} for c in counts],
+                       "trainable_fraction": c.trainable / c.all_params} for c in counts],
+        "cached": hit,
         "budgets": budgets,
         "gpus": gpus,
         "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
@@ -206,6 +339,9 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
         click.echo(render_plan(data), nl=False)
     for line in render_notes(data):
         click.echo(f"note: {line}", err=True)
+    if data["cached"]:
+        click.echo("note: shape and peft counts reused from the plan cache (LORA_DOCTOR_CACHE=0 rebuilds them).",
+                   err=True)
     if markdown is not None:
         path = default_markdown_path(data) if markdown == _AUTO else Path(markdown)
         write_text_atomic(path, render_plan_markdown(data))
