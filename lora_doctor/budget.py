@@ -564,7 +564,7 @@ def _qlora(shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec
     peft.prepare_model_for_kbit_training casts every parameter that is not a Params4bit and is
     fp16/bf16 to fp32 (peft/utils/other.py), so embeddings, norms, lm_head and biases cost 4 B each.
     Adapters are fp32 as in `_lora_bf16`."""
-    c = DTYPE_BYTES[quant.compute_dtype] if quant.compute_dtype != "fp32" else 2
+    c = DTYPE_BYTES[quant.compute_dtype]  # bnb_4bit_compute_dtype: the dtype activations flow in
     packed, consts, unquantized = quantized_base_bytes(shape, quant)
     adapters = lora_param_tensors(shape, targets, lora)
     n = numel(adapters)
