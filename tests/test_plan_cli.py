@@ -117,6 +117,8 @@ def test_conv1d_tied_model_counts_and_sweep():
     assert [c["trainable_params"] for c in data["trainable"]] == [r * per_r for r in (4, 8, 16, 64)]
     assert data["model"]["total_params"] == 124_439_808  # wte tied with lm_head, counted once
     assert len(data["budgets"]) == 4
+    # the default --seq-len 2048 is past GPT-2's 1024 positions: said, not hidden
+    assert {"kind": "seq-len-over-max", "seq_len": 2048, "max_position_embeddings": 1024} in data["notes"]
 
 
 @pytest.mark.parametrize(

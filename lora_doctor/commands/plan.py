@@ -221,6 +221,9 @@ def gather_plan(
         budgets.append(entry)
 
     notes += _shape_notes(shape, first)
+    max_pos = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
+    if max_pos and train.seq_len > max_pos:
+        notes.append({"kind": "seq-len-over-max", "seq_len": train.seq_len, "max_position_embeddings": int(max_pos)})
     by_gpu: dict[str, dict] = {}
     for v in hardware.verdicts(first):
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}

@@ -122,6 +122,10 @@ def render_notes(data: dict) -> list[str]:
             out.append(f"QLoRA base weights include {format_bytes(n['fp32_bytes'])} of fp32 parameters "
                        f"({format_count(n['params'])}: embeddings, norms, lm_head, biases, anything not 4-bit) that "
                        "prepare_model_for_kbit_training upcasts from 16 bit.")
+        elif kind == "seq-len-over-max":
+            out.append(f"--seq-len {n['seq_len']:,} is longer than the model's max_position_embeddings "
+                       f"({n['max_position_embeddings']:,}); the budget is computed as asked, but training at that "
+                       f"length needs RoPE scaling or fails. Try: --seq-len {n['max_position_embeddings']}")
         elif kind == "count-mismatch":
             out.append(f"r={n['r']}: budget arithmetic counts {format_count(n['budget_params'])} adapter parameters, "
                        f"peft {format_count(n['peft_params'])}; the memory table uses the arithmetic.")
