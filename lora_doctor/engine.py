@@ -388,7 +388,10 @@ class Engine:
                  for i in range(t.grad_accum)]
         label_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
         tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-        denom = max(1, label_tokens)  # a step with no labelled token contributes loss 0 and no gradient
+        # Normalise by the labelled tokens of the whole step on every rank; DDP averages gradients over
+        # ranks, hence the world_size factor. A step with no labelled token gives loss 0 and no gradient.
+        global_label_tokens = self._all_reduce_sum([float(label_tokens)])[0]
+        denom = max(1.0, global_label_tokens / self.world_size)
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             batch = self._to_device(batch)
@@ -422,8 +425,8 @@ class Engine:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.step += 1
-        loss_total, label_total, tokens_total = self._all_reduce_sum([loss_sum, float(label_tokens), float(tokens)])
-        step_loss = loss_total / label_total if label_total else 0.0
+        loss_total = self._all_reduce_sum([loss_sum])[0]
+        step_loss = loss_total / global_label_tokens if global_label_tokens else 0.0
         return StepRecord(step=self.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=int(tokens),
                           label_tokens=int(label_tokens), step_time_s=time.perf_counter() - t0,
                           epoch=self.micro / self.micro_batches_per_epoch)

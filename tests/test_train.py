@@ -180,3 +180,35 @@ def test_cli_bad_input_exits_2(tmp_path):
                                  "--lr", "-1"])
     assert r.exit_code == 2 and "--lr must be" in r.output
     assert Path  # noqa: B018
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_matches_one_process(tiny_llama_dir, data_path, tmp_path):
+    """torchrun --nproc_per_node 2 (what accelerate launch runs on GPUs) on CPU/gloo: 2 ranks x batch 2
+    give the losses of one process with batch 4 (each rank takes its slice of the global batch)."""
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(f"""
+model: {tiny_llama_dir}
+quant: {{mode: none}}
+lora: {{r: 4, dropout: 0.0}}
+data: {{path: {data_path}, max_length: 32}}
+train: {{batch: 2, max_steps: 3, lr: 1.0e-2, optim: adamw, precision: fp32, grad_ckpt: true}}
+output: {{dir: {tmp_path / 'ddp'}, plot: false}}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "lora_doctor.cli", "train", str(cfg_path), "--no-report"],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "train_result.json").read_text())
+    assert ddp["model"]["world_size"] == 2
+    single = from_dict({**json.loads(json.dumps(ddp["config"])), "output": {"dir": str(tmp_path / "one"), "plot": False}})
+    _, one, _ = train(single.replace(**{"train.batch": 4}))
+    torch.testing.assert_close([s["loss"] for s in ddp["steps"]], [s.loss for s in one.steps], rtol=1e-5, atol=1e-5)
+    a = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -90,9 +90,14 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
     """
     from ..engine import Engine, merge_adapter, write_loss_log
 
-    log = log or (lambda msg: None)
     out_dir = Path(cfg.output.dir)
     engine = Engine(cfg, model_hook=model_hook)
+    say = log or (lambda msg: None)
+
+    def log(msg):  # one voice under torchrun / accelerate launch
+        if engine.is_main:
+            say(msg)
+
     log(f"loading {cfg.model} ({cfg.quant.mode or 'no quantization'}, {engine.device}) ...")
     engine.setup()
     outputs: dict[str, str] = {}
