@@ -305,19 +305,20 @@ def _saved_bytes(model, ids, autocast: bool) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize(("arch", "mode"), [("llama", "full"), ("llama", "lora"), ("qwen2", "lora"),
-                                            ("mixtral", "full"), ("mixtral", "lora")])
-def test_activation_estimate_tracks_saved_tensors(arch, mode):
+@pytest.mark.parametrize(("arch", "mode", "attn"), [("llama", "full", "sdpa"), ("llama", "lora", "sdpa"),
+                                                    ("llama", "lora", "eager"), ("qwen2", "lora", "sdpa"),
+                                                    ("mixtral", "full", "sdpa"), ("mixtral", "lora", "sdpa")])
+def test_activation_estimate_tracks_saved_tensors(arch, mode, attn):
     """No grad checkpointing: the estimate (plus the fp32 log-probs cross_entropy saves) is within 10% of
     the bytes autograd's saved-tensor hooks see in a real bf16 forward."""
     from lora_doctor.tiny import build_tiny_model
 
     torch.manual_seed(0)
     model = build_tiny_model(arch, dtype=torch.bfloat16, vocab_size=1000, hidden_size=256, intermediate_size=768,
-                             attn_implementation="sdpa")
+                             attn_implementation=attn)
     shape = _shape(model)
     B, T = 2, 128
-    train = TrainSpec(seq_len=T, batch=B, grad_ckpt=False, attn_impl="sdpa")
+    train = TrainSpec(seq_len=T, batch=B, grad_ckpt=False, attn_impl=attn)
     ids = torch.randint(4, 1000, (B, T))
     if mode == "full":
         est = activation_bytes(shape, train, base_trains=True, c=2)
