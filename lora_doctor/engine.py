@@ -433,7 +433,10 @@ class Engine:
 
     def run_steps(self, n: int | None = None, callbacks: Iterable[StepCallback] = (),
                   should_stop: Callable[[], bool] | None = None) -> list[StepRecord]:
-        """Run up to `n` optimizer steps (default: to total_steps), evaluating every `eval_every`.
+        """Run `n` optimizer steps (default: up to total_steps), evaluating every `eval_every`.
+
+        An explicit `n` may run past total_steps (a probe longer than a tiny dataset's epoch); the
+        schedule then stays at its final value.
 
         Callbacks get (engine, record) after each step (progress, logs, checkpoints). `should_stop`
         is polled between steps (a signal handler sets it), so a stop never lands mid-step.
@@ -441,7 +444,7 @@ class Engine:
         Raises:
             OutOfMemory: the step did not fit; the message carries the peak seen. No file is written.
         """
-        target = self.total_steps if n is None else min(self.total_steps, self.step + n)
+        target = self.total_steps if n is None else self.step + n
         done: list[StepRecord] = []
         self.model.train()
         self.monitor.start("train")

@@ -154,3 +154,10 @@ def test_unknown_datasets_name_offline(tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(LoraDoctorError, match="could not be loaded"):
         load_data(DataConfig(path="no-such-org/no-such-dataset-xyz"), tiny_tokenizer)
+
+
+def test_separate_eval_file_and_max_examples(tmp_path, tiny_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS * 4)
+    held = write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])
+    data = load_data(DataConfig(path=str(train), eval_path=str(held), max_examples=5), tiny_tokenizer)
+    assert (len(data.train), len(data.eval), data.stats.n_eval_examples) == (5, 2, 2)

@@ -224,3 +224,17 @@ def test_memory_monitor_sees_an_allocation():
     del block
     assert stats.rss_delta_bytes >= 48 * 1024 * 1024
     assert stats.peak_bytes == stats.rss_delta_bytes
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_measured(tiny_llama_dir, data_path, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, data_path, tmp_path, **{
+        "quant.mode": "nf4", "train.precision": "bf16", "train.grad_ckpt": True, "train.optim": "paged-adamw-8bit",
+        "train.device": "cuda"})
+    engine = Engine(cfg).setup()
+    engine.run_steps(3)
+    result = engine.result("probe")
+    train = result.memory["train"]
+    assert train.device == "cuda" and train.peak_allocated_bytes > 0
+    assert train.peak_reserved_bytes >= train.peak_allocated_bytes
+    assert result.grad_flow.healthy and result.loss.finite

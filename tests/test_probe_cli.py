@@ -78,3 +78,26 @@ def test_bad_input_exits_2_with_one_line(run_yaml, args, needle):
     assert needle in r.output
     assert "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1].startswith("Error:")
+
+
+def test_out_of_memory_becomes_an_error_finding(run_yaml, monkeypatch):
+    import torch
+
+    from lora_doctor.engine import Engine
+
+    def boom(self, batch, kind=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Engine, "_loss_step", boom)
+    r = invoke(run_yaml, "--steps", 2, "--quant", "none", "--optim", "adamw", "--precision", "fp32", "--no-report")
+    assert r.exit_code == 1, r.output
+    assert "out-of-memory" in r.stdout and "--batch" in r.stdout and "Verdict: errors" in r.stdout
+
+
+def test_probe_runs_the_steps_asked_even_past_a_short_run(run_yaml):
+    r = invoke(run_yaml, "--steps", 4, "--set", "train.max_steps=2", "--quant", "none", "--optim", "adamw",
+               "--precision", "fp32", "--no-report", "--json")
+    assert r.exit_code == 0, r.output
+    import json as _json
+
+    assert _json.loads(r.stdout[r.stdout.index("{"):])["extra"]["steps"] == 4

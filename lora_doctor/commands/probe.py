@@ -93,6 +93,8 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
         engine.setup()
         log(f"{engine.model_info.trainable_params:,} trainable params in {engine.model_info.n_adapted_modules} modules; "
             f"{engine.data.stats.n_examples} examples; running {steps} step(s) ...")
+        if steps > engine.total_steps:
+            log(f"note: the full run is only {engine.total_steps} step(s); the probe goes past it.")
 
         def progress(e, rec):
             log(f"  step {rec.step}/{steps}: loss {rec.loss:.4f}  {rec.step_time_s:.2f} s")
@@ -170,6 +172,10 @@ def _build_report(kind, cfg, engine, result, findings, extra, prediction) -> dic
         if prediction and "total_bytes" in prediction and measured:
             extra["planned_peak_bytes"] = prediction["total_bytes"]
             extra["plan_error_pct"] = round(100.0 * (prediction["total_bytes"] - measured) / measured, 1)
+            overhead = prediction["terms"].get("runtime_overhead_bytes")
+            if result.model.device == "cpu" and overhead:
+                # plan's runtime overhead models the CUDA context and allocator slack; a CPU run has neither.
+                extra["planned_without_cuda_overhead_bytes"] = prediction["total_bytes"] - overhead
         elif prediction and "error" in prediction:
             extra["plan_unavailable"] = prediction["error"]
         if result.error:
@@ -229,6 +235,9 @@ def summary_lines(report: dict) -> list[str]:
         err = f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra else ""
         lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
                      f"planned {format_bytes(planned)}{err}")
+        if extra.get("planned_without_cuda_overhead_bytes") is not None:
+            lines.append(f"                     on CPU the plan's CUDA runtime overhead does not apply: planned "
+                         f"{format_bytes(extra['planned_without_cuda_overhead_bytes'])} without it")
     if extra.get("first_loss") is not None:
         lines.append(f"  loss               {extra['first_loss']:.4f} -> {extra['last_loss']:.4f} over "
                      f"{extra['steps']} steps (slope {extra['loss_slope_per_step']:+.4f}/step)"
