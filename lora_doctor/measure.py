@@ -257,20 +257,32 @@ class GradFlowRecorder:
         self._frozen_with_grad: set[str] = set()
         self.n_steps = 0
 
-    @staticmethod
-    def _norm(params) -> float:
+    def record(self) -> None:
         import torch
 
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-    def record(self) -> None:
         self.n_steps += 1
-        for module, g in self._groups.items():
-            self._norms[module]["A"].append(self._norm(g["A"]))
-            self._norms[module]["B"].append(self._norm(g["B"]))
+        # One norm per (module, A|B), computed where the gradients live and read back with one sync
+        # (a 7B all-linear adapter has ~450 of them; a .item() each would stall the GPU 450 times).
+        norms = []
+        for g in self._groups.values():
+            for kind in ("A", "B"):
+                grads = [p.grad for p in g[kind] if p.grad is not None]
+                if grads:
+                    norms.append(torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(x.detach().float()) for x in grads])))
+                else:
+                    norms.append(None)
+        device = next((n.device for n in norms if n is not None), None)
+        if device is None:
+            values = [0.0] * len(norms)
+        else:
+            zero = torch.zeros((), device=device)
+            values = torch.stack([n if n is not None else zero for n in norms]).tolist()
+        i = 0
+        for module in self._groups:
+            self._norms[module]["A"].append(values[i])
+            self._norms[module]["B"].append(values[i + 1])
+            i += 2
         for name, p in self._frozen:
             if getattr(p, "grad", None) is not None:
                 self._frozen_with_grad.add(name)
