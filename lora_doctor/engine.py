@@ -392,7 +392,7 @@ class Engine:
         # ranks, hence the world_size factor. A step with no labelled token gives loss 0 and no gradient.
         global_label_tokens = self._all_reduce_sum([float(label_tokens)])[0]
         denom = max(1.0, global_label_tokens / self.world_size)
-        loss_sum = 0.0
+        loss_sum = None  # kept on the device: one host sync per step, not per micro-batch
         for i, batch in enumerate(micro):
             batch = self._to_device(batch)
             sync = contextlib.nullcontext()
@@ -405,7 +405,7 @@ class Engine:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-            loss_sum += float(loss.detach()) * denom
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             del loss, batch  # free the graph's last references before the next micro-batch
         self.micro += t.grad_accum
         if self.scaler is not None:
@@ -425,7 +425,7 @@ class Engine:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.step += 1
-        loss_total = self._all_reduce_sum([loss_sum])[0]
+        loss_total = self._all_reduce_sum([float(loss_sum) * denom])[0]
         step_loss = loss_total / global_label_tokens if global_label_tokens else 0.0
         return StepRecord(step=self.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=int(tokens),
                           label_tokens=int(label_tokens), step_time_s=time.perf_counter() - t0,
