@@ -101,3 +101,23 @@ def test_probe_runs_the_steps_asked_even_past_a_short_run(run_yaml):
     import json as _json
 
     assert _json.loads(r.stdout[r.stdout.index("{"):])["extra"]["steps"] == 4
+
+
+def test_planted_dead_module_is_flagged_by_the_doctor(run_yaml):
+    import torch
+
+    from lora_doctor.commands.probe import run_probe
+    from lora_doctor.runconfig import load_run_config
+
+    def add_unused(model):
+        model.model.unused_proj = torch.nn.Linear(64, 64)  # never called in forward
+        return model
+
+    cfg = load_run_config(run_yaml, {"lora.targets": "q_proj,unused_proj", "quant.mode": "none",
+                                     "train.optim": "adamw", "train.precision": "fp32"})
+    result, report, findings = run_probe(cfg, 2, model_hook=add_unused)
+    assert result.grad_flow.modules_without_grad == ("model.unused_proj",)
+    codes = {f.code: f for f in findings}
+    assert "adapter-no-grad" in codes and codes["adapter-no-grad"].severity.value == "error"
+    assert "unused_proj" in codes["adapter-no-grad"].message
+    assert report["verdict"]["status"] == "errors"
