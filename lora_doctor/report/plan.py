@@ -123,7 +123,7 @@ def render_notes(data: dict) -> list[str]:
                        f"({format_count(n['params'])}: embeddings, norms, lm_head, biases, anything not 4-bit) that "
                        "prepare_model_for_kbit_training upcasts from 16 bit.")
         elif kind == "seq-len-over-max":
-            out.append(f"--seq-len {n['seq_len']:,} is longer than the model's max_position_embeddings "
+            out.append(f"--seq-len {n['seq_len']} is longer than the model's max_position_embeddings "
                        f"({n['max_position_embeddings']:,}); the budget is computed as asked, but training at that "
                        f"length needs RoPE scaling or fails. Try: --seq-len {n['max_position_embeddings']}")
         elif kind == "count-mismatch":
