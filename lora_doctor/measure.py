@@ -63,10 +63,11 @@ class MemoryMonitor:
     """Peak memory per phase. CUDA: allocator peaks (reset per phase) + NVML; CPU: sampled process RSS.
 
     `ru_maxrss` cannot be reset, so the CPU peak comes from a sampling thread (every `interval_s`);
-    a spike shorter than the interval can be missed, which is why the RSS figure is a lower bound.
+    a spike shorter than the interval (20 ms; shorter costs the training loop measurable GIL time) can be
+    missed, which is why the RSS figure is a lower bound. CUDA allocator peaks are exact.
     """
 
-    def __init__(self, device: str = "cpu", interval_s: float = 0.005):
+    def __init__(self, device: str = "cpu", interval_s: float = 0.02):
         import psutil
 
         self.device = device
@@ -153,7 +154,14 @@ def _nvml_handle():
 
         pynvml.nvmlInit()
         index = torch.cuda.current_device()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
+        props = torch.cuda.get_device_properties(index)
+        try:
+            # NVML numbers every GPU in the machine; CUDA only the visible ones (CUDA_VISIBLE_DEVICES),
+            # so match by PCI address rather than by index.
+            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+        except Exception:
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception:
         return None
 
