@@ -109,28 +109,38 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
         from ..checks.base import Finding, Severity
 
         findings = [Finding(Severity.ERROR, "out-of-memory", oom.message, oom.hint or "")]
-        result = _build_report("probe", cfg, None, None, findings, {"error": oom.message}, None)
+        result = build_report("probe", cfg, None, None, findings, {"error": oom.message}, None)
         return None, result, findings
 
     result = engine.result("probe", stopped_early="oom" if oom else None, error=oom.message if oom else None)
     prediction = predict_memory(cfg)
-    findings = _findings(cfg, engine, result, prediction)
+    env = _environment()
+    findings = doctor_findings(cfg, engine, result, prediction, env)
     if oom is not None:
         from ..checks.base import Finding, Severity
 
         findings.insert(0, Finding(Severity.ERROR, "out-of-memory", oom.message, oom.hint or ""))
-    report = _build_report("probe", cfg, engine, result, findings, {}, prediction)
+    report = build_report("probe", cfg, engine, result, findings, {}, prediction, env)
     return result, report, findings
 
 
-def _findings(cfg, engine, result, prediction) -> list:
+def _environment() -> dict | None:
+    try:
+        from ..report.env import collect_environment
+    except ImportError:
+        return None
+    return collect_environment()
+
+
+def doctor_findings(cfg, engine, result, prediction, env: dict | None = None) -> list:
+    """The doctor's catalogue (checks.run_checks) on everything this run knows; own_findings() without it."""
     try:
         from ..checks import build_context, run_checks
         from ..report.env import collect_environment
     except ImportError:
         return own_findings(result)
     shape = prediction.get("shape") if prediction and "shape" in prediction else None
-    env = collect_environment()
+    env = env if env is not None else collect_environment()
     ctx = build_context(
         config=cfg, shape=shape, model_config=getattr(engine, "base_config", None), tokenizer=engine.tokenizer,
         data_stats=engine.data.stats, labels=[e.labels for e in engine.data.train[:LABEL_SAMPLE]],
@@ -140,7 +150,7 @@ def _findings(cfg, engine, result, prediction) -> list:
     return list(run_checks(ctx))
 
 
-def _build_report(kind, cfg, engine, result, findings, extra, prediction) -> dict:
+def build_report(kind, cfg, engine, result, findings, extra, prediction, env: dict | None = None) -> dict:
     """The result dict in the doctor's schema (report/run.py), with the full RunResult under extra['run']."""
     measured, what = measured_peak_bytes(result) if result is not None else (None, "")
     memory = None
@@ -197,7 +207,7 @@ def _build_report(kind, cfg, engine, result, findings, extra, prediction) -> dic
         return build_result(kind, findings=findings, model={k: v for k, v in model.items() if v is not None},
                             targets=targets, memory=memory, loss=result.losses if result is not None else None,
                             data=result.data.to_dict() if result is not None else None, config=cfg.to_dict(),
-                            environment=collect_environment(), extra=extra)
+                            environment=env if env is not None else collect_environment(), extra=extra)
     except ImportError:
         found = [f.to_dict() for f in findings]
         return {"schema": "lora-doctor.result/1", "kind": kind, "model": model, "targets": targets, "memory": memory,

@@ -193,11 +193,12 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
         return
     report = None
     if not no_report:
-        from .probe import _build_report, _findings, predict_memory, write_reports
+        from .probe import _environment, build_report, doctor_findings, predict_memory, write_reports
 
         prediction = predict_memory(cfg)
-        findings = _findings(cfg, engine, result, prediction)
-        report = _build_report("train", cfg, engine, result, findings, {"outputs_dir": cfg.output.dir}, prediction)
+        env = _environment()
+        findings = doctor_findings(cfg, engine, result, prediction, env)
+        report = build_report("train", cfg, engine, result, findings, {"outputs_dir": cfg.output.dir}, prediction, env)
         for path in write_reports(report, cfg, "train"):
             log(f"wrote {path}")
     for key, path in outputs.items():
