@@ -123,6 +123,7 @@ def check_plan_text(out: str, r: int = 16) -> None:
     assert "Traceback" not in out and "note:" not in out  # notes go to stderr
 
 
+@pytest.mark.slow  # the first plan pays for importing torch/transformers/peft and the 7B meta build
 def test_readme_plan_in_process():
     result = invoke("plan", MISTRAL, "--r", "16")
     assert result.exit_code == 0, result.output
@@ -315,3 +316,202 @@ def test_journey_train_writes_an_adapter_peft_loads(journey):
 # --------------------------------------------------------------------------------------------------------
 # (c) bad input that behaves: exit 2, one `Error:` line naming the value, no traceback, nothing written
 # --------------------------------------------------------------------------------------------------------
+
+def run_config(folder: Path, model_dir: Path, /, **changes) -> Path:
+    """examples/tiny.yaml pointed at `model_dir`, outputs relative to `folder`, with dotted-key `changes`."""
+    cfg = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
+    cfg["model"] = str(model_dir)
+    cfg["data"]["path"] = str(EXAMPLES / "data" / "tiny.jsonl")
+    cfg["train"]["max_steps"] = 1
+    cfg["output"] = {"dir": "runs/bad", "reports_dir": "reports"}
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        holder = cfg
+        for p in parents:
+            holder = holder.setdefault(p, {})
+        holder[leaf] = value
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# name -> (file written next to the config as data.path, its bytes, commands, text the error must quote)
+BAD_DATA = {
+    "missing-dataset-file": (None, None, ("check", "probe", "train"), "Dataset file 'nope.jsonl' not found"),
+    "row-without-template-fields": ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"prompt": "x", "completion": "y"}\n',
+                                    ("check", "probe"), "has no field 'instruction' (fields: prompt, completion)"),
+    "csv-without-template-fields": ("rows.csv", b"question,answer\nhi,ok\n", ("check",), "has no field 'instruction'"),
+    "empty-dataset": ("rows.jsonl", b"", ("check", "probe"), "is empty: no rows"),
+    "non-utf8-line": ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xe9\xff", "output": "b"}\n',
+                      ("check", "probe"), "Line 2 of"),
+    "malformed-json-line": ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": \n', ("check",),
+                            "Line 2 of"),
+    "text-format-without-text-field": ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n', ("check",),
+                                       "has no field 'text'"),
+}
+BAD_DATA_CASES = [pytest.param(name, cmd, id=f"{cmd}-{name}") for name, (_, _, cmds, _) in BAD_DATA.items()
+                  for cmd in cmds]
+
+
+@pytest.mark.parametrize("name, command", BAD_DATA_CASES)
+def test_bad_data_is_one_error_line_and_writes_nothing(name, command, journey, tmp_path):
+    filename, content, _, quoted = BAD_DATA[name]
+    changes = {"data.path": "nope.jsonl"} if filename is None else {"data.path": filename}
+    if filename is not None:
+        (tmp_path / filename).write_bytes(content)
+    if name == "text-format-without-text-field":
+        changes["data.format"] = "text"
+    config = run_config(tmp_path, journey / "tiny-llama", **changes)
+    before = files_under(tmp_path)
+    extra = ["--steps", "1"] if command in ("probe", "train") else []
+    result = invoke(command, str(config), *extra, cwd=tmp_path)
+    assert_one_error_line(result)
+    assert quoted in result.stderr
+    assert files_under(tmp_path) == before  # no report, run folder or temp file left behind
+
+
+# name -> (config changes, raw config text instead of YAML, text the error must quote)
+BAD_CONFIG = {
+    "unknown-yaml-key": ({"lora.rank": 8}, None, "Unknown key 'lora.rank'"),
+    "unknown-section": ({"optimizer": {"lr": 1}}, None, "Unknown key 'optimizer'"),
+    "bad-yaml-syntax": ({}, "model: x\nlora:\n  r: 8\n   alpha: 16\n", "at line 4"),
+    "config-not-a-mapping": ({}, "- a\n", "must be a mapping of sections; got list"),
+    "r-zero": ({"lora.r": 0}, None, "lora.r (in run.yaml) must be a positive integer, got 0"),
+    "r-negative": ({"lora.r": -8}, None, "got -8"),
+    "r-abc": ({"lora.r": "abc"}, None, "lora.r (in run.yaml) has the wrong type: expected int, got 'abc'"),
+    "batch-zero": ({"train.batch": 0}, None, "train.batch (in run.yaml) must be a positive integer; got 0"),
+    "negative-lr": ({"train.lr": -1e-3}, None, "got -0.001"),
+    "unknown-model": ({"model": "no-such-org/no-such-model-xyz"}, None, "'no-such-org/no-such-model-xyz'"),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "probe", "train"])
+@pytest.mark.parametrize("name", list(BAD_CONFIG))
+def test_bad_config_is_one_error_line_and_writes_nothing(name, command, journey, tmp_path):
+    changes, raw, quoted = BAD_CONFIG[name]
+    config = run_config(tmp_path, journey / "tiny-llama", **changes)
+    if raw is not None:
+        config.write_text(raw)
+    before = files_under(tmp_path)
+    result = invoke(command, str(config), cwd=tmp_path)
+    assert_one_error_line(result)
+    assert quoted in result.stderr
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["check", "probe", "train"])
+@pytest.mark.parametrize("args, quoted", [
+    (["--r", "0"], "--r must be a positive integer, got 0"),
+    (["--max-length", "0"], "--max-length must be a positive integer; got 0"),
+    (["--quant", "int3"], "Unknown quantization 'int3'"),
+    (["--set", "lora.rank=4"], "--set: unknown key 'lora.rank'"),
+    (["--set", "lora.r"], "--set expects KEY=VALUE; got 'lora.r'"),
+], ids=["r0", "max-length0", "quant", "set-unknown-key", "set-without-value"])
+def test_bad_flag_is_one_error_line(command, args, quoted, journey, tmp_path):
+    config = run_config(tmp_path, journey / "tiny-llama")
+    result = invoke(command, str(config), *args, cwd=tmp_path)
+    assert_one_error_line(result)
+    assert quoted in result.stderr
+    assert files_under(tmp_path) == ["run.yaml"]
+
+
+@pytest.mark.parametrize("command, args, quoted", [
+    ("check", ["nope.yaml"], "Config file 'nope.yaml' not found"),
+    ("probe", ["nope.yaml"], "Config file 'nope.yaml' not found"),
+    ("train", ["nope.yaml"], "Config file 'nope.yaml' not found"),
+    ("check", [], "No config file and no --model given"),
+    ("probe", ["run.yaml", "--steps", "0"], "--steps must be a positive integer; got 0"),
+    ("check", ["run.yaml", "--gpu", "Z9000"], "Unknown GPU 'Z9000'"),
+    ("train", ["run.yaml", "--resume"], "No checkpoint to resume in 'runs/bad/checkpoints'"),
+], ids=["check-missing-config", "probe-missing-config", "train-missing-config", "check-no-config", "probe-steps0",
+        "check-unknown-gpu", "train-resume-without-checkpoint"])
+def test_bad_run_arguments(command, args, quoted, journey, tmp_path):
+    run_config(tmp_path, journey / "tiny-llama")
+    result = invoke(command, *args, cwd=tmp_path)
+    assert_one_error_line(result)
+    assert quoted in result.stderr
+    assert files_under(tmp_path) == ["run.yaml"]
+
+
+def test_max_length_too_small_for_any_response(journey, tmp_path):
+    """probe/train refuse (exit 2) before a step; check reports it as an error finding (exit 1)."""
+    config = run_config(tmp_path, journey / "tiny-llama", **{"data.max_length": 4})
+    for command in ("probe", "train"):
+        result = invoke(command, str(config), "--steps", "1", cwd=tmp_path)
+        assert_one_error_line(result)
+        assert "max_length 4 is too small for any response" in result.stderr and "Try: --max-length" in result.stderr
+    result = invoke("check", str(config), cwd=tmp_path)
+    assert result.exit_code == 1, result.output
+    assert "[all-labels-masked]" in result.stdout
+    assert files_under(tmp_path) == ["run.yaml"]
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-models")
+    (root / "malformed").mkdir()
+    (root / "malformed" / "config.json").write_text("{not json")
+    (root / "no-model-type").mkdir()
+    (root / "no-model-type" / "config.json").write_text("{}")
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("command", ["plan", "modules"])
+@pytest.mark.parametrize("model, quoted", [
+    ("no-such-org/no-such-model-xyz", "Model 'no-such-org/no-such-model-xyz' not found"),
+    ("mistral", "Close shipped configs: "),
+    ("{root}/malformed", "malformed/config.json' is not valid JSON"),
+    ("{root}/malformed/config.json", "malformed/config.json' is not valid JSON"),
+    ("{root}/no-model-type", "has no 'model_type'"),
+    ("{root}/empty", "empty' has no config.json"),
+], ids=["unknown-model", "bare-word", "malformed-config-dir", "malformed-config-file", "no-model-type",
+        "directory-without-config"])
+def test_bad_model_is_one_error_line(command, model, quoted, bad_models):
+    result = invoke(command, model.format(root=bad_models))
+    assert_one_error_line(result)
+    assert quoted in result.stderr
+
+
+@pytest.mark.parametrize("args, quoted", [
+    (["--target", "attn-all"], "Unknown preset 'attn-all'. Presets: qv, attn, mlp, all-linear."),
+    (["--target", "qkv_proj"], "matches target 'qkv_proj'. Targetable leaves: q_proj, k_proj"),
+    (["--target", ""], "No target modules given"),
+    (["--r", "0"], "--r must be a positive integer, got 0"),
+    (["--r", "-4"], "got -4"),
+    (["--r", "abc"], "got 'abc'"),
+    (["--r", "4,,8"], "got '4,,8'"),
+    (["--r", "16.5"], "got '16.5'"),
+    (["--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    (["--seq-len", "-5"], "got -5"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--alpha", "0"], "--alpha must be positive, got 0"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--gpu", "Z9000"], "Unknown GPU 'Z9000'. Known: T4, A10G"),
+    (["--gpu", "0"], "--gpu size must be positive, got '0'"),
+], ids=["unknown-preset", "unknown-leaf", "empty-target", "r0", "r-negative", "r-abc", "r-empty-item", "r-float",
+        "seq-len0", "seq-len-negative", "batch0", "alpha0", "dropout", "unknown-gpu", "gpu-zero-gib"])
+def test_plan_bad_flag_is_one_error_line(args, quoted, tmp_path):
+    result = invoke("plan", MISTRAL, *args, "--markdown", cwd=tmp_path)
+    assert_one_error_line(result)
+    assert quoted in result.stderr
+    assert result.stdout == ""
+    assert files_under(tmp_path) == []  # no half report
+
+
+@pytest.mark.parametrize("name, content, quoted", [
+    ("notes.txt", b"not json at all", "is not valid JSON"),
+    ("list.json", b"[1, 2]", "is not a lora-doctor result"),
+    ("other.json", b"{}", "is not a lora-doctor result"),
+    ("binary.json", b"\xff\xfe garbage", "is not valid JSON"),
+    ("rows.jsonl", b'{"a": 1}\n{"a": 2}\n', "is not valid JSON"),
+    (None, None, "not found"),
+], ids=["text-file", "json-list", "json-without-schema", "binary", "jsonl", "missing-file"])
+def test_report_on_a_non_result_file(name, content, quoted, tmp_path):
+    path = tmp_path / (name or "missing.json")
+    if content is not None:
+        path.write_bytes(content)
+    result = invoke("report", str(path), "-o", str(tmp_path / "out.md"))
+    assert_one_error_line(result)
+    assert quoted in result.stderr and str(path) in result.stderr
+    assert not (tmp_path / "out.md").exists()
