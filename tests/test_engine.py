@@ -238,3 +238,18 @@ def test_cuda_peak_memory_is_measured(tiny_llama_dir, data_path, tmp_path):
     assert train.device == "cuda" and train.peak_allocated_bytes > 0
     assert train.peak_reserved_bytes >= train.peak_allocated_bytes
     assert result.grad_flow.healthy and result.loss.finite
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gpt2"])
+def test_other_families_learn_under_nf4(arch, data_path, tmp_path):
+    """Mistral (GQA, sliding window) and GPT-2 (fused Conv1D c_attn, quantized transposed) through the same engine."""
+    from lora_doctor.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / arch, arch)
+    cfg = make_cfg(model_dir, data_path, tmp_path / "out", **{"quant.mode": "nf4", "train.precision": "bf16"})
+    engine = Engine(cfg).setup()
+    engine.run_steps(4)
+    result = engine.result("probe")
+    assert result.grad_flow.healthy, result.grad_flow.modules_without_grad
+    assert result.loss.finite and result.loss.last < result.loss.first
+    assert result.model.model_type == arch
