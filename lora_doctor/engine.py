@@ -609,6 +609,14 @@ class Engine:
         if not (path / STATE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise LoraDoctorError(f"'{path}' is not a lora-doctor checkpoint (no {STATE_FILE}).",
                                   f"Checkpoints live in {self.output_dir / CHECKPOINT_DIR}/step-NNNNNN.")
+        saved_cfg = path / "run_config.json"
+        if saved_cfg.is_file():
+            changed = _trajectory_changes(json.loads(saved_cfg.read_text(encoding="utf-8")), self.cfg.to_dict())
+            if changed:
+                raise LoraDoctorError(
+                    f"Checkpoint '{path}' was written with a different config: {', '.join(changed)}.",
+                    "Resume with the same settings (only steps/epochs, eval, save, log and output keys may change), "
+                    "or start a new run in another --output-dir.")
         weights = load_file(str(path / WEIGHTS_FILE))
         params = dict(self.peft_model.named_parameters())
         missing = [n for n in weights if n not in params]
@@ -736,6 +744,28 @@ def _atomic_dir(final: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Keys that may change between a run and its resumption without changing the trajectory so far.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
+                     "train.log_every", "train.device", "output.", "data.eval_path")
+
+
+def _trajectory_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose value differs between two RunConfig dicts, ignoring RESUMABLE_CHANGES."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = sorted(set(a) | set(b))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys
+            if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
 
 
 def _merge_memory(a: MemoryStats | None, b: MemoryStats) -> MemoryStats:

@@ -212,3 +212,14 @@ output: {{dir: {tmp_path / 'ddp'}, plot: false}}
     b = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_resume_refuses_a_changed_config(full_run):
+    engine, _, outputs, _ = full_run
+    ckpt = Path(outputs["checkpoint"])
+    changed = Engine.__new__(Engine)
+    changed.cfg = engine.cfg.replace(**{"train.lr": 1e-3, "train.max_steps": 50})
+    changed.peft_model = engine.peft_model
+    with pytest.raises(LoraDoctorError) as e:
+        Engine.load_checkpoint(changed, ckpt)
+    assert "train.lr" in e.value.message and "max_steps" not in e.value.message
