@@ -259,19 +259,20 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, sour
                               "Check the file, or data.split for a datasets name.")
     eos_id = tokenizer.eos_token_id
     append_eos = cfg.add_eos and eos_id is not None
-    required = (cfg.instruction_field, cfg.response_field) if cfg.format == "instruction" else (cfg.text_field,)
+    required = ((("instruction_field", cfg.instruction_field), ("response_field", cfg.response_field))
+                if cfg.format == "instruction" else (("text_field", cfg.text_field),))
     empty: Counter = Counter()
     formats: Counter = Counter()
     examples: list[Example] = []
     truncated = lost = longest = 0
     sample = None
     for origin, row in rows:
-        for name in required:
+        for key, name in required:
             if name not in row:
+                other = "text" if cfg.format == "instruction" else "instruction"
                 raise LoraDoctorError(
                     f"Row {origin} of '{source}' has no field {name!r} (fields: {', '.join(map(str, row)) or 'none'}).",
-                    f"Set data.{'instruction_field' if name == cfg.instruction_field and cfg.format == 'instruction' else 'response_field' if cfg.format == 'instruction' else 'text_field'} "
-                    f"to the column holding it, or use --format {'text' if cfg.format == 'instruction' else 'instruction'}.")
+                    f"Set data.{key} to the column holding it, or use --format {other}.")
         formats[_signature(row, cfg)] += 1
         if cfg.format == "instruction":
             instruction = _text(row.get(cfg.instruction_field))
@@ -280,8 +281,6 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, sour
             for name, value in ((cfg.instruction_field, instruction), (cfg.response_field, response)):
                 if value is None:
                     empty[name] += 1
-            if cfg.input_field and cfg.input_field in row and extra is None:
-                pass  # an empty optional input is the normal case, not a problem
             if cfg.prompt_template is not None:
                 prompt = cfg.prompt_template.format(instruction=instruction or "", input=extra or "")
             elif extra is not None:
