@@ -262,8 +262,9 @@ def test_adapter_count_matches_known_peft_figures(model_id, targets, r, expected
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "model_id", ["openai-community/gpt2", "microsoft/Phi-3-mini-4k-instruct", "tiiuae/falcon-7b",
-                 "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen2.5-7B"],
+    # Fused qkv (Phi-3), FalconLinear subclasses, MoE expert tensors with peft's 2r rank_pattern (Mixtral);
+    # GPT-2's Conv1D is pinned in test_plan_cli, Llama/Mistral by the known figures above.
+    "model_id", ["microsoft/Phi-3-mini-4k-instruct", "tiiuae/falcon-7b", "mistralai/Mixtral-8x7B-v0.1"],
 )
 def test_adapter_count_equals_peft_on_meta_model(model_id):
     from lora_doctor.introspect import load_shape, trainable_counts
@@ -402,5 +403,54 @@ def test_logits_term_follows_vocab():
     small = method_budget("qlora-nf4-dq", shape, LoraSpec(), QuantSpec(), t, ("q_proj",)).logits_bytes
     big = method_budget("qlora-nf4-dq", _hand_shape(vocab_size=128256), LoraSpec(), QuantSpec(), t,
                         ("q_proj",)).logits_bytes
-    assert small == 2 * 1024 * 32000 * (2 + 12)
-    assert big == 2 * 1024 * 128256 * (2 + 12)
+    assert small == 2 * 1024 * 32000 * 12
+    assert big == 2 * 1024 * 128256 * 12
+
+
+def _peak_step_bytes(model, ids) -> int:
+    """Peak of live CPU allocations during one autocast forward + backward (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss  # the Trainer keeps only the loss, not the logits
+        loss.backward()
+
+    step()  # warm-up: lazy inits and autocast caches are not part of a step
+    for p in model.parameters():
+        p.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.slow  # the first torch.profiler session of a process costs ~10 s of kineto start-up
+@pytest.mark.parametrize(("arch", "grad_ckpt", "vocab", "low"), [
+    ("llama", False, 8000, 0.95), ("mixtral", False, 1000, 0.9), ("llama", True, 8000, 0.8),
+])
+def test_dynamic_terms_bound_the_measured_step_peak(arch, grad_ckpt, vocab, low):
+    """activations + logits + gradients vs the real peak of a LoRA step: near-exact without checkpointing;
+    with it, an upper bound (the recomputed layer and the loss buffers are never live together)."""
+    from lora_doctor.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    model = build_tiny_model(arch, dtype=torch.bfloat16, vocab_size=vocab, hidden_size=256, intermediate_size=768,
+                             num_hidden_layers=4, attn_implementation="sdpa")
+    shape = _shape(model)
+    lora, targets = LoraSpec(r=8, dropout=0.0), resolve_targets(shape, "all-linear")
+    model.requires_grad_(False)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = _peft(model, shape, lora, targets).train()
+    B, T = 2, 256
+    b = method_budget("lora-bf16", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, grad_ckpt=grad_ckpt), targets)
+    est = b.activations_bytes + b.logits_bytes + b.gradients_bytes
+    measured = _peak_step_bytes(model, torch.randint(4, vocab, (B, T)))
+    assert low <= measured / est <= 1.05, (measured, est)
