@@ -467,6 +467,11 @@ def activation_bytes(
     recomputation": 2sbhL at 16 bit) plus one layer's full activations recomputed during its backward.
     Outside the layers: the final norm's input, and lm_head's input when lm_head is trained.
     Logits are costed separately in `logits_bytes`.
+
+    Checked against the peak of live allocations in a real CPU step (torch.profiler, tests/test_budget.py):
+    without checkpointing activations + logits + gradients land within a few percent; with it their sum
+    is an upper bound (measured 0.8-1.0 of it), because the recomputed layer and the loss buffers are never
+    live together. Not modelled: dropout masks other than LoRA's, and allocator rounding (runtime overhead).
     """
     tokens = train.batch * train.seq_len
     eager = train.attn_impl == "eager"

@@ -203,7 +203,7 @@ def render_plan_markdown(data: dict) -> str:
         "- Full bf16 uses the ZeRO mixed-precision convention: bf16 weights and gradients, fp32 master weights "
         "counted with the optimizer states.",
         "- Activations and logits are a model of the tensors autograd saves (per-layer inventory after Korthikanti "
-        "et al. 2022), not a measurement.",
+        "et al. 2022), not a measurement; with gradient checkpointing their sum is an upper bound.",
         f"- Runtime overhead: {format_bytes(c['cuda_context_bytes'])} CUDA context + "
         f"{100 * c['allocator_fragmentation']:.0f}% allocator fragmentation.",
         "- GPU usable memory is the total `nvidia-smi` reports (vendor GB are binary GiB, minus ECC/driver reserve).",
