@@ -148,6 +148,35 @@ def _write_cache(path: Path, entry: dict) -> None:
         pass  # a read-only home is no reason to fail a plan
 
 
+def _shape_and_counts(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bool, use_cache: bool):
+    """(ModelShape, config location, resolved targets, peft counts per rank, cache hit?): from the cache when
+    this exact config, library versions, targets and ranks were planned before, else meta build + peft."""
+    requested = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
+    key = _cache_key(model, trust_remote_code) if use_cache else None
+    entry = _read_cache(key[0]) if key else None
+    if entry is not None and requested in entry["targets"] and all(
+            _counts_key(requested, lora.use_dora, r) in entry["counts"] for r in ranks):
+        counts = [_Count(r, *entry["counts"][_counts_key(requested, lora.use_dora, r)]) for r in ranks]
+        return entry["shape_obj"], entry["location"], tuple(entry["targets"][requested]), counts, True
+
+    from ..introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
+    from ..resolve import resolve_model_config
+
+    resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
+    meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
+    shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
+    targets = resolve_targets(shape, lora.targets)
+    counts = [_Count(c.r, c.trainable, c.all_params) for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
+    if key and resolved.source == key[1]:  # only cache what resolve found where _locate_config looked
+        if entry is None or entry.get("location") != resolved.location:
+            entry = {"shape": _shape_to_dict(shape), "location": resolved.location, "targets": {}, "counts": {}}
+        entry["targets"][requested] = list(targets)
+        entry["counts"].update({_counts_key(requested, lora.use_dora, c.r): [c.trainable, c.all_params]
+                                for c in counts})
+        _write_cache(key[0], entry)
+    return shape, resolved.location, targets, counts, False
+
+
 def gather_plan(
     model: str,
     *,
@@ -175,32 +204,7 @@ def gather_plan(
     from .. import hardware
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
-    requested = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
-    key = _cache_key(model, trust_remote_code) if use_cache else None
-    entry = _read_cache(key[0]) if key else None
-    hit = entry is not None and requested in entry["targets"] and all(
-        _counts_key(requested, lora.use_dora, r) in entry["counts"] for r in ranks)
-    if hit:
-        shape, location = entry["shape_obj"], entry["location"]
-        targets = tuple(entry["targets"][requested])
-        counts = [_Count(r, *entry["counts"][_counts_key(requested, lora.use_dora, r)]) for r in ranks]
-    else:
-        from ..introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
-        from ..resolve import resolve_model_config
-
-        resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
-        meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
-        shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
-        location = resolved.location
-        targets = resolve_targets(shape, lora.targets)
-        counts = [_Count(c.r, c.trainable, c.all_params) for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
-        if key and resolved.source == key[1]:
-            entry = entry if entry is not None and entry.get("location") == location else {
-                "shape": _shape_to_dict(shape), "location": location, "targets": {}, "counts": {}}
-            entry["targets"][requested] = list(targets)
-            entry["counts"].update({_counts_key(requested, lora.use_dora, c.r): [c.trainable, c.all_params]
-                                    for c in counts})
-            _write_cache(key[0], entry)
+    shape, location, targets, counts, hit = _shape_and_counts(model, lora, ranks, trust_remote_code, use_cache)
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
 
@@ -215,10 +219,10 @@ def gather_plan(
         if ours != count.trainable:
             notes.append({"kind": "count-mismatch", "r": count.r, "budget_params": ours, "peft_params": count.trainable})
         first = first or b
-        entry = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
+        row = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
         if chosen is not None:
-            entry["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
-        budgets.append(entry)
+            row["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
+        budgets.append(row)
 
     notes += _shape_notes(shape, first)
     max_pos = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
