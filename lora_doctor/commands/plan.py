@@ -288,7 +288,7 @@ def default_markdown_path(data: dict) -> Path:
     return DEFAULT_REPORT_DIR / f"plan-{slug}-r{ranks}.md"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model")
 @click.option("--r", "ranks", default="16", show_default=True, metavar="R[,R...]",
               help="LoRA rank, or a comma-separated sweep: --r 4,8,16,64.")
@@ -300,7 +300,8 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size per device.")
 @click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="Gradient checkpointing.")
-@click.option("--optim", type=click.Choice(OPTIMIZERS), default="paged-adamw-8bit", show_default=True)
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default="paged-adamw-8bit", show_default=True,
+              help="Optimizer whose states are costed (bitsandbytes 8-bit keeps 32-bit state under 4096 elements).")
 @click.option("--quant", type=click.Choice(["nf4", "fp4", "none"]), default="nf4", show_default=True,
               help="4-bit type of the QLoRA columns; 'none' makes LoRA on a bf16 base your method.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
