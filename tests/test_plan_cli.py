@@ -260,3 +260,14 @@ def test_cache_off(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_DOCTOR_CACHE", "0")
     assert plan("gpt2", "--json").exit_code == 0
     assert not (tmp_path / "cache").exists()
+
+
+def test_moe_expert_targets_with_dropout_are_flagged():
+    result = plan("mistralai/Mixtral-8x7B-v0.1", "--json", "--gpu", "H200")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    kinds = {n["kind"] for n in data["notes"]}
+    assert {"experts-not-quantized", "param-targets-dropout"} <= kinds
+    assert "--dropout 0" in result.stderr
+    assert not any(n["kind"] == "param-targets-dropout"
+                   for n in json.loads(plan("mistralai/Mixtral-8x7B-v0.1", "--json", "--dropout", "0").stdout)["notes"])

@@ -225,6 +225,9 @@ def gather_plan(
         budgets.append(row)
 
     notes += _shape_notes(shape, first)
+    wrapped = [g.name for g, _ in budget_mod.targeted_groups(shape, targets) if g in shape.param_groups]
+    if wrapped and lora.dropout > 0:
+        notes.append({"kind": "param-targets-dropout", "names": wrapped, "dropout": lora.dropout})
     max_pos = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
     if max_pos and train.seq_len > max_pos:
         notes.append({"kind": "seq-len-over-max", "seq_len": train.seq_len, "max_position_embeddings": int(max_pos)})

@@ -126,6 +126,9 @@ def render_notes(data: dict) -> list[str]:
             out.append(f"--seq-len {n['seq_len']} is longer than the model's max_position_embeddings "
                        f"({n['max_position_embeddings']:,}); the budget is computed as asked, but training at that "
                        f"length needs RoPE scaling or fails. Try: --seq-len {n['max_position_embeddings']}")
+        elif kind == "param-targets-dropout":
+            out.append(f"peft adapts {', '.join(n['names'])} through target_parameters, which refuses lora_dropout "
+                       f"> 0 (got {n['dropout']}): training with these flags fails. Try: --dropout 0, or --target attn")
         elif kind == "count-mismatch":
             out.append(f"r={n['r']}: budget arithmetic counts {format_count(n['budget_params'])} adapter parameters, "
                        f"peft {format_count(n['peft_params'])}; the memory table uses the arithmetic.")
