@@ -240,6 +240,10 @@ def summary_lines(report: dict) -> list[str]:
     if t.get("trainable_params") is not None:
         lines.append(f"  trainable params   {t['trainable_params']:,} of {t.get('total_params') or 0:,} "
                      f"in {extra.get('adapter_modules', '?')} modules ({', '.join(t.get('resolved') or [])})")
+    data = report.get("data") or {}
+    if data.get("n_examples") is not None:
+        lines.append(f"  data               {data['n_examples']:,} examples, {data.get('n_truncated', 0):,} truncated at "
+                     f"max_length {data.get('max_length')}, {data.get('n_response_lost', 0):,} lost their whole response")
     if "measured_peak_bytes" in extra:
         planned = extra.get("planned_peak_bytes")
         err = f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra else ""
