@@ -306,7 +306,7 @@ def _problems(cfg: RunConfig, label) -> list[tuple[str, str]]:
     p: list[tuple[str, str]] = []
     if not cfg.model or not isinstance(cfg.model, str):
         p.append((f"{label('model')} is required (a model id or a local folder); got {cfg.model!r}.",
-                  "Try: --model ./tiny-llama (python examples/make_tiny_model.py writes one)"))
+                  "Try: --model examples/tiny-llama (python examples/make_tiny_model.py writes it)"))
     d, t, lo, o = cfg.data, cfg.train, cfg.loss, cfg.output
     _one_of(label("data.format"), d.format, DATA_FORMATS, p, "--format instruction")
     _positive_int(label("data.max_length"), d.max_length, p, "--max-length 512")

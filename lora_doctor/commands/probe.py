@@ -290,7 +290,7 @@ def command(config, probe_steps, as_json, no_report, **params):
     Examples:
       lora-doctor probe examples/tiny.yaml
       lora-doctor probe examples/tiny.yaml --steps 20 --lr 1e-3 --target qv
-      lora-doctor probe --model ./tiny-llama --data examples/data/tiny.jsonl --quant none
+      lora-doctor probe --model examples/tiny-llama --data examples/data/tiny.jsonl --quant none
     """
     if probe_steps <= 0:
         raise LoraDoctorError(f"--steps must be a positive integer; got {probe_steps}.", "Try: --steps 10")
