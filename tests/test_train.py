@@ -222,3 +222,16 @@ def test_resume_refuses_a_changed_config(full_run):
     with pytest.raises(LoraDoctorError) as e:
         Engine.load_checkpoint(changed, ckpt)
     assert "train.lr" in e.value.message and "max_steps" not in e.value.message
+
+
+def test_cli_out_of_memory_exits_2_and_writes_nothing(tiny_gpt2_dir, data_path, tmp_path, monkeypatch):
+    def boom(self, batch, kind=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Engine, "_loss_step", boom)
+    r = CliRunner().invoke(cli, ["train", "--model", str(tiny_gpt2_dir), "--data", str(data_path), "--quant", "none",
+                                 "--optim", "adamw", "--precision", "fp32", "--steps", "2",
+                                 "--output-dir", str(tmp_path / "run"), "--no-report"])
+    assert r.exit_code == 2, r.output
+    assert "Out of memory at step 1" in r.output and "--batch" in r.output
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "adapter").exists()
