@@ -7,6 +7,7 @@ imported lazily so `lora-doctor plan` never pays for importing bitsandbytes.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -51,6 +52,25 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        # Click's own usage errors print three lines (usage, hint, error); bad input here gets one line
+        # and exit code 2 like every LoraDoctorError.
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx is not None else (prog_name or "lora-doctor")
+            click.echo(f"Error: {e.format_message()} See: {command} --help", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -81,6 +101,9 @@ def main():
     # Keep the run quiet and offline-friendly by default; users can still override these.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # bitsandbytes' CPU backend warns at import that an optional faster kernel (from the `kernels`
+    # package) is absent; nothing is wrong, and on a first run it reads like a failed install.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cli(prog_name="lora-doctor")
 
 

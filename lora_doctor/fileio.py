@@ -7,6 +7,30 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import LoraDoctorError
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` (and parents) or explain in one line why it cannot be: call before long work, not after."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LoraDoctorError(f"The {what} '{path}' is a file, not a folder.", "Pick a folder path that is free or already a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': part of that path is a file.", "Pick another path.") from None
+    except PermissionError:
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': permission denied.", "Pick a folder you can write to.") from None
+    if not os.access(path, os.W_OK):
+        raise LoraDoctorError(f"The {what} '{path}' is not writable.", "Pick a folder you can write to.")
+    return path
+
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
@@ -14,13 +38,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise LoraDoctorError(f"Cannot write '{path}': it is a folder.", f"Give a file path, e.g. {path / 'report.md'}")
+    ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions any other file of this user gets, so a
+        # teammate can read the report or load the adapter.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
