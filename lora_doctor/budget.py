@@ -344,7 +344,9 @@ def _is_plain_mlp(shape: ModelShape) -> bool:
     return shape.model_type in PLAIN_MLP_MODEL_TYPES
 
 
-def _per_token_layer_bytes(shape: ModelShape, c: int, base_trains: bool, eager: bool, seq_len: int) -> int:
+def _per_token_layer_bytes(
+    shape: ModelShape, c: int, base_trains: bool, eager: bool, seq_len: int, mlp_c: int | None = None
+) -> int:
     """Bytes one decoder layer saves for backward, per token, excluding LoRA branches.
 
     A per-layer inventory in the spirit of Korthikanti et al. 2022, "Reducing Activation Recomputation
@@ -361,6 +363,9 @@ def _per_token_layer_bytes(shape: ModelShape, c: int, base_trains: bool, eager: 
                   plus the expert outputs kept for the routing-weight product and the fp32 router logits.
       linears     a Linear saves its input only when its *weight* needs a gradient (full fine-tuning):
                   q/k/v input, o_proj input, MLP input, down projection input.
+    mlp_c: bytes per MLP intermediate when it differs from c. After prepare_model_for_kbit_training the
+                  norm weights are fp32, so `weight * x` hands the MLP an fp32 input, bnb Linear4bit returns
+                  its input's dtype and the MLP's elementwise tensors are fp32 (measured, test_budget.py).
     Left out (small or zero for these models): dropout masks (attention/residual dropout is 0 in every
     shipped config except GPT-2), RoPE cos/sin, residual adds (save nothing), autocast weight copies.
     """
@@ -389,9 +394,10 @@ def _per_token_layer_bytes(shape: ModelShape, c: int, base_trains: bool, eager: 
     # transformers' NewGELUActivation (GPT-2 "gelu_new") is composed of pointwise ops that save x, 0.5*x,
     # tanh(...) and 1 + tanh(...); fused GELU/SiLU kernels save only their input.
     act_saves = 4 if act == "gelu_new" else 1
-    mlp = (c * inter * (2 + act_saves)) if not plain else (c * inter * act_saves)
+    m = mlp_c or c
+    mlp = (m * inter * (2 + act_saves)) if not plain else (m * inter * act_saves)
     if shape.num_experts:
-        mlp = k * (mlp + c * h) + 4 * shape.num_experts
+        mlp = k * (mlp + m * h) + 4 * shape.num_experts
     total += mlp
 
     if base_trains:
@@ -458,6 +464,7 @@ def activation_bytes(
     c: int,
     targets=(),
     lora: LoraSpec | None = None,
+    kbit_prepared: bool = False,
 ) -> int:
     """Peak bytes saved for backward over one micro-batch of train.batch x train.seq_len tokens.
 
@@ -475,13 +482,16 @@ def activation_bytes(
     """
     tokens = train.batch * train.seq_len
     eager = train.attn_impl == "eager"
-    layer = _per_token_layer_bytes(shape, c, base_trains, eager, train.seq_len)
+    # kbit_prepared (QLoRA after prepare_model_for_kbit_training): fp32 embeddings and norm weights make the
+    # residual stream fp32 (so checkpointed layer inputs are 4h) and the MLP's intermediates fp32.
+    stream_c = 4 if kbit_prepared else c
+    layer = _per_token_layer_bytes(shape, c, base_trains, eager, train.seq_len, mlp_c=4 if kbit_prepared else None)
     lora_all, lora_one = _lora_per_token_bytes(shape, targets, lora, c) if lora is not None else (0, 0)
     h = shape.hidden_size
     outside = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
     if train.grad_ckpt:
-        per_token = shape.num_layers * c * h + layer + lora_one + outside
+        per_token = shape.num_layers * stream_c * h + layer + lora_one + outside
         return tokens * per_token + merged_one
     per_token = shape.num_layers * layer + lora_all + outside
     return tokens * per_token + merged_all
@@ -584,7 +594,8 @@ def _qlora(shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec
         key, label, n, fp32_upcast=4 * unquantized,
         base_weights_bytes=packed + 4 * unquantized, quant_constants_bytes=consts, adapter_weights_bytes=4 * n,
         gradients_bytes=4 * n, optimizer_states_bytes=optimizer_state_bytes(train.optim, adapters),
-        activations_bytes=activation_bytes(shape, train, base_trains=False, c=c, targets=targets, lora=lora),
+        activations_bytes=activation_bytes(shape, train, base_trains=False, c=c, targets=targets, lora=lora,
+                                           kbit_prepared=True),
         logits_bytes=logits_bytes(shape, train, c),
     )
 

@@ -454,3 +454,26 @@ def test_dynamic_terms_bound_the_measured_step_peak(arch, grad_ckpt, vocab, low)
     est = b.activations_bytes + b.logits_bytes + b.gradients_bytes
     measured = _peak_step_bytes(model, torch.randint(4, vocab, (B, T)))
     assert low <= measured / est <= 1.05, (measured, est)
+
+
+def test_qlora_activation_estimate_tracks_saved_tensors(tmp_path):
+    """After prepare_model_for_kbit_training the fp32 norm weights make the MLP run in fp32: the QLoRA
+    column must (and does) count those intermediates at 4 bytes."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from lora_doctor.tiny import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "q", "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2)
+    shape = _shape(AutoModelForCausalLM.from_pretrained(path))
+    model = _load_4bit(path, "nf4", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora, targets = LoraSpec(r=8, dropout=0.0), resolve_targets(shape, "all-linear")
+    model = _peft(model, shape, lora, targets).train()
+    B, T = 2, 128
+    got = _saved_bytes(model, torch.randint(4, shape.vocab_size, (B, T)), autocast=True)
+    b = method_budget("qlora-nf4", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, grad_ckpt=False), targets)
+    est = b.activations_bytes + B * T * shape.vocab_size * 4  # + the fp32 log-probs cross_entropy saves
+    assert abs(est - got) / got < 0.05, (est, got)
