@@ -477,3 +477,26 @@ def test_qlora_activation_estimate_tracks_saved_tensors(tmp_path):
     b = method_budget("qlora-nf4", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, grad_ckpt=False), targets)
     est = b.activations_bytes + B * T * shape.vocab_size * 4  # + the fp32 log-probs cross_entropy saves
     assert abs(est - got) / got < 0.05, (est, got)
+
+
+@pytest.mark.slow
+def test_qlora_checkpointed_step_peak(tmp_path):
+    """QLoRA + prepare_model_for_kbit_training + non-reentrant checkpointing: fp32 residual stream saved per layer."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from lora_doctor.tiny import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "q", "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4)
+    shape = _shape(AutoModelForCausalLM.from_pretrained(path))
+    model = _load_4bit(path, "nf4", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora, targets = LoraSpec(r=8, dropout=0.0), resolve_targets(shape, "all-linear")
+    model = _peft(model, shape, lora, targets).train()
+    B, T = 2, 256
+    b = method_budget("qlora-nf4-dq", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, grad_ckpt=True), targets)
+    est = b.activations_bytes + b.logits_bytes + b.gradients_bytes
+    measured = _peak_step_bytes(model, torch.randint(4, shape.vocab_size, (B, T)))
+    assert 0.85 <= measured / est <= 1.05, (measured, est)
