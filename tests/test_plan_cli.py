@@ -117,8 +117,39 @@ def test_conv1d_tied_model_counts_and_sweep():
     assert [c["trainable_params"] for c in data["trainable"]] == [r * per_r for r in (4, 8, 16, 64)]
     assert data["model"]["total_params"] == 124_439_808  # wte tied with lm_head, counted once
     assert len(data["budgets"]) == 4
-    # the default --seq-len 2048 is past GPT-2's 1024 positions: said, not hidden
+    # without --seq-len, the default 2048 is capped at GPT-2's 1024 positions, and the note says so
+    assert data["train"]["seq_len"] == 1024
+    assert {"kind": "seq-len-defaulted", "seq_len": 1024, "default": 2048} in data["notes"]
+    assert data["lora"]["alpha"] is None  # each rank of the sweep gets its own 2*r
+
+
+def test_explicit_seq_len_past_context_is_planned_as_asked_with_a_note():
+    result = plan("gpt2", "--seq-len", "2048", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["train"]["seq_len"] == 2048
     assert {"kind": "seq-len-over-max", "seq_len": 2048, "max_position_embeddings": 1024} in data["notes"]
+
+
+def test_sweep_step_line_and_rank_above_layer_width():
+    result = plan("gpt2", "--r", "4,1000")
+    assert result.exit_code == 0, result.output
+    assert "lora_alpha 2×r" in result.stdout
+    assert "r=1000 is larger than the smallest targeted dimension (768)" in result.stderr
+
+
+def test_markdown_into_existing_folder_uses_default_name(tmp_path):
+    result = plan("gpt2", "--markdown", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["plan-gpt2-r16.md"]
+
+
+def test_markdown_under_a_file_fails_before_planning(tmp_path):
+    (tmp_path / "f").write_text("")
+    result = plan("gpt2", "--markdown", str(tmp_path / "f" / "x.md"))
+    assert result.exit_code == 2
+    assert "is a file, not a folder" in result.output
+    assert "Trainable parameters" not in result.output
 
 
 @pytest.mark.parametrize(

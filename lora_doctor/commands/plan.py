@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +16,7 @@ from ..errors import LoraDoctorError
 from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
 
 DEFAULT_REPORT_DIR = Path("reports")
+DEFAULT_SEQ_LEN = 2048
 _AUTO = "\0auto"
 
 
@@ -188,6 +189,7 @@ def gather_plan(
     detect_gpu: bool = True,
     trust_remote_code: bool = False,
     use_cache: bool = True,
+    seq_len_is_default: bool = False,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -196,6 +198,7 @@ def gather_plan(
         ranks: LoRA ranks to plan; the first one gets the full memory table and GPU verdicts.
         lora: adapter spec (targets, alpha, dropout, DoRA); its r is ignored in favour of `ranks`.
         gpu: --gpu (table name or GiB). None: the local GPU if `detect_gpu` finds one, else no headroom.
+        seq_len_is_default: the user gave no --seq-len; cap train.seq_len at the model's context length.
 
     Raises:
         LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU.
@@ -207,6 +210,13 @@ def gather_plan(
     shape, location, targets, counts, hit = _shape_and_counts(model, lora, ranks, trust_remote_code, use_cache)
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
+
+    # Without an explicit --seq-len, plan the default length only up to what the model can attend to.
+    max_pos = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
+    seq_len_defaulted = None
+    if seq_len_is_default and max_pos and train.seq_len > max_pos:
+        seq_len_defaulted = train.seq_len
+        train = replace(train, seq_len=int(max_pos))
 
     notes = []
     budgets = []
@@ -228,9 +238,16 @@ def gather_plan(
     wrapped = [g.name for g, _ in budget_mod.targeted_groups(shape, targets) if g in shape.param_groups]
     if wrapped and lora.dropout > 0:
         notes.append({"kind": "param-targets-dropout", "names": wrapped, "dropout": lora.dropout})
-    max_pos = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
-    if max_pos and train.seq_len > max_pos:
+    if seq_len_defaulted is not None:
+        notes.append({"kind": "seq-len-defaulted", "seq_len": train.seq_len, "default": seq_len_defaulted})
+    elif max_pos and train.seq_len > max_pos:
         notes.append({"kind": "seq-len-over-max", "seq_len": train.seq_len, "max_position_embeddings": int(max_pos)})
+    smallest = min((min(g.in_features, g.out_features) for g, _ in budget_mod.targeted_groups(shape, targets)),
+                   default=None)
+    too_big = [c.r for c in counts if smallest is not None and c.r > smallest]
+    if too_big:
+        # r >= min(in, out) makes B @ A full rank: no longer low-rank, just a slower full fine-tune of that layer.
+        notes.append({"kind": "rank-exceeds-dim", "ranks": too_big, "min_dim": smallest})
     by_gpu: dict[str, dict] = {}
     for v in hardware.verdicts(first):
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
@@ -300,7 +317,8 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--alpha", type=int, default=None, help="lora_alpha (default 2*r).")
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="lora_dropout.")
 @click.option("--dora", is_flag=True, help="Weight-decomposed LoRA: one magnitude vector per adapted module.")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens per sequence.  [default: 2048, or the model's context length if shorter]")
 @click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size per device.")
 @click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="Gradient checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), default="paged-adamw-8bit", show_default=True,
@@ -335,14 +353,16 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
       lora-doctor plan gpt2 --markdown
     """
     from ..report.plan import render_notes, render_plan, render_plan_markdown
-    from ..fileio import write_text_atomic
+    from ..fileio import ensure_writable_dir, write_text_atomic
 
     rank_list = parse_ranks(ranks)
     lora = LoraSpec(r=rank_list[0], alpha=alpha, dropout=dropout, targets=target, use_dora=dora)
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
-    train = TrainSpec(seq_len=seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
+    if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
+        ensure_writable_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, not after
+    train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None)
 
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -355,5 +375,7 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
                    err=True)
     if markdown is not None:
         path = default_markdown_path(data) if markdown == _AUTO else Path(markdown)
+        if path.is_dir():
+            path = path / default_markdown_path(data).name
         write_text_atomic(path, render_plan_markdown(data))
         click.echo(f"Markdown report written to {path}", err=True)

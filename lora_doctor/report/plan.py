@@ -28,12 +28,19 @@ def peft_line(count: dict) -> str:
             f"trainable%: {100 * count['trainable_params'] / count['all_params']:.4f}")
 
 
+def _alpha(data: dict) -> str:
+    lora = data["lora"]
+    if lora.get("alpha") is None and len(data.get("trainable", [])) > 1:
+        return "2×r"  # a sweep: every rank gets its own default alpha
+    return str(lora["lora_alpha"])
+
+
 def _step_line(data: dict) -> str:
     t, q, lora = data["train"], data["quant"], data["lora"]
     quant = "none (bf16 base)" if q["mode"] is None else q["mode"] + (" + double quant" if q["double_quant"] else "")
     return (f"batch {t['batch']} × seq {t['seq_len']}, gradient checkpointing {'on' if t['grad_ckpt'] else 'off'}, "
             f"attention {t['attn_impl']}, optimizer {t['optim']}, quantization {quant}, "
-            f"lora_alpha {lora['lora_alpha']}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else ""))
+            f"lora_alpha {_alpha(data)}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else ""))
 
 
 def memory_rows(budget: dict) -> tuple[list[str], list[list[str]]]:
@@ -124,8 +131,16 @@ def render_notes(data: dict) -> list[str]:
                        "prepare_model_for_kbit_training upcasts from 16 bit.")
         elif kind == "seq-len-over-max":
             out.append(f"--seq-len {n['seq_len']} is longer than the model's max_position_embeddings "
-                       f"({n['max_position_embeddings']:,}); the budget is computed as asked, but training at that "
-                       f"length needs RoPE scaling or fails. Try: --seq-len {n['max_position_embeddings']}")
+                       f"({n['max_position_embeddings']:,}); the budget is computed as asked, but the model "
+                       f"was not trained past that length (it needs RoPE scaling, or fails for learned positions). "
+                       f"Try: --seq-len {n['max_position_embeddings']}")
+        elif kind == "seq-len-defaulted":
+            out.append(f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
+                       f"{n['default']:,}; pass --seq-len to choose.")
+        elif kind == "rank-exceeds-dim":
+            out.append(f"r={', '.join(map(str, n['ranks']))} is larger than the smallest targeted dimension "
+                       f"({n['min_dim']:,}): the update B@A is then no longer low-rank, only a costlier full update "
+                       f"of that layer. Try: --r {min(64, n['min_dim'])}")
         elif kind == "param-targets-dropout":
             out.append(f"peft adapts {', '.join(n['names'])} through target_parameters, which refuses lora_dropout "
                        f"> 0 (got {n['dropout']}): training with these flags fails. Try: --dropout 0, or --target attn")
