@@ -223,11 +223,19 @@ def read_rows(path: str, split: str = "train") -> list[tuple[str, dict]]:
                                   f"Use one of {', '.join(LOCAL_SUFFIXES)}.")
         return readers[suffix](p)
     if p.is_dir():
+        saved = (p / "state.json").exists() or (p / "dataset_dict.json").exists()
+        has_file = next((q for q in p.rglob("*") if q.suffix.lower() in LOCAL_SUFFIXES and q.is_file()), None)
+        if not saved and has_file is None:
+            raise LoraDoctorError(
+                f"Dataset path '{path}' is a folder without data files (no {', '.join(LOCAL_SUFFIXES)} and no "
+                "datasets save_to_disk output).",
+                "Point data.path (or --data) at a data file, e.g. --data examples/data/tiny.jsonl.")
         return _read_hf(str(p), split)  # save_to_disk output, or a folder datasets.load_dataset understands
     if p.suffix.lower() in LOCAL_SUFFIXES or str(path).startswith((".", "/", "~")):
         near = sorted(q.name for q in p.parent.iterdir() if q.suffix.lower() in LOCAL_SUFFIXES) \
             if p.parent.is_dir() else []
-        raise LoraDoctorError(f"Dataset file '{path}' not found.",
+        looked = "" if p.is_absolute() else f" (looked for '{p.absolute()}')"
+        raise LoraDoctorError(f"Dataset file '{path}' not found{looked}.",
                               (f"Data files in {p.parent}: {', '.join(near[:10])}. " if near else "")
                               + "Fix data.path or pass --data PATH.")
     return _read_hf(str(path), split)

@@ -126,8 +126,16 @@ class Engine:
         self.device_index = self.local_rank if device == "cuda" else None
         self.is_main = self.rank == 0
 
-    def setup(self) -> Engine:
-        """Load tokenizer, model (measuring the load phase), data, optimizer and scheduler."""
+    def setup(self, log: Callable[[str], None] | None = None) -> Engine:
+        """Resolve the model, load the tokenizer and the data, then the model (measuring the load phase),
+        the optimizer and the scheduler.
+
+        Everything that can be wrong with the input (model id, config.json, dataset, max_length) is
+        checked before the weights load: on a 70B that load is minutes and a GPU allocation.
+        """
+        self._resolve_model()
+        self._setup_tokenizer()
+        self._setup_data()
         # Import the heavy libraries before the baseline, so CPU RSS measures the run, not the imports.
         import peft  # noqa: F401
         import transformers.models.auto.modeling_auto  # noqa: F401
@@ -135,6 +143,8 @@ class Engine:
         if self.cfg.quant.mode is not None or "8bit" in self.cfg.train.optim:
             with contextlib.suppress(Exception):
                 import bitsandbytes  # noqa: F401
+        if log is not None:
+            log(f"loading {self.cfg.model} ({self.cfg.quant.mode or 'no quantization'}, {self.device}) ...")
         self.monitor.start("load")
         try:
             self._setup_model()
@@ -147,24 +157,44 @@ class Engine:
             self.monitor.stop()
             raise
         self.memory["load"] = self.monitor.stop()
-        self._setup_data()
         self._setup_optimizer()
         return self
 
+    def _resolve_model(self) -> None:
+        """resolve.py's offline-first lookup (clear messages for an unknown id, a folder without config.json,
+        offline mode), and the path every from_pretrained here uses: a local folder as an absolute path, so
+        the adapter's base_model_name_or_path works from any working folder; a hub id stays an id."""
+        from transformers import AutoConfig
+
+        from .resolve import resolve_model_config
+
+        cfg = self.cfg
+        resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        local = Path(cfg.model).expanduser()
+        self.model_path = str(local.resolve()) if local.is_dir() else cfg.model
+        try:
+            # The config as saved (its dtype is the checkpoint's, which the doctor compares with --precision).
+            self.base_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=cfg.trust_remote_code)
+        except Exception as e:
+            raise _model_error(cfg.model, e) from None
+
+    def _setup_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.trust_remote_code)
+        except Exception as e:
+            raise _model_error(cfg.model, e) from None
+        self.tokenizer.padding_side = cfg.data.padding_side
+
     def _setup_model(self) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         cfg, q = self.cfg, self.cfg.quant
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        try:
-            # The config as saved (its dtype is the checkpoint's, which the doctor compares with --precision).
-            self.base_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        except Exception as e:
-            raise _model_error(cfg.model, e) from None
-        self.tokenizer.padding_side = cfg.data.padding_side
 
         kwargs = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.train.attn_impl)
         device_map = {"": self.device_index if self.device == "cuda" else "cpu"}
@@ -182,7 +212,7 @@ class Engine:
             kwargs["dtype"] = torch_dtype(cfg.train.precision)
         with quiet_transformers():
             try:
-                model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(self.model_path, device_map=device_map, **kwargs)
             except Exception as e:
                 if _is_oom(e):
                     raise
@@ -685,8 +715,9 @@ def merge_adapter(cfg: RunConfig, adapter_dir: str | os.PathLike, out_dir: str |
         raise LoraDoctorError(f"Cannot merge into {dtype!r}: only a 16/32-bit base can be merged.",
                               "Set output.merge_dtype: bf16 (the base is reloaded unquantized for the merge).")
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / MERGED_DIR
+    local = Path(cfg.model).expanduser()
     with quiet_transformers():
-        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch_dtype(dtype), device_map={"": "cpu"},
+        base = AutoModelForCausalLM.from_pretrained(str(local.resolve()) if local.is_dir() else cfg.model, dtype=torch_dtype(dtype), device_map={"": "cpu"},
                                                     trust_remote_code=cfg.trust_remote_code)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         raise LoraDoctorError(f"The base {cfg.model!r} loads quantized, so merging would go into 4/8-bit weights.",

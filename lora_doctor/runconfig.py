@@ -298,7 +298,9 @@ def _positive_int(label, value, problems, example, allow_none=False, allow_zero=
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         kind = "a non-negative integer" if allow_zero else "a positive integer"
-        problems.append((f"{label} must be {kind}{' or null' if allow_none else ''}; got {value!r}.", f"Try: {example}"))
+        # "or null" is YAML; a flag (--steps) is simply left out to get the default.
+        null = " or null" if allow_none and not label.startswith("--") else ""
+        problems.append((f"{label} must be {kind}{null}; got {value!r}.", f"Try: {example}"))
 
 
 def _problems(cfg: RunConfig, label) -> list[tuple[str, str]]:
@@ -504,7 +506,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise LoraDoctorError(f"Config file '{path}' not found.",
                               (f"Configs in {path.parent}: {', '.join(near)}. " if near else "")
                               + "Try: lora-doctor probe examples/tiny.yaml")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise LoraDoctorError(
+            f"Config file '{path}' is not valid UTF-8: byte {data[e.start:e.start + 1]!r} at position {e.start} "
+            f"(line {line}).",
+            f"Re-encode it: iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}") from None
     if path.suffix == ".toml":
         import tomllib
 
@@ -573,10 +583,55 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object]
                 continue
             dotted = f"{section}.{key}" if section else key
             value = holder.get(key)
-            if isinstance(value, str) and dotted not in origins and not Path(value).is_absolute() \
-                    and (base / value).exists():
-                holder[key] = str(base / value)
+            if isinstance(value, str) and dotted not in origins and not Path(value).expanduser().is_absolute():
+                if (base / value).exists():
+                    holder[key] = str(base / value)
+                elif section == "data" and _missing_data_file(value):
+                    near, here = (base / value).absolute(), Path(value).absolute()
+                    where = f"looked for '{near}'" if near == here else \
+                        f"looked next to the config ('{near}') and in the working folder ('{here}')"
+                    raise LoraDoctorError(
+                        f"Dataset file '{value}' not found: {where}.",
+                        f"Fix {dotted} in {Path(path).name} (relative paths are relative to the config file) "
+                        "or pass --data PATH.")
     return from_dict(raw, source=source, origins=origins)
+
+
+def _missing_data_file(value: str) -> bool:
+    """A relative data path that names a local file (by its suffix) and exists nowhere; datasets names pass."""
+    from .data import LOCAL_SUFFIXES
+
+    p = Path(value)
+    return p.suffix.lower() in LOCAL_SUFFIXES and not p.exists()
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail in a second, not after the run, when `path` cannot become a writable folder.
+
+    Creates nothing (a run refused later for bad data leaves no empty folder behind): an existing
+    folder goes through fileio.ensure_writable_dir; a missing one is checked at its nearest existing
+    ancestor, which must be a writable folder.
+
+    Raises:
+        LoraDoctorError: `path` or one of its parents is a file, or the folder cannot be written.
+    """
+    from .fileio import ensure_writable_dir
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return ensure_writable_dir(path, what)
+    if path.exists():
+        raise LoraDoctorError(f"The {what} '{path}' is a file, not a folder.",
+                              "Pick a folder path that is free or already a folder.")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is a file.", "Pick another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is not writable.",
+                              "Pick a folder you can write to.")
+    return path
 
 
 # --- CLI options shared by probe, train and check --------------------------------------------------
@@ -651,5 +706,5 @@ def config_from_cli(config_path: str | None, params: dict, extra: dict[str, obje
 
 __all__ = [
     "RunConfig", "DataConfig", "TrainConfig", "LossConfig", "OutputConfig", "load_run_config", "from_dict",
-    "config_from_cli", "run_options", "parse_set", "valid_keys", "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT",
+    "config_from_cli", "run_options", "parse_set", "valid_keys", "check_output_dir", "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT",
 ]

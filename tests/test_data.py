@@ -161,3 +161,17 @@ def test_separate_eval_file_and_max_examples(tmp_path, tiny_tokenizer):
     held = write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])
     data = load_data(DataConfig(path=str(train), eval_path=str(held), max_examples=5), tiny_tokenizer)
     assert (len(data.train), len(data.eval), data.stats.n_eval_examples) == (5, 2, 2)
+
+
+def test_folder_without_data_files_says_so(tmp_path, tiny_tokenizer):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(tmp_path / "empty")), tiny_tokenizer)
+    assert "is a folder without data files" in e.value.message and "--data" in e.value.hint
+
+
+def test_missing_relative_file_names_the_absolute_path(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path="nope.jsonl"), tiny_tokenizer)
+    assert e.value.message == f"Dataset file 'nope.jsonl' not found (looked for '{tmp_path / 'nope.jsonl'}')."

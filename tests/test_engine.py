@@ -46,6 +46,7 @@ def qlora(tiny_llama_dir, data_path, tmp_path_factory):
     return engine, engine.result("probe")
 
 
+@pytest.mark.slow  # its fixture's nf4 run is ~7 s on 2 shared cores
 def test_qlora_nf4_loss_decreases(qlora):
     engine, result = qlora
     import bitsandbytes as bnb
@@ -193,8 +194,11 @@ def test_bitsandbytes_unavailable(tiny_llama_dir, data_path, tmp_path, monkeypat
 
 
 def test_missing_model_and_unknown_target(tiny_llama_dir, data_path, tmp_path):
-    with pytest.raises(LoraDoctorError, match="Cannot load model"):
+    with pytest.raises(LoraDoctorError, match="does not exist"):  # resolve.py's message, before any load
         Engine(make_cfg(tmp_path / "no-model", data_path, tmp_path)).setup()
+    (tmp_path / "no-config").mkdir()
+    with pytest.raises(LoraDoctorError, match="has no config.json"):
+        Engine(make_cfg(tmp_path / "no-config", data_path, tmp_path)).setup()
     with pytest.raises(LoraDoctorError) as e:
         Engine(make_cfg(tiny_llama_dir, data_path, tmp_path, **{"lora.targets": "qkv_proj"})).setup()
     assert "qkv_proj" in e.value.message and "q_proj" in e.value.hint
@@ -240,7 +244,7 @@ def test_cuda_peak_memory_is_measured(tiny_llama_dir, data_path, tmp_path):
     assert result.grad_flow.healthy and result.loss.finite
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gpt2"])
+@pytest.mark.parametrize("arch", [pytest.param("mistral", marks=pytest.mark.slow), "gpt2"])
 def test_other_families_learn_under_nf4(arch, data_path, tmp_path):
     """Mistral (GQA, sliding window) and GPT-2 (fused Conv1D c_attn, quantized transposed) through the same engine."""
     from lora_doctor.tiny import save_tiny_model
@@ -253,3 +257,16 @@ def test_other_families_learn_under_nf4(arch, data_path, tmp_path):
     assert result.grad_flow.healthy, result.grad_flow.modules_without_grad
     assert result.loss.finite and result.loss.last < result.loss.first
     assert result.model.model_type == arch
+
+
+def test_input_is_checked_before_the_weights_load(tiny_llama_dir, tmp_path, monkeypatch):
+    """A typo in data.path fails in a second: resolve, tokenizer and data come before from_pretrained."""
+    def must_not_load(self):
+        raise AssertionError("the model was loaded before the dataset was read")
+
+    monkeypatch.setattr(Engine, "_setup_model", must_not_load)
+    with pytest.raises(LoraDoctorError, match="Dataset file .* not found"):
+        Engine(make_cfg(tiny_llama_dir, tmp_path / "nope.jsonl", tmp_path)).setup()
+    (tmp_path / "short.jsonl").write_text(json.dumps(learnable_rows(1)[0]) + "\n")
+    with pytest.raises(LoraDoctorError, match="too small for any response"):
+        Engine(make_cfg(tiny_llama_dir, tmp_path / "short.jsonl", tmp_path, **{"data.max_length": 4})).setup()

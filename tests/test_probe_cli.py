@@ -14,6 +14,7 @@ def run_yaml(tiny_llama_dir, tmp_path_factory):
     data = root / "learn.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say word {i}.", "output": "Blue sky."}) + "\n"
                             for i in range(12)), encoding="utf-8")
+    (root / "empty").mkdir()
     cfg = root / "run.yaml"
     cfg.write_text(f"""
 model: {tiny_llama_dir}
@@ -30,13 +31,16 @@ def invoke(*args):
     return CliRunner().invoke(cli, ["probe", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_healthy_probe_exits_0_and_writes_reports(run_yaml):
-    r = invoke(run_yaml, "--steps", 4)
+    # output.merge on an nf4 config: probe is the pre-flight of that train run, so the doctor's merge note shows.
+    r = invoke(run_yaml, "--steps", 4, "--set", "output.merge=true")
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert "Verdict: healthy" in out
     assert "14/14 modules got gradients" in out and "14/14 moved" in out
     assert "peak memory" in out and "measured" in out
+    assert "merge-reloads-base" in out
     reports = run_yaml.parent / "reports"
     md = list(reports.glob("probe-*.md"))
     js = list(reports.glob("probe-*.json"))
@@ -69,7 +73,11 @@ def test_json_to_stdout(run_yaml):
     (["{cfg}", "--set", "train.learning_rate=1"], "unknown key"),
     (["{cfg}", "--data", "{dir}/nope.jsonl"], "Dataset file"),
     (["{cfg}", "--max-length", "4", "--quant", "none"], "too small for any response"),
-    (["{cfg}", "--model", "{dir}/no-model", "--quant", "none"], "Cannot load model"),
+    (["{cfg}", "--model", "{dir}/no-model", "--quant", "none"], "no-model' does not exist"),
+    (["{cfg}", "--model", "{dir}", "--quant", "none"], "has no config.json"),
+    (["{cfg}", "--data", "{dir}/empty"], "is a folder without data files"),
+    (["{cfg}", "--reports-dir", "{cfg}"], "is a file, not a folder"),
+    (["{cfg}", "--reports-dir", "{cfg}/sub"], "is a file"),
 ])
 def test_bad_input_exits_2_with_one_line(run_yaml, args, needle):
     args = [a.format(dir=run_yaml.parent, cfg=run_yaml) for a in args]
@@ -78,6 +86,55 @@ def test_bad_input_exits_2_with_one_line(run_yaml, args, needle):
     assert needle in r.output
     assert "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1].startswith("Error:")
+
+
+@pytest.mark.parametrize("args", [["--data", "{dir}/nope.jsonl"], ["--reports-dir", "{cfg}/sub"],
+                                  ["--model", "{dir}/no-model"], ["--max-length", "4"]])
+def test_bad_input_fails_before_the_weights_load(run_yaml, monkeypatch, args):
+    from lora_doctor.engine import Engine
+
+    def must_not_load(self):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(Engine, "_setup_model", must_not_load)
+    r = invoke(run_yaml, "--steps", 1, *[a.format(dir=run_yaml.parent, cfg=run_yaml) for a in args])
+    assert r.exit_code == 2, r.output
+    assert "loading" not in r.output and r.output.strip().splitlines()[-1].startswith("Error:")
+
+
+def test_cpu_plan_error_leaves_out_the_cuda_overhead(run_yaml):
+    r = invoke(run_yaml, "--steps", 1, "--json", "--no-report", "--quant", "none", "--optim", "adamw",
+               "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    extra, memory = result["extra"], result["memory"]
+    terms = extra["run"]["model"]  # the run's own record says where it ran
+    assert terms["device"] == "cpu"
+    if "planned_peak_bytes" not in extra:
+        pytest.skip(f"planner unavailable: {extra.get('plan_unavailable')}")
+    assert extra["planned_basis"].startswith("plan without its CUDA-only runtime overhead")
+    assert extra["planned_peak_bytes"] < extra["planned_with_cuda_overhead_bytes"]
+    assert extra["plan_error_pct"] == round(100 * (extra["planned_peak_bytes"] - extra["measured_peak_bytes"])
+                                            / extra["measured_peak_bytes"], 1)
+    # The Markdown's memory table is rendered from this block: the same CPU figure, labelled.
+    assert memory["planned_total_bytes"] == extra["planned_peak_bytes"]
+    assert "runtime_overhead_bytes" not in memory["planned_terms"]
+    assert sum(memory["planned_terms"].values()) == memory["planned_total_bytes"]
+    assert "without its CUDA-only runtime overhead" in memory["device"]
+
+
+def test_summary_wording_and_eval_summary():
+    from lora_doctor.commands.probe import eval_loss_summary, summary_lines
+
+    assert eval_loss_summary([]) == {}
+    ev = eval_loss_summary([(2, 3.0), (4, 2.5), (6, 2.7)])
+    assert (ev["eval_loss_first"], ev["eval_loss_last"], ev["eval_loss_best"], ev["eval_loss_best_step"]) == \
+        (3.0, 2.7, 2.5, 4)
+    lines = summary_lines({"kind": "probe", "model": {"id": "m"}, "verdict": {"status": "healthy"},
+                           "extra": {"steps": 1, "first_loss": 2.0, "last_loss": 1.5, "loss_slope_per_step": -0.5,
+                                     **ev}})
+    text = "\n".join(lines)
+    assert "over 1 step (slope" in text and "eval loss          3.0000 -> 2.7000 (best 2.5000 at step 4)" in text
 
 
 def test_out_of_memory_becomes_an_error_finding(run_yaml, monkeypatch):

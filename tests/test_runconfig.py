@@ -111,3 +111,55 @@ def test_replace_and_train_spec():
     spec = cfg.train_spec()
     assert (spec.seq_len, spec.batch, spec.optim, spec.dtype) == (64, 1, "paged-adamw-8bit", "bf16")
     assert cfg.to_dict()["train"]["lr"] == 0.0
+
+
+# --- QA findings: bad bytes, flag wording, where a missing dataset was looked for, output folders --------
+
+
+def test_non_utf8_config_is_one_error_naming_the_file_and_byte(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"model: tiny\xff\n")
+    with pytest.raises(LoraDoctorError) as e:
+        load_run_config(path)
+    assert f"'{path}' is not valid UTF-8" in e.value.message and "position 11" in e.value.message
+    assert "iconv" in e.value.hint
+
+
+def test_steps_flag_message_has_no_yaml_null():
+    from lora_doctor.runconfig import config_from_cli
+
+    with pytest.raises(LoraDoctorError) as e:
+        config_from_cli(None, {"model": "m"}, extra={"train.max_steps": 0})
+    assert e.value.message == "--steps must be a positive integer; got 0."
+    with pytest.raises(LoraDoctorError, match=r"train.max_steps \(in c.yaml\) must be a positive integer or null"):
+        from_dict({"model": "m", "train": {"max_steps": 0}}, source="c.yaml")
+
+
+def test_missing_relative_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    cfg_dir, cwd = tmp_path / "cfg", tmp_path / "cwd"
+    cfg_dir.mkdir(), cwd.mkdir()
+    (cfg_dir / "run.yaml").write_text("model: m\ndata: {path: nope.jsonl}\n")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(LoraDoctorError) as e:
+        load_run_config(cfg_dir / "run.yaml")
+    assert "Dataset file 'nope.jsonl' not found" in e.value.message
+    assert str(cfg_dir / "nope.jsonl") in e.value.message and str(cwd / "nope.jsonl") in e.value.message
+    # Found in the working folder (the older rule): accepted as it is; datasets names are left alone.
+    (cwd / "nope.jsonl").write_text("{}\n")
+    assert load_run_config(cfg_dir / "run.yaml").data.path == "nope.jsonl"
+    (cfg_dir / "hub.yaml").write_text("model: m\ndata: {path: tatsu-lab/alpaca}\n")
+    assert load_run_config(cfg_dir / "hub.yaml").data.path == "tatsu-lab/alpaca"
+
+
+def test_check_output_dir_refuses_files_and_creates_nothing(tmp_path):
+    from lora_doctor.runconfig import check_output_dir
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(LoraDoctorError, match="is a file, not a folder"):
+        check_output_dir(a_file, "reports folder")
+    with pytest.raises(LoraDoctorError, match=r"'.*notes.txt' is a file"):
+        check_output_dir(a_file / "runs" / "x", "output folder")
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    assert check_output_dir(tmp_path) == tmp_path

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import LoraDoctorError
-from ..runconfig import RunConfig, config_from_cli, run_options
+from ..runconfig import RunConfig, check_output_dir, config_from_cli, run_options
 
 DEFAULT_PROBE_STEPS = 10
 LABEL_SAMPLE = 64
@@ -88,9 +88,8 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
     log = log or (lambda msg: None)
     engine = Engine(cfg, model_hook=model_hook)
     oom = None
-    log(f"loading {cfg.model} ({cfg.quant.mode or 'no quantization'}, {engine.device}) ...")
     try:
-        engine.setup()
+        engine.setup(log=log)
         log(f"{engine.model_info.trainable_params:,} trainable params in {engine.model_info.n_adapted_modules} modules; "
             f"{engine.data.stats.n_examples} examples; running {steps} step(s) ...")
         if steps > engine.total_steps:
@@ -150,9 +149,38 @@ def doctor_findings(cfg, engine, result, prediction, env: dict | None = None) ->
     return list(run_checks(ctx))
 
 
+CPU_PLAN_BASIS = "plan without its CUDA-only runtime overhead (CPU run: no CUDA context or caching allocator)"
+
+
+def planned_for_device(prediction: dict | None, result) -> tuple[int | None, dict | None, str | None]:
+    """(planned bytes, planned terms, basis) to hold against what this run measured.
+
+    On CUDA: plan's total as it is. On CPU the runtime-overhead term (CUDA context + caching-allocator
+    slack) has nothing to correspond to in process RSS, so it is left out and `basis` says so.
+    """
+    if not prediction or "total_bytes" not in prediction:
+        return None, None, None
+    total, terms = prediction["total_bytes"], dict(prediction["terms"])
+    if result is not None and result.model.device == "cpu" and terms.get("runtime_overhead_bytes"):
+        overhead = terms.pop("runtime_overhead_bytes")
+        return total - overhead, terms, CPU_PLAN_BASIS
+    return total, terms, None
+
+
+def eval_loss_summary(eval_losses) -> dict:
+    """The eval cross-entropy at a glance: first, last and best (lowest) with their steps; {} without eval."""
+    points = [(int(s), float(v)) for s, v in eval_losses or () if v == v]  # NaN (empty eval batch) dropped
+    if not points:
+        return {}
+    best_step, best = min(points, key=lambda p: p[1])
+    return {"eval_loss_first": points[0][1], "eval_loss_last": points[-1][1], "eval_loss_best": best,
+            "eval_loss_best_step": best_step, "eval_loss_last_step": points[-1][0], "eval_points": len(points)}
+
+
 def build_report(kind, cfg, engine, result, findings, extra, prediction, env: dict | None = None) -> dict:
     """The result dict in the doctor's schema (report/run.py), with the full RunResult under extra['run']."""
     measured, what = measured_peak_bytes(result) if result is not None else (None, "")
+    planned, planned_terms, basis = planned_for_device(prediction, result)
     memory = None
     if result is not None:
         train = result.memory.get("train") or result.memory.get("load")
@@ -162,10 +190,11 @@ def build_report(kind, cfg, engine, result, findings, extra, prediction, env: di
                               "nvml_peak_used_bytes": max((p.nvml_peak_used_bytes or 0) for p in result.memory.values()) or None}
         else:
             measured_block = {"peak_rss_bytes": measured}
-        memory = {"device": f"{result.model.device} — measured: {what}", "measured": measured_block}
-        if prediction and "total_bytes" in prediction:
-            memory["planned_total_bytes"] = prediction["total_bytes"]
-            memory["planned_terms"] = prediction["terms"]
+        memory = {"device": f"{result.model.device} — measured: {what}" + (f"; planned: {basis}" if basis else ""),
+                  "measured": measured_block}
+        if planned is not None:
+            memory["planned_total_bytes"] = planned
+            memory["planned_terms"] = planned_terms
     extra = dict(extra)
     if result is not None:
         tp = result.throughput
@@ -179,15 +208,15 @@ def build_report(kind, cfg, engine, result, findings, extra, prediction, env: di
             "modules_unchanged": len(result.grad_flow.modules_unchanged),
             "measured_peak_bytes": measured,
         })
-        if prediction and "total_bytes" in prediction and measured:
-            extra["planned_peak_bytes"] = prediction["total_bytes"]
-            extra["plan_error_pct"] = round(100.0 * (prediction["total_bytes"] - measured) / measured, 1)
-            overhead = prediction["terms"].get("runtime_overhead_bytes")
-            if result.model.device == "cpu" and overhead:
-                # plan's runtime overhead models the CUDA context and allocator slack; a CPU run has neither.
-                extra["planned_without_cuda_overhead_bytes"] = prediction["total_bytes"] - overhead
+        if planned is not None and measured:
+            extra["planned_peak_bytes"] = planned
+            extra["plan_error_pct"] = round(100.0 * (planned - measured) / measured, 1)
+            if basis:
+                extra["planned_basis"] = basis
+                extra["planned_with_cuda_overhead_bytes"] = prediction["total_bytes"]
         elif prediction and "error" in prediction:
             extra["plan_unavailable"] = prediction["error"]
+        extra.update(eval_loss_summary(result.eval_losses))
         if result.error:
             extra["error"] = result.error
         extra["run"] = result.to_dict()
@@ -229,6 +258,10 @@ def write_reports(report: dict, cfg: RunConfig, kind: str) -> list[Path]:
         return [write_json_atomic(Path(cfg.output.reports_dir) / f"{kind}.json", report)]
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def summary_lines(report: dict) -> list[str]:
     """The terminal summary: verdict, memory plan vs measured, loss, gradient flow, findings."""
     from ..report import format_bytes
@@ -247,16 +280,20 @@ def summary_lines(report: dict) -> list[str]:
     if "measured_peak_bytes" in extra:
         planned = extra.get("planned_peak_bytes")
         err = f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra else ""
+        cpu = " (CPU: without the CUDA-only overhead)" if extra.get("planned_basis") else ""
         lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
-                     f"planned {format_bytes(planned)}{err}")
-        if extra.get("planned_without_cuda_overhead_bytes") is not None:
-            lines.append(f"                     on CPU the plan's CUDA runtime overhead does not apply: planned "
-                         f"{format_bytes(extra['planned_without_cuda_overhead_bytes'])} without it")
+                     f"planned {format_bytes(planned)}{cpu}{err}")
+        if extra.get("planned_with_cuda_overhead_bytes") is not None:
+            lines.append(f"                     on a GPU the plan is {format_bytes(extra['planned_with_cuda_overhead_bytes'])} "
+                         "(CUDA context and allocator slack included)")
     if extra.get("first_loss") is not None:
         lines.append(f"  loss               {extra['first_loss']:.4f} -> {extra['last_loss']:.4f} over "
-                     f"{extra['steps']} steps (slope {extra['loss_slope_per_step']:+.4f}/step)"
+                     f"{_steps(extra['steps'])} (slope {extra['loss_slope_per_step']:+.4f}/step)"
                      if extra.get("loss_slope_per_step") is not None else
                      f"  loss               {extra['first_loss']:.4f} -> {extra['last_loss']:.4f}")
+    if extra.get("eval_loss_last") is not None:
+        lines.append(f"  eval loss          {extra['eval_loss_first']:.4f} -> {extra['eval_loss_last']:.4f} "
+                     f"(best {extra['eval_loss_best']:.4f} at step {extra['eval_loss_best_step']})")
     if "adapter_modules" in extra:
         lines.append(f"  gradient flow      {extra['adapter_modules'] - extra['modules_without_grad']}/"
                      f"{extra['adapter_modules']} modules got gradients, {extra['adapter_modules'] - extra['modules_unchanged']}/"
@@ -295,6 +332,8 @@ def command(config, probe_steps, as_json, no_report, **params):
     if probe_steps <= 0:
         raise LoraDoctorError(f"--steps must be a positive integer; got {probe_steps}.", "Try: --steps 10")
     cfg = config_from_cli(config, params)
+    if not no_report:
+        check_output_dir(cfg.output.reports_dir, "reports folder")
     _, report, findings = run_probe(cfg, probe_steps, log=lambda m: click.echo(m, err=True))
     if not no_report:
         for path in write_reports(report, cfg, "probe"):

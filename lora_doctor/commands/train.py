@@ -12,13 +12,14 @@ from __future__ import annotations
 import io
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
 import click
 
 from ..errors import LoraDoctorError
-from ..runconfig import RunConfig, config_from_cli, run_options
+from ..runconfig import RunConfig, check_output_dir, config_from_cli, run_options
 
 LOSS_LOG = "loss_log.jsonl"
 LOSS_PNG = "loss_curve.png"
@@ -81,25 +82,48 @@ def plot_loss_curve(path: Path, steps, eval_losses) -> Path | None:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def progress_bar(total: int, initial: int, enabled: bool | None = None):
+    """A tqdm bar on stderr, or None: off when stderr is not a terminal (CI logs, pipes), where the
+    per-N-steps log lines are the progress instead."""
+    import sys
+
+    if enabled is None:
+        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, desc="train")
+
+
 def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None, should_stop=None,
-          log=None, model_hook=None, write_report: bool = True):
+          log=None, model_hook=None, write_report: bool = True, show_progress: bool | None = None):
     """Run (or resume) a training run. Returns (engine, RunResult, outputs dict).
 
+    Args:
+        show_progress: a tqdm bar on stderr; None shows it when stderr is a terminal.
+
     Raises:
-        LoraDoctorError: bad config/data/model, no checkpoint to resume, out of memory.
+        LoraDoctorError: bad config/data/model, unwritable output folder, no checkpoint to resume,
+            out of memory.
     """
     from ..engine import Engine, merge_adapter, write_loss_log
+    from .probe import eval_loss_summary
 
     out_dir = Path(cfg.output.dir)
+    check_output_dir(out_dir, "output folder")  # before the load, not after the run
     engine = Engine(cfg, model_hook=model_hook)
     say = log or (lambda msg: None)
+    bar = None
 
     def log(msg):  # one voice under torchrun / accelerate launch
         if engine.is_main:
-            say(msg)
+            if bar is not None:
+                bar.write(msg, file=sys.stderr)  # above the bar, not through it
+            else:
+                say(msg)
 
-    log(f"loading {cfg.model} ({cfg.quant.mode or 'no quantization'}, {engine.device}) ...")
-    engine.setup()
+    engine.setup(log=log)
     outputs: dict[str, str] = {}
     if resume or checkpoint:
         path = Path(checkpoint) if checkpoint else engine.latest_checkpoint()
@@ -113,16 +137,31 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
         f"{total} steps of {cfg.train.batch}x{cfg.train.grad_accum}x{engine.world_size} examples")
 
     log_path = out_dir / LOSS_LOG
-    if engine.is_main:
-        write_loss_log(log_path, engine.history)  # a resumed run's log restarts from its checkpoint
     t0 = time.perf_counter()
     start_step = engine.step
+    log_started = False
 
     def progress(e, rec):
+        nonlocal log_started
         if not e.is_main:
             return
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec.to_dict()) + "\n")
+        if not log_started:
+            # Written at the first finished step, not before: a run that dies in step 1 (OOM) leaves no
+            # empty log. The history holds a resumed run's steps up to its checkpoint, then this one.
+            write_loss_log(log_path, e.history)
+            log_started = True
+        else:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec.to_dict()) + "\n")
+        if bar is not None:
+            bar.update(rec.step - bar.n)
+            post = {"loss": f"{rec.loss:.4f}", "lr": f"{rec.lr:.1e}"}
+            if rec.eval_loss is not None:
+                post["eval"] = f"{rec.eval_loss:.4f}"
+            bar.set_postfix(post, refresh=False)
+            if rec.eval_loss is not None:
+                log(f"step {rec.step}/{total}: eval loss {rec.eval_loss:.4f}")
+            return
         if rec.step % cfg.train.log_every == 0 or rec.step == total:
             done = rec.step - start_step
             rate = (time.perf_counter() - t0) / max(1, done)
@@ -135,14 +174,22 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
         if every and rec.step % every == 0 and rec.step < total:
             e.save_checkpoint()
 
-    engine.run_steps(None, callbacks=[progress, periodic_save], should_stop=should_stop)
+    if engine.is_main:
+        bar = progress_bar(total, engine.step, show_progress)
+    try:
+        engine.run_steps(None, callbacks=[progress, periodic_save], should_stop=should_stop)
+    finally:
+        if bar is not None:
+            bar.close()
+            bar = None
 
     stopped = should_stop is not None and should_stop() and engine.step < total
     ckpt = engine.save_checkpoint()
     outputs["checkpoint"] = str(ckpt)
     if stopped:
         log(f"stopped at step {engine.step}/{total}; checkpoint {ckpt}")
-        result = engine.result("train", stopped_early="signal", extra={"outputs": outputs})
+        result = engine.result("train", stopped_early="signal",
+                               extra={"outputs": outputs, **eval_loss_summary(engine.eval_history)})
         return engine, result, outputs
 
     outputs["adapter"] = str(engine.save_adapter())
@@ -156,7 +203,7 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
         if cfg.output.merge:
             log("merging the adapter into a 16-bit copy of the base (reloaded unquantized) ...")
             outputs["merged"] = str(merge_adapter(cfg, outputs["adapter"]))
-    result = engine.result("train", extra={"outputs": outputs})
+    result = engine.result("train", extra={"outputs": outputs, **eval_loss_summary(engine.eval_history)})
     if engine.is_main:
         from ..fileio import write_json_atomic
 
@@ -186,6 +233,9 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
       lora-doctor train examples/tiny.yaml --resume
     """
     cfg = config_from_cli(config, params, extra={"train.max_steps": steps, "output.merge": merge})
+    check_output_dir(cfg.output.dir, "output folder")
+    if not no_report:
+        check_output_dir(cfg.output.reports_dir, "reports folder")
     log = (lambda m: click.echo(m, err=True))
     with StopFlag() as stop:
         engine, result, outputs = train(cfg, resume=resume, checkpoint=checkpoint, should_stop=stop, log=log)
@@ -205,8 +255,10 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
         click.echo(f"{key}: {path}")
     ls = result.loss
     if ls.first is not None:
-        click.echo(f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} steps"
-                   + (f"; eval {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""))
+        ev = result.extra
+        click.echo(f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} step{'' if ls.n_steps == 1 else 's'}"
+                   + (f"; eval {ev['eval_loss_first']:.4f} -> {ev['eval_loss_last']:.4f} (best {ev['eval_loss_best']:.4f} "
+                      f"at step {ev['eval_loss_best_step']})" if ev.get("eval_loss_last") is not None else ""))
     if result.stopped_early == "signal":
         click.echo(f"Interrupted at step {result.steps[-1].step if result.steps else 0}. "
                    f"Resume: lora-doctor train {config or '--model ' + cfg.model} --resume", err=True)
