@@ -7,18 +7,11 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from ..budget import TERMS
 from . import format_bytes, format_count
 
-TERM_LABELS = (
-    ("base_weights_bytes", "base weights"),
-    ("quant_constants_bytes", "quantization constants"),
-    ("adapter_weights_bytes", "adapter weights"),
-    ("gradients_bytes", "gradients"),
-    ("optimizer_states_bytes", "optimizer states"),
-    ("activations_bytes", "activations"),
-    ("logits_bytes", "logits / loss buffers"),
-    ("runtime_overhead_bytes", "runtime overhead"),
-)
+# budget.py is pure arithmetic (no torch), so the one list of terms and labels lives there.
+TERM_LABELS = TERMS
 STATUS_MARK = {"fits": "✓", "tight": "⚠", "does not fit": "✗"}
 
 
