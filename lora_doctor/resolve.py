@@ -181,7 +181,7 @@ def _shipped_path(model: str) -> Path | None:
     if len(bare) > 1:
         raise LoraDoctorError(
             f"Model '{model}' is ambiguous among shipped configs: {', '.join(sorted(bare))}.",
-            f"Pass the full repo id, e.g. lora-doctor plan {sorted(bare)[0]}",
+            f"Pass the full repo id, e.g. {sorted(bare)[0]}",
         )
     return None
 
@@ -353,20 +353,24 @@ def _no_config_hint(folder: Path) -> str:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             base = None
         if base:
-            return f"It holds a PEFT adapter; plan its base model instead: lora-doctor plan {base}"
-        return "It holds a PEFT adapter; plan its base model instead (see adapter_config.json)."
+            return f"It holds a PEFT adapter; point at its base model instead: {base}"
+        return "It holds a PEFT adapter; point at its base model instead (see adapter_config.json)."
     nested = sorted(p.parent for p in folder.glob("*/config.json"))
     if nested:
         shown = ", ".join(str(p) for p in nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3 else "")
-        return f"Sub-folders with a config.json: {shown}. Try: lora-doctor plan {nested[0]}"
+        return f"Sub-folders with a config.json: {shown}. Point at one of them, e.g. {nested[0]}"
     return (
         "Point at the folder that from_pretrained would load (the one holding config.json), "
         "or at the config.json itself."
     )
 
 
+_LOCAL_DIR = "point MODEL (or model: / --model in a run config) at a local model directory (./path/to/model)"
+"""Neutral about the command: plan/modules take MODEL, check/probe/train read model: or --model."""
+
+
 def _where_hint() -> str:
-    return "Pass a hub id (e.g. mistralai/Mistral-7B-v0.1) or a local model directory: lora-doctor plan ./path/to/model"
+    return f"Pass a hub id (e.g. mistralai/Mistral-7B-v0.1) or {_LOCAL_DIR}."
 
 
 def _unknown_hint(model: str, offline: bool) -> str:
@@ -382,4 +386,4 @@ def _unknown_hint(model: str, offline: bool) -> str:
     else:
         lead = f"Shipped configs include {', '.join(ids[:4])} and {len(ids) - 4} more."
     online = " Or go online (unset HF_HUB_OFFLINE) to fetch its config.json from the hub." if offline else ""
-    return f"{lead} Or point at a local model directory: lora-doctor plan ./path/to/model.{online}"
+    return f"{lead} Or {_LOCAL_DIR}.{online}"

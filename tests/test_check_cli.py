@@ -156,3 +156,34 @@ def test_eos_not_appended_is_found_in_the_labels(config_path):
     assert res.exit_code == 0, res.output  # a warning: the run works, the model just never learns to stop
     (f,) = [f for f in json.loads(res.stdout)["findings"] if f["code"] == "eos-never-learned"]
     assert f["severity"] == "warning" and "none of the 24" in f["message"] and "add_eos" in f["hint"]
+
+
+def test_unknown_preset_is_bad_input_like_probe(config_path):
+    """QA #4: a misspelt preset is exit 2 with the one-line 'Unknown preset' error plan/probe/train give."""
+    res = invoke(config_path, "--target", "attn-all")
+    assert res.exit_code == 2, res.output
+    assert "Error: Unknown preset 'attn-all'. Presets: qv, attn, mlp, all-linear." in res.output
+    assert "Traceback" not in res.output and res.stdout.strip() == ""
+
+
+def test_unknown_leaf_name_stays_a_finding(config_path):
+    res = invoke(config_path, "--target", "qkv_proj")
+    assert res.exit_code == 1, res.output
+    assert "[target-not-found]" in res.stdout and "'qkv_proj'" in res.stdout
+    help_text = " ".join(invoke("--help").output.split())
+    assert "target-not-found finding (exit 1)" in help_text and "unknown preset (attn-all) is bad input" in help_text
+
+
+def test_mixtral_experts_refuse_dora_and_dropout(tmp_path):
+    """The shipped Mixtral config (meta device): DoRA or dropout on the 3-D expert tensors is an error finding
+    (exit 1, not a crash or exit 2), and --target attn is healthy."""
+    cfg = tmp_path / "mixtral.yaml"
+    cfg.write_text("model: mistralai/Mixtral-8x7B-v0.1\nlora: {r: 8, dropout: 0.05, targets: all-linear}\n")
+    res = invoke(cfg, "--dora", "--json")
+    assert res.exit_code == 1, res.output
+    result = json.loads(res.stdout)
+    (f,) = [f for f in result["findings"] if f["code"] == "param-target-unsupported"]
+    assert "experts.gate_up_proj" in f["message"] and "use_dora=True / lora_dropout != 0" in f["message"]
+    assert "--dropout 0" in f["hint"] and "--target attn" in f["hint"]
+    res = invoke(cfg, "--target", "attn")
+    assert res.exit_code == 0, res.output

@@ -231,6 +231,51 @@ def test_merge_with_16bit_reload_is_info(healthy):
     assert f.code == "merge-reloads-base" and f.severity is Severity.INFO
 
 
+def test_merge_in_yaml_reaches_probes_findings(tmp_path, tiny_tokenizer):
+    """QA #8: probe (doctor_findings, with everything a run knows) keeps output.merge from the YAML."""
+    from types import SimpleNamespace
+
+    from lora_doctor.commands.probe import doctor_findings
+    from lora_doctor.runconfig import from_dict
+
+    cfg = from_dict({"model": "tiny", "quant": {"mode": "nf4"}, "output": {"merge": True}})
+    example = SimpleNamespace(labels=[-100, 17, 18, tiny_tokenizer.eos_token_id])
+    engine = SimpleNamespace(tokenizer=tiny_tokenizer, peft_model=None, world_size=1, base_config=None,
+                             data=SimpleNamespace(stats={"n_examples": 1, "n_truncated": 0, "n_response_lost": 0},
+                                                  train=[example]))
+    result = SimpleNamespace(losses=[2.0, 1.8, 1.6], model=SimpleNamespace(trainable_params=1024,
+                                                                           target_modules=["q_proj"]))
+    found = doctor_findings(cfg, engine, result, prediction=None, env={})
+    (f,) = [f for f in found if f.code.startswith("merge")]
+    assert f.code == "merge-reloads-base" and f.severity is Severity.INFO and "nf4" in f.message
+
+
+def test_probe_dict_grad_norms_collapse_to_modules():
+    ctx = build_context(probe={"losses": [2.0, 1.9], "grad_norms": {"m.q.lora_A": [0.0, 0.1], "m.q.lora_B.default": [0.3]},
+                               "weight_deltas": {"m.q": 0.01}})
+    assert ctx.grad_norms == {"m.q": 0.3} and ctx.weight_deltas == {"m.q": 0.01} and ctx.loss_trace == [2.0, 1.9]
+
+
+def test_all_masked_by_max_length_leads_with_the_length_fix(healthy):
+    """QA #5: the cause identified is max_length, so the fix is max_length, not the response marker."""
+    ctx = healthy.replace(n_examples=48, n_truncated=48, n_response_lost=48, max_length=4, longest_tokens=42,
+                          length_p95=None)
+    (f,) = [f for f in run_checks(ctx) if f.code == "all-labels-masked"]
+    assert "max_length=4 cuts every response away" in f.message
+    assert f.hint.startswith("Raise max_length (now 4; the longest example is 42 tokens: --max-length 42)")
+    assert "marker" not in f.hint
+
+
+def test_all_masked_without_truncation_points_at_the_marker(healthy):
+    ctx = healthy.replace(n_examples=48, n_truncated=0, n_response_lost=48)
+    (f,) = [f for f in run_checks(ctx) if f.code == "all-labels-masked"]
+    assert f.hint.startswith("Check that the response marker") and "max_length" not in f.hint
+    assert "none is truncated" in f.message
+    unknown = healthy.replace(n_examples=None, n_truncated=None, n_response_lost=None, labels=[[-100] * 4])
+    (f,) = [f for f in run_checks(unknown) if f.code == "all-labels-masked"]
+    assert "marker" in f.hint and "max_length" in f.hint  # cause unknown: both
+
+
 def test_bnb_not_needed_without_quantization(healthy):
     assert "bnb-missing" not in codes(run_checks(healthy.replace(quant_mode=None, bnb_installed=False)))
 
@@ -383,3 +428,48 @@ def test_untrained_label_token_embeddings_found_in_real_weights(tiny_tokenizer):
     (f,) = [f for f in run_checks(ctx) if f.code == "untrained-token-embeddings"]
     assert "id 2" in f.message and "trainable_token_indices=[2]" in f.hint
     assert "untrained-token-embeddings" not in codes(run_checks(ctx.replace(trainable_token_indices=[2])))
+
+
+# --- MoE expert tensors (transformers 5 fused experts, adapted through peft's target_parameters) ----------------
+
+
+@pytest.fixture(scope="module")
+def mixtral_shape():
+    """The shipped mistralai/Mixtral-8x7B-v0.1 config on the meta device: 3-D experts.gate_up_proj/down_proj."""
+    from lora_doctor import introspect
+    from lora_doctor.resolve import resolve_model_config
+
+    resolved = resolve_model_config("mistralai/Mixtral-8x7B-v0.1", offline=True)
+    meta = introspect.build_meta_model(resolved.config)
+    return introspect.model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
+
+
+@pytest.mark.parametrize("fault,refused,fix", [
+    (dict(lora_dropout=0.05), "lora_dropout != 0", "Set lora.dropout: 0 (--dropout 0)"),
+    (dict(lora_dropout=0.0, use_dora=True), "use_dora=True", "Drop DoRA (lora.use_dora: false"),
+    (dict(lora_dropout=0.1, use_dora=True), "use_dora=True / lora_dropout != 0", "Set lora.dropout: 0 (--dropout 0) and drop DoRA"),
+])
+def test_dora_or_dropout_on_expert_tensors_is_an_error(fault, refused, fix, healthy, mixtral_shape):
+    ctx = healthy.replace(shape=mixtral_shape, model_id=mixtral_shape.model_id, targets="all-linear",
+                          resolved_targets=None, **fault)
+    (f,) = [f for f in run_checks(ctx) if f.code == "param-target-unsupported"]
+    assert f.severity is Severity.ERROR
+    assert "experts.gate_up_proj" in f.message and f"does not work with {refused}" in f.message
+    assert f.hint.startswith(fix) and "--target attn" in f.hint
+
+
+def test_expert_tensors_without_dora_or_dropout_are_fine(healthy, mixtral_shape):
+    ctx = healthy.replace(shape=mixtral_shape, model_id=mixtral_shape.model_id, targets="all-linear",
+                          resolved_targets=None, lora_dropout=0.0, use_dora=False)
+    assert "param-target-unsupported" not in codes(run_checks(ctx))
+    attn = ctx.replace(targets="attn", lora_dropout=0.05, use_dora=True)  # no expert tensor targeted
+    assert "param-target-unsupported" not in codes(run_checks(attn))
+    # A model without parameter targets never raises it.
+    assert "param-target-unsupported" not in codes(run_checks(healthy.replace(lora_dropout=0.05, use_dora=True)))
+
+
+def test_dropout_and_dora_read_from_runconfig():
+    from lora_doctor.runconfig import from_dict
+
+    ctx = build_context(config=from_dict({"model": "x", "lora": {"dropout": 0.1, "use_dora": True}}))
+    assert ctx.lora_dropout == 0.1 and ctx.use_dora is True

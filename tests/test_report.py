@@ -78,6 +78,53 @@ def test_json_round_trip_renders_the_same_markdown(tmp_path):
     assert "`q_proj`, `v_proj`" in md
 
 
+PROBE_EXTRA = {
+    "steps": 4, "first_loss": 6.2216, "last_loss": 6.0217, "loss_slope_per_step": -0.05,
+    "median_step_time_s": 0.5054, "tokens_per_s": 106.2, "adapter_modules": 14, "modules_without_grad": 0,
+    "measured_peak_bytes": 334041088, "planned_peak_bytes": 541624220, "plan_error_pct": 62.1,
+    "eval_loss_first": 6.1276, "eval_loss_last": 5.909, "eval_loss_best": 5.909, "eval_loss_best_step": 4,
+    "run": {"eval_losses": [[2, 6.1276], [4, 5.909]]},
+}
+
+
+def test_run_details_have_labels_and_units_not_raw_keys():
+    """QA #11: the table reads like a report, not a debug dump; the JSON keeps the integers."""
+    r = _result(extra=PROBE_EXTRA)
+    md = render_markdown(r)
+    details = md[md.index("## Run details"):md.index("## Data")]
+    for row in ("| Measured peak memory | 318.6 MiB |", "| Planned peak memory | 516.5 MiB |",
+                "| Plan error (planned vs measured) | +62.1% |", "| Median step time | 505 ms |",
+                "| Throughput | 106 tokens/s |", "| Optimizer steps | 4 |", "| Loss slope per step | -0.0500 per step |",
+                "| First loss | 6.2216 |"):
+        assert row in details, row
+    for raw in ("bytes", "334041088", "pct", "_s ", "tokens per s"):
+        assert raw not in details, raw
+    assert r["extra"]["measured_peak_bytes"] == 334041088  # JSON: raw integers
+
+
+def test_unknown_extra_keys_get_derived_labels_and_units():
+    from lora_doctor.report.run import extra_row
+
+    assert extra_row("cache_bytes", 3 * 2**30) == ("Cache", "3.00 GiB")
+    assert extra_row("load_time_s", 150.0) == ("Load time", "2.5 min")
+    assert extra_row("load_time_s", 2.5) == ("Load time", "2.50 s")
+    assert extra_row("outputs_dir", "runs/x") == ("Output folder", "runs/x")
+    assert extra_row("examples_seen", 12345) == ("Examples seen", "12,345")
+
+
+def test_eval_loss_in_markdown_and_text():
+    """QA #12: first/last/best eval loss from the RunResult probe/train store under extra['run']."""
+    r = _result(extra=PROBE_EXTRA)
+    md = render_markdown(r)
+    loss = md[md.index("## Loss"):md.index("## Run details")]
+    assert "Eval loss (2 evaluations): first 6.1276 (step 2), last 5.9090 (step 4), best 5.9090 (step 4)" in loss
+    assert "Eval loss, first" not in md  # shown once, in the Loss section
+    assert "eval loss: first 6.1276 (step 2)" in render_text(r)
+    no_trace = render_markdown(_result(extra=PROBE_EXTRA, loss=None))
+    assert "| Eval loss, best | 5.9090 |" in no_trace  # without a loss trace the table carries it
+    assert "Eval loss" not in render_markdown(_result())
+
+
 def test_markdown_of_a_minimal_result():
     md = render_markdown({"schema": SCHEMA, "kind": "check", "findings": []})
     assert "✓ healthy" in md and "No findings" in md
@@ -165,6 +212,19 @@ def test_report_command_bad_input_exits_2(tmp_path, content, needle):
     assert res.exit_code == 2
     assert needle in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_report_hints_name_real_flags_and_directories(tmp_path):
+    """QA #14: no --json-out (it does not exist); say where results come from; a folder is a folder."""
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.json")])
+    assert res.exit_code == 2 and "--json-out" not in res.output
+    assert "reports/*.json" in res.output and "check CONFIG --json" in res.output
+    res = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and f"'{tmp_path}' is a directory, not a result file." in res.output
+    assert "not found" not in res.output
+    write_result(_result(), json_path=tmp_path / "probe-x.json")
+    res = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and f"lora-doctor report {tmp_path / 'probe-x.json'}" in res.output
 
 
 def test_report_imports_no_torch():

@@ -259,7 +259,7 @@ def test_unknown_model_lists_close_matches(empty_hub_cache, no_hub):
         resolve_model_config("meta-llama/Llama-2-7b", offline=True)
     assert "'meta-llama/Llama-2-7b'" in e.value.message
     assert "meta-llama/Llama-2-7b-hf" in e.value.hint
-    assert "lora-doctor plan ./path/to/model" in e.value.hint
+    assert "at a local model directory (./path/to/model)" in e.value.hint and "lora-doctor plan" not in e.value.hint
 
 
 def test_unknown_model_without_close_match_lists_some_shipped(empty_hub_cache, no_hub):
@@ -294,14 +294,14 @@ def test_adapter_directory_points_at_base_model(tmp_path, no_hub):
     with pytest.raises(LoraDoctorError) as e:
         resolve_model_config(str(adapter))
     assert "PEFT adapter" in e.value.hint
-    assert "lora-doctor plan mistralai/Mistral-7B-v0.1" in e.value.hint
+    assert "base model instead: mistralai/Mistral-7B-v0.1" in e.value.hint
 
 
 def test_parent_of_checkpoints_lists_them(tmp_path, no_hub):
     write_config(tmp_path / "run" / "checkpoint-500")
     with pytest.raises(LoraDoctorError) as e:
         resolve_model_config(str(tmp_path / "run"))
-    assert f"lora-doctor plan {tmp_path / 'run' / 'checkpoint-500'}" in e.value.hint
+    assert f"e.g. {tmp_path / 'run' / 'checkpoint-500'}" in e.value.hint
 
 
 def test_malformed_json_names_path_and_problem(tmp_path, no_hub):

@@ -8,6 +8,7 @@ reading their attributes defensively so the checks never depend on another modul
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,6 +24,8 @@ class CheckContext:
     lora_r: int | None = None
     lora_alpha: float | None = None
     use_rslora: bool | None = None
+    lora_dropout: float | None = None
+    use_dora: bool | None = None
     modules_to_save: tuple[str, ...] | None = None
     trainable_token_indices: Any = None
     lr: float | None = None
@@ -172,6 +175,8 @@ def context_from_config(cfg: Any) -> dict:
         lora_r=_first(cfg, "r", "lora_r", "rank", "lora.r"),
         lora_alpha=_first(cfg, "lora_alpha", "alpha", "lora.lora_alpha", "lora.alpha"),
         use_rslora=_first(cfg, "use_rslora", "rslora", "lora.use_rslora"),
+        lora_dropout=_first(cfg, "lora_dropout", "dropout", "lora.dropout", "lora.lora_dropout"),
+        use_dora=_first(cfg, "use_dora", "dora", "lora.use_dora"),
         modules_to_save=tuple(mts) if mts else None,
         trainable_token_indices=_first(cfg, "trainable_token_indices", "lora.trainable_token_indices"),
         lr=_first(cfg, "lr", "learning_rate", "train.lr"),
@@ -280,6 +285,19 @@ def context_from_env(env: dict | None) -> dict:
         local_rank=env.get("local_rank"),
     )
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _per_module(values: Any, reduce=max) -> dict[str, float] | None:
+    """{'mod.lora_A': [norms...], 'mod.lora_B': x} -> {'mod': reduce(all of them)}: a module is one adapter."""
+    if not values or not isinstance(values, dict):
+        return None
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        module = re.sub(r"\.lora_[AB](\.[^.]+)?$", "", str(name))  # 'm.lora_A' or peft's 'm.lora_A.default'
+        nums = [float(x) for x in value] if isinstance(value, (list, tuple)) else [float(value)]
+        if nums:
+            out[module] = reduce([out[module], *nums]) if module in out else reduce(nums)
+    return out
 
 
 def context_from_probe(probe: Any) -> dict:

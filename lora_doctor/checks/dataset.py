@@ -40,14 +40,23 @@ def check_all_labels_masked(ctx: CheckContext) -> list[Finding]:
         n = len(ctx.labels)
     if not all_masked:
         return []
+    marker = "Check that the response marker (e.g. '### Response:') appears verbatim in the data"
     if ctx.n_truncated is not None and ctx.n_truncated >= n:
+        # The identified cause is the length: the marker advice would send the user the wrong way.
         cause = f"max_length={ctx.max_length} cuts every response away (all {n} examples are truncated)"
+        hint = f"{_cap(_length_hint(ctx))}: the prompt alone fills max_length, so no response token is left"
+    elif ctx.n_truncated is not None:
+        cause = ("the response marker was not found in the text or every response is empty "
+                 + (f"({ctx.n_truncated} of {n} examples are truncated)" if ctx.n_truncated else "(none is truncated)"))
+        hint = f"{marker}, and that the response field is not empty" + (
+            f"; {_length_hint(ctx)}" if ctx.n_truncated else "")
     else:
         cause = "either the response template was not found in the text, or max_length truncates every response away"
+        hint = f"{marker}; {_length_hint(ctx)}"
     return [Finding(
         Severity.ERROR, "all-labels-masked",
         f"Every label of all {n} examples is -100: there is nothing to learn (the loss is NaN or 0); {cause}.",
-        f"Check that the response marker (e.g. '### Response:') appears verbatim in the data; {_length_hint(ctx)}.",
+        f"{hint}.",
     )]
 
 

@@ -135,3 +135,38 @@ def check_partial_coverage(ctx: CheckContext) -> list[Finding]:
             f"--r {len(f.projections) * r}." if r else "Nothing to fix if intended.",
         ))
     return findings
+
+
+@register
+def check_param_target_unsupported(ctx: CheckContext) -> list[Finding]:
+    """DoRA or lora_dropout on parameter targets (transformers 5 fused MoE experts, e.g. Mixtral's 3-D
+    experts.gate_up_proj): peft adapts them with lora.ParamWrapper, which refuses both at get_peft_model."""
+    if ctx.shape is None or not ctx.shape.param_groups or ctx.targets is None:
+        return []
+    if not ctx.use_dora and not ctx.lora_dropout:
+        return []
+    from ..errors import LoraDoctorError
+    from ..introspect import lora_config, resolve_targets
+    from ..specs import LoraSpec
+
+    targets = ctx.resolved_targets or ctx.targets
+    try:
+        resolve_targets(ctx.shape, targets)
+    except LoraDoctorError:
+        return []  # targets that match nothing: target-not-found / partial-target-coverage explain them
+    spec = LoraSpec(r=ctx.lora_r or 16, dropout=float(ctx.lora_dropout or 0.0), targets=targets,
+                    use_dora=bool(ctx.use_dora), use_rslora=bool(ctx.use_rslora))
+    try:
+        lora_config(ctx.shape, spec, targets)
+    except LoraDoctorError as e:
+        refused = [x for x, on in (("use_dora=True", ctx.use_dora), ("lora_dropout != 0", ctx.lora_dropout)) if on]
+        fixes = [x for x, on in (("set lora.dropout: 0 (--dropout 0)", ctx.lora_dropout),
+                                 ("drop DoRA (lora.use_dora: false, --no-dora)", ctx.use_dora)) if on]
+        fix = " and ".join(fixes)
+        return [Finding(
+            Severity.ERROR, "param-target-unsupported",
+            f"{e.message} peft adapts these tensors with lora.ParamWrapper, which raises 'does not work with "
+            f"{' / '.join(refused)}' at get_peft_model, before the first step.",
+            f"{fix[0].upper()}{fix[1:]} to keep the experts adapted, or adapt attention only: --target attn.",
+        )]
+    return []

@@ -57,13 +57,22 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
     except LoraDoctorError:
         if not coverage.unmatched:
             raise  # e.g. a preset that matches nothing here: bad input, not a finding
+        for item in coverage.unmatched:
+            _raise_if_unknown_preset(facts.shape, item)
         if not coverage.matched:
-            return  # nothing matches: the target-not-found check reports it
+            return  # real leaf names that match nothing: the target-not-found check reports it
         # peft skips names that match nothing when others match: count what it would train.
         names = introspect.resolve_targets(facts.shape, list(coverage.matched))
     facts.resolved_targets = names
-    (count,) = introspect.trainable_counts(meta, cfg.lora, targets=names, shape=facts.shape)
-    facts.trainable_params, facts.total_params = count.trainable, count.all_params
+    try:
+        (count,) = introspect.trainable_counts(meta, cfg.lora, targets=names, shape=facts.shape)
+    except LoraDoctorError:
+        if not _refused_on_parameter_targets(facts.shape, cfg.lora, names):
+            raise
+        # DoRA on MoE expert tensors: peft refuses the adapter; the param-target-unsupported finding says why.
+        facts.notes.append("trainable-param count skipped: peft refuses this adapter on the parameter targets")
+    else:
+        facts.trainable_params, facts.total_params = count.trainable, count.all_params
     try:
         from ..budget import TERMS, memory_budget
 
@@ -81,6 +90,31 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
         facts.notes.append("no GPU given or detected: memory-fit check skipped (pass --gpu NAME or --gpu GiB)")
         return
     facts.headroom = headroom(budget, facts.shape, gpu)
+
+
+def _raise_if_unknown_preset(shape, item: str) -> None:
+    """A misspelt preset ('attn-all') is bad input, exactly as plan/probe/train treat it; a real-looking
+    leaf name that matches nothing stays a finding (target-not-found)."""
+    from .. import introspect
+
+    try:
+        introspect.resolve_targets(shape, [item])
+    except LoraDoctorError as e:
+        if e.message.startswith("Unknown preset"):
+            raise
+
+
+def _refused_on_parameter_targets(shape, lora, names) -> bool:
+    """True when peft refuses this adapter only for DoRA / dropout on parameter targets (MoE experts)."""
+    import dataclasses
+
+    from .. import introspect
+
+    try:
+        introspect.lora_config(shape, dataclasses.replace(lora, use_dora=False, dropout=0.0), names)
+    except LoraDoctorError:
+        return False
+    return True
 
 
 def _load_tokenizer(cfg: RunConfig):
@@ -188,6 +222,10 @@ def command(config, merge, gpu, as_json, markdown, **params):
     the doctor's checks (targets, trainable params, precision, pad/EOS, masking, truncation, data
     format, memory fit, lr/rank). Exit 0 when healthy (warnings allowed), 1 when an error-level
     finding exists (use it to gate a training job), 2 on bad input.
+
+    Unlike probe/train, which stop with exit 2, check reports a target leaf name that matches no
+    module (lora.targets: qkv_proj on Llama) as a target-not-found finding (exit 1), with the leaves
+    that exist; an unknown preset (attn-all) is bad input (exit 2) everywhere.
 
     \b
     Examples:

@@ -88,15 +88,25 @@ def load_result(path: str | Path) -> dict:
     """Read a saved result JSON. Raises LoraDoctorError (one line) if it is missing or not a result."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            raise LoraDoctorError(
+                f"'{path}' is a directory, not a result file.",
+                (f"Pass one of its .json files, e.g. lora-doctor report {found[-1]}" if found else
+                 "Pass a .json result: probe and train write reports/*.json; check writes one with "
+                 "lora-doctor check CONFIG --json > result.json"),
+            )
         raise LoraDoctorError(f"Result file '{path}' not found.",
-                              "Pass the .json written by lora-doctor check/probe --json-out (see reports/).")
+                              "Pass a .json result: probe and train write reports/*.json; check writes one with "
+                              "lora-doctor check CONFIG --json > result.json")
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoraDoctorError(f"'{path}' is not valid JSON ({e}).", "Pass a result written by lora-doctor.") from None
     if not isinstance(result, dict) or not str(result.get("schema", "")).startswith("lora-doctor.result/"):
         raise LoraDoctorError(f"'{path}' is not a lora-doctor result (no 'schema': '{SCHEMA}' key).",
-                              "Pass a JSON written by lora-doctor check --json or probe.")
+                              "Pass a result written by lora-doctor: reports/*.json from probe/train, or "
+                              "lora-doctor check CONFIG --json > result.json")
     if not isinstance(result.get("findings", []), list):
         raise LoraDoctorError(f"'{path}' has a malformed 'findings' section.", "Re-run the command to regenerate it.")
     return result
@@ -255,7 +265,33 @@ def _section_memory(memory: dict) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def _section_loss(loss: list[float]) -> list[str]:
+def eval_losses(result: dict) -> list[tuple[int, float]]:
+    """(step, eval loss) pairs: the top-level 'eval_losses' or the RunResult under extra['run'] (probe/train)."""
+    pairs = result.get("eval_losses")
+    if pairs is None:
+        run = (result.get("extra") or {}).get("run")
+        pairs = run.get("eval_losses") if isinstance(run, dict) else None
+    out = []
+    for pair in pairs or ():
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            out.append((int(pair[0]), float(pair[1])))
+    return out
+
+
+def eval_summary(pairs: list[tuple[int, float]]) -> str:
+    """'first 5.9090 (step 2), last 5.8012 (step 4), best 5.8012 (step 4)'; the best ignores non-finite values."""
+    (s0, l0), (s1, l1) = pairs[0], pairs[-1]
+    text = f"first {_fmt_loss(l0)} (step {s0})"
+    if len(pairs) > 1:
+        text += f", last {_fmt_loss(l1)} (step {s1})"
+        finite = [(loss, step) for step, loss in pairs if math.isfinite(loss)]
+        if finite:
+            best, step = min(finite)
+            text += f", best {best:.4f} (step {step})"
+    return text
+
+
+def _section_loss(loss: list[float], evals: list[tuple[int, float]] = ()) -> list[str]:
     if not loss:
         return []
     finite = [x for x in loss if math.isfinite(x)]
@@ -265,7 +301,10 @@ def _section_loss(loss: list[float]) -> list[str]:
     bad = len(loss) - len(finite)
     if bad:
         summary += f", {bad} non-finite (×)"
-    return ["## Loss", "", "```", f"{sparkline(loss)}  {summary}", "```", ""]
+    out = ["## Loss", "", "```", f"{sparkline(loss)}  {summary}", "```", ""]
+    if evals:
+        out += [f"Eval loss ({len(evals)} evaluation{'s' * (len(evals) != 1)}): {eval_summary(evals)}", ""]
+    return out
 
 
 def _section_data(data: dict) -> list[str]:
@@ -306,12 +345,87 @@ def _section_environment(env: dict) -> list[str]:
     return _details("Environment", [_table(rows, ("", ""))])
 
 
-def _section_extra(extra: dict) -> list[str]:
-    rows = [(k, v) for k, v in extra.items() if isinstance(v, (str, int, float, bool)) and v is not None]
+EXTRA_LABELS = {
+    "steps": "Optimizer steps",
+    "first_loss": "First loss",
+    "last_loss": "Last loss",
+    "loss_slope_per_step": "Loss slope per step",
+    "median_step_time_s": "Median step time",
+    "step_time_s": "Step time",
+    "tokens_per_s": "Throughput",
+    "adapter_modules": "Adapter modules",
+    "modules_without_grad": "Adapter modules without a gradient",
+    "modules_unchanged": "Adapter modules left unchanged",
+    "measured_peak_bytes": "Measured peak memory",
+    "planned_peak_bytes": "Planned peak memory",
+    "plan_error_pct": "Plan error (planned vs measured)",
+    "planned_without_cuda_overhead_bytes": "Planned peak without the CUDA runtime overhead",
+    "plan_unavailable": "Memory plan unavailable",
+    "planned_basis": "Plan compared as",
+    "planned_with_cuda_overhead_bytes": "Planned peak on a GPU (CUDA overhead included)",
+    "eval_loss_first": "Eval loss, first",
+    "eval_loss_last": "Eval loss, last",
+    "eval_loss_last_step": "Eval loss, last at step",
+    "eval_loss_best": "Eval loss, best",
+    "eval_loss_best_step": "Eval loss, best at step",
+    "eval_points": "Evaluations",
+    "outputs_dir": "Output folder",
+    "error": "Error",
+    "notes": "Notes",
+}
+"""Human labels for the keys probe/train/check put in `extra`; other keys get a label derived from the key."""
+
+
+def _format_seconds(s: float) -> str:
+    if s < 1:
+        return f"{1000 * s:.0f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{s / 60:.1f} min"
+
+
+def extra_row(key: str, value) -> tuple[str, str]:
+    """One `extra` entry as (label, formatted value): bytes in binary units, seconds with units, tokens/s.
+
+    The JSON keeps the raw integers; only this rendering formats them.
+    """
+    label = EXTRA_LABELS.get(key)
+    if label is None:
+        base = key
+        for suffix in ("_bytes", "_pct", "_per_s", "_s"):
+            base = base.removesuffix(suffix)
+        label = base.replace("_", " ").strip().capitalize() or key
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return label, str(value)
+    if key.endswith("_bytes"):
+        return label, format_bytes(value)
+    if key == "loss_slope_per_step":
+        return label, f"{value:+.4f} per step"
+    if key.endswith("_pct"):
+        return label, f"{value:+.1f}%"
+    if key == "tokens_per_s":
+        return label, f"{value:,.0f} tokens/s" if value >= 10 else f"{value:.2f} tokens/s"
+    if key.endswith("_per_s"):
+        return label, f"{value:,.1f} /s"
+    if key.endswith("_s"):
+        return label, _format_seconds(float(value))
+    if "loss" in key and isinstance(value, float):
+        return label, _fmt_loss(value)
+    if isinstance(value, int):
+        return label, format_count(value)
+    return label, f"{value:.4g}"
+
+
+EVAL_KEYS = ("eval_loss_first", "eval_loss_last", "eval_loss_last_step", "eval_loss_best", "eval_loss_best_step",
+             "eval_points")
+
+
+def _section_extra(extra: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    rows = [extra_row(k, v) for k, v in extra.items()
+            if isinstance(v, (str, int, float, bool)) and v is not None and k not in skip]
     if not rows:
         return []
-    return ["## Run details", "", _table([(k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else v) for k, v in rows],
-                                 ("", "")), ""]
+    return ["## Run details", "", _table(rows, ("", "")), ""]
 
 
 def render_markdown(result: dict) -> str:
@@ -327,9 +441,10 @@ def render_markdown(result: dict) -> str:
     if result.get("memory"):
         out += _section_memory(result["memory"])
     if result.get("loss"):
-        out += _section_loss(result["loss"])
+        out += _section_loss(result["loss"], eval_losses(result))
     if result.get("extra"):
-        out += _section_extra(result["extra"])
+        # The Loss section already shows the eval losses when it has the per-step trace.
+        out += _section_extra(result["extra"], EVAL_KEYS if result.get("loss") and eval_losses(result) else ())
     if result.get("data"):
         out += _section_data(result["data"])
     if result.get("config"):
@@ -357,6 +472,9 @@ def render_text(result: dict) -> str:
         lines.append(f"  planned peak memory: {format_bytes(memory['planned_total_bytes'])}")
     if result.get("loss"):
         lines.append(f"  loss: {sparkline(result['loss'])}")
+    evals = eval_losses(result)
+    if evals:
+        lines.append(f"  eval loss: {eval_summary(evals)}")
     findings = result.get("findings") or []
     for sev in SEVERITY_ORDER:
         group = [f for f in findings if f.get("severity") == sev]
