@@ -12,7 +12,10 @@ from ..report.run import load_result, render_markdown, write_result
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
               help="Write the Markdown to this file (atomically) instead of stdout.")
 def command(result_json: str, output: str | None):
-    """Re-render a JSON result (from check --json or probe) as Markdown for a GitHub issue.
+    """Re-render a saved JSON result as Markdown for a GitHub issue.
+
+    Results come from probe and train (reports/*.json, next to their .md) or from
+    `lora-doctor check CONFIG --json > result.json`.
 
     \b
     Examples:
