@@ -365,8 +365,8 @@ def _no_match_error(shape: ModelShape, name: str) -> LoraDoctorError:
     if "-" in name or difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.6):
         return LoraDoctorError(
             f"Unknown preset {name!r}.",
-            f"Presets: {', '.join(PRESETS)}. Targetable leaves: {leaves}. "
-            f"Try: lora-doctor plan {shape.model_id} --target all-linear",
+            f"Presets: {', '.join(PRESETS)}. Targetable leaves: {leaves}. Try: --target all-linear "
+            "(lora.targets: all-linear in a run config)",
         )
     return LoraDoctorError(
         f"No module in {shape.model_id!r} matches target {name!r}.",
@@ -515,7 +515,7 @@ def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] 
         raise LoraDoctorError(
             f"DoRA cannot adapt the parameter targets {', '.join(param_names)} of {shape.model_id!r} "
             "(fused MoE experts / router; peft's target_parameters supports plain LoRA only).",
-            f"Drop --dora, or target attention only: lora-doctor plan {shape.model_id} --target attn --dora",
+            "Drop --dora (lora.use_dora: false), or target attention only: --target attn",
         )
     if param_names and lora.dropout > 0:
         raise LoraDoctorError(
