@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from lora_doctor.commands.probe import measured_peak_bytes, predict_memory
+    from lora_doctor.commands.probe import measured_peak_bytes, planned_for_device, predict_memory
     from lora_doctor.report import format_bytes
     from lora_doctor.tiny import save_tiny_model
 
@@ -164,6 +164,8 @@ def main() -> None:
         "predicted_peak_bytes": prediction.get("total_bytes"), "measured_peak_bytes": measured,
         "measured_what": what,
         "predicted_runtime_overhead_bytes": (prediction.get("terms") or {}).get("runtime_overhead_bytes"),
+        # What probe compares with the measurement: on CPU without the CUDA-only runtime overhead.
+        "planned_for_device_bytes": planned_for_device(prediction, result)[0],
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -174,15 +176,15 @@ def main() -> None:
     print(f"  engine          {e * 1000:8.2f} ms/step")
     print(f"  peft + Trainer  {t * 1000:8.2f} ms/step")
     print(f"  ratio           {e / t:8.3f}x  (target <= 1.05x)")
-    pred = out["predicted_peak_bytes"]
+    # The figure probe reports: on CPU the plan without its CUDA-only runtime overhead (CUDA context and
+    # allocator slack have nothing to match in process RSS); on CUDA the plan as it is.
+    pred, _, basis = planned_for_device(prediction, result)
     err = f"{100 * (pred - measured) / measured:+.1f}%" if pred and measured else "—"
-    print(f"  peak memory     planned {format_bytes(pred)}, measured {format_bytes(measured)} ({what}); plan error {err}")
-    overhead = out["predicted_runtime_overhead_bytes"]
-    if engine.device == "cpu" and pred and overhead is not None and measured:
-        # plan's runtime overhead is the CUDA context + allocator slack; a CPU process has neither.
-        rest = pred - overhead
-        print(f"                  planned without the CUDA runtime overhead {format_bytes(rest)} "
-              f"({100 * (rest - measured) / measured:+.1f}% vs measured)")
+    label = " (CPU: without the CUDA-only overhead)" if basis else ""
+    print(f"  peak memory     planned {format_bytes(pred)}{label}, measured {format_bytes(measured)} ({what}); "
+          f"plan error {err}")
+    if basis:
+        print(f"                  on a GPU the plan is {format_bytes(out['predicted_peak_bytes'])}")
 
 
 if __name__ == "__main__":

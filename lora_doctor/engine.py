@@ -166,10 +166,16 @@ class Engine:
         the adapter's base_model_name_or_path works from any working folder; a hub id stays an id."""
         from transformers import AutoConfig
 
-        from .resolve import resolve_model_config
+        from .resolve import hub_offline, resolve_model_config
 
         cfg = self.cfg
-        resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        resolved = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if resolved.source == "shipped config" and hub_offline():
+            raise LoraDoctorError(
+                f"Model {cfg.model!r} is known here only by its shipped config: its weights and tokenizer are not "
+                "in the HF cache, and the hub is not asked (offline mode).",
+                f"Download it first (huggingface-cli download {cfg.model}) or pass "
+                "--model a local folder; lora-doctor plan/check work from the config alone.")
         local = Path(cfg.model).expanduser()
         self.model_path = str(local.resolve()) if local.is_dir() else cfg.model
         try:

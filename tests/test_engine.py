@@ -270,3 +270,14 @@ def test_input_is_checked_before_the_weights_load(tiny_llama_dir, tmp_path, monk
     (tmp_path / "short.jsonl").write_text(json.dumps(learnable_rows(1)[0]) + "\n")
     with pytest.raises(LoraDoctorError, match="too small for any response"):
         Engine(make_cfg(tiny_llama_dir, tmp_path / "short.jsonl", tmp_path, **{"data.max_length": 4})).setup()
+
+
+def test_offline_model_known_only_by_its_shipped_config(data_path, tmp_path, monkeypatch):
+    """probe/train need weights: a hub id that only plan's shipped configs know fails with resolve's facts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(LoraDoctorError) as e:
+        Engine(make_cfg("mistralai/Mistral-7B-v0.1", data_path, tmp_path)).setup()
+    assert "only by its shipped config" in e.value.message and "offline mode" in e.value.message
+    with pytest.raises(LoraDoctorError, match="not found: not a local path, not in the HF cache"):
+        Engine(make_cfg("no-such-org/no-such-model-xyz", data_path, tmp_path)).setup()

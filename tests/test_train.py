@@ -55,6 +55,7 @@ def full_run(tiny_llama_dir, data_path, tmp_path_factory):
     return engine, result, outputs, out
 
 
+@pytest.mark.slow  # the full_run fixture: 6 nf4 steps with evals, ~12 s on 2 shared cores
 def test_train_writes_every_output(full_run):
     from peft import PeftConfig
 
@@ -68,10 +69,14 @@ def test_train_writes_every_output(full_run):
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "train_result.json").read_text())
     assert saved["kind"] == "train" and len(saved["steps"]) == STEPS
+    evals = [v for _, v in result.eval_losses]
+    assert saved["extra"]["eval_loss_first"] == evals[0] and saved["extra"]["eval_loss_last"] == evals[-1]
+    assert saved["extra"]["eval_loss_best"] == min(evals) and saved["extra"]["eval_loss_best_step"] in (3, 6)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", f"step-{STEPS:06d}"]
     assert not list(out.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(full_run, tiny_llama_dir, data_path, tmp_path):
     _, want, _, want_dir = full_run
     cfg = qlora_cfg(tiny_llama_dir, data_path, tmp_path)
@@ -90,6 +95,7 @@ def test_resume_equals_uninterrupted(full_run, tiny_llama_dir, data_path, tmp_pa
         torch.testing.assert_close(b[k], a[k], msg=k)
 
 
+@pytest.mark.slow
 def test_merge_reloads_a_16bit_base(full_run, tiny_llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -109,6 +115,7 @@ def test_merge_reloads_a_16bit_base(full_run, tiny_llama_dir, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoint_is_atomic(full_run, tmp_path, monkeypatch):
     engine = full_run[0]
     root = tmp_path / "ckpts"
@@ -213,6 +220,7 @@ output: {{dir: {tmp_path / 'ddp'}, plot: false}}
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(full_run):
     engine, _, outputs, _ = full_run
     ckpt = Path(outputs["checkpoint"])
@@ -235,3 +243,74 @@ def test_cli_out_of_memory_exits_2_and_writes_nothing(tiny_gpt2_dir, data_path, 
     assert r.exit_code == 2, r.output
     assert "Out of memory at step 1" in r.output and "--batch" in r.output
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run" / "loss_log.jsonl").exists()  # no empty log from a run that never finished a step
+
+
+@pytest.mark.slow
+def test_adapter_names_the_absolute_base_and_loads_from_another_cwd(full_run, tmp_path, monkeypatch):
+    """A run from the config's folder with `model: tiny-llama` must not write a relative base path."""
+    from peft import AutoPeftModelForCausalLM
+
+    engine, _, outputs, _ = full_run
+    saved = json.loads((Path(outputs["adapter"]) / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(Path(engine.cfg.model).resolve())
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(outputs["adapter"])
+    assert model.peft_config["default"].r == 4
+
+
+def test_relative_model_path_becomes_absolute_in_the_adapter(tiny_gpt2_dir, data_path, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "tiny-gpt2")
+    (tmp_path / "run.yaml").write_text(f"""
+model: tiny-gpt2
+quant: {{mode: none}}
+lora: {{r: 4, targets: c_attn}}
+data: {{path: {data_path}, max_length: 32}}
+train: {{batch: 4, max_steps: 1, optim: adamw, precision: fp32, grad_ckpt: false}}
+output: {{dir: run, plot: false}}
+""")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["train", "run.yaml", "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert "over 1 step\n" in r.output or "over 1 step;" in r.output
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((tmp_path / "tiny-gpt2").resolve())
+
+
+@pytest.mark.parametrize("flag, path, needle", [
+    ("--output-dir", "{file}", "is a file, not a folder"),
+    ("--output-dir", "{file}/run", "is a file"),
+    ("--reports-dir", "{file}/reports", "is a file"),
+])
+def test_unwritable_output_fails_before_the_load(tiny_gpt2_dir, data_path, tmp_path, monkeypatch, flag, path, needle):
+    def must_not_load(self, log=None):
+        raise AssertionError("setup ran before the output folder was checked")
+
+    monkeypatch.setattr(Engine, "setup", must_not_load)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    args = ["train", "--model", str(tiny_gpt2_dir), "--data", str(data_path), "--steps", "1",
+            "--output-dir", str(tmp_path / "run")]
+    r = CliRunner().invoke(cli, [*args, flag, path.format(file=a_file)])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and r.output.strip().splitlines()[-1].startswith("Error:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_progress_bar_on_a_terminal(tiny_gpt2_dir, data_path, tmp_path, capsys):
+    cfg = from_dict({"model": str(tiny_gpt2_dir), "quant": {"mode": None}, "lora": {"r": 4, "targets": "c_attn"},
+                     "data": {"path": str(data_path), "max_length": 32, "eval_fraction": 0.2},
+                     "train": {"batch": 4, "max_steps": 2, "optim": "adamw", "precision": "fp32", "grad_ckpt": False,
+                               "eval_every": 2},
+                     "output": {"dir": str(tmp_path / "run"), "plot": False}})
+    lines = []
+    _, result, _ = train(cfg, log=lines.append, show_progress=True)
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "2/2" in err and ("step/s" in err or "s/step" in err)  # tqdm, on stderr
+    assert not any(line.startswith("step 1/2 ") for line in lines)  # the bar replaces the per-step lines
+    assert "eval loss" in err and result.extra["eval_loss_last"] == result.eval_losses[-1][1]
+    from lora_doctor.commands.train import progress_bar
+
+    assert progress_bar(5, 0) is None  # auto: pytest's stderr is not a terminal

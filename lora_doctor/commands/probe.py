@@ -291,9 +291,11 @@ def summary_lines(report: dict) -> list[str]:
                      f"{_steps(extra['steps'])} (slope {extra['loss_slope_per_step']:+.4f}/step)"
                      if extra.get("loss_slope_per_step") is not None else
                      f"  loss               {extra['first_loss']:.4f} -> {extra['last_loss']:.4f}")
-    if extra.get("eval_loss_last") is not None:
+    if extra.get("eval_points", 0) > 1:
         lines.append(f"  eval loss          {extra['eval_loss_first']:.4f} -> {extra['eval_loss_last']:.4f} "
                      f"(best {extra['eval_loss_best']:.4f} at step {extra['eval_loss_best_step']})")
+    elif extra.get("eval_loss_last") is not None:
+        lines.append(f"  eval loss          {extra['eval_loss_last']:.4f} at step {extra['eval_loss_last_step']}")
     if "adapter_modules" in extra:
         lines.append(f"  gradient flow      {extra['adapter_modules'] - extra['modules_without_grad']}/"
                      f"{extra['adapter_modules']} modules got gradients, {extra['adapter_modules'] - extra['modules_unchanged']}/"

@@ -256,9 +256,13 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
     ls = result.loss
     if ls.first is not None:
         ev = result.extra
-        click.echo(f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} step{'' if ls.n_steps == 1 else 's'}"
-                   + (f"; eval {ev['eval_loss_first']:.4f} -> {ev['eval_loss_last']:.4f} (best {ev['eval_loss_best']:.4f} "
-                      f"at step {ev['eval_loss_best_step']})" if ev.get("eval_loss_last") is not None else ""))
+        line = f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} step{'' if ls.n_steps == 1 else 's'}"
+        if ev.get("eval_points", 0) > 1:
+            line += (f"; eval {ev['eval_loss_first']:.4f} -> {ev['eval_loss_last']:.4f} "
+                     f"(best {ev['eval_loss_best']:.4f} at step {ev['eval_loss_best_step']})")
+        elif ev.get("eval_loss_last") is not None:
+            line += f"; eval {ev['eval_loss_last']:.4f}"
+        click.echo(line)
     if result.stopped_early == "signal":
         click.echo(f"Interrupted at step {result.steps[-1].step if result.steps else 0}. "
                    f"Resume: lora-doctor train {config or '--model ' + cfg.model} --resume", err=True)
