@@ -458,11 +458,15 @@ class Engine:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.grad_flow.record()
         lr = self.scheduler.get_last_lr()[0]
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
+        with warnings.catch_warnings():
+            # bitsandbytes on CPU: "Paged optimizers are not supported on CPU. Falling back to non-paged" —
+            # the same update either way, and paging only matters on a GPU; not a thing for users to fix.
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            if self.scaler is not None:
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                opt.step()
         self.scheduler.step()
         opt.zero_grad(set_to_none=True)
         if self.device == "cuda":
