@@ -262,8 +262,9 @@ class Engine:
             raise LoraDoctorError(f"LoRA targets {cfg.lora.targets!r} made 0 parameters trainable in {cfg.model!r}.",
                                   f"List the targetable leaves: lora-doctor modules {cfg.model}")
         model.train()
-        leaves = sorted({n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters()
-                         if ".lora_A." in n})
+        # Leaf names in model order (q, k, v, o, gate, up, down), as plan and check list them.
+        leaves = list(dict.fromkeys(n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters()
+                                    if ".lora_A." in n))
         n_adapted = len({n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n})
         self.model_info = ModelInfo(
             model=cfg.model, model_type=getattr(model.config, "model_type", "?"), device=self.device, quant=q.mode,

@@ -15,6 +15,7 @@ def run_yaml(tiny_llama_dir, tmp_path_factory):
     data.write_text("".join(json.dumps({"instruction": f"Say word {i}.", "output": "Blue sky."}) + "\n"
                             for i in range(12)), encoding="utf-8")
     (root / "empty").mkdir()
+    (root / "latin1.yaml").write_bytes(b"model: caf\xe9\n")
     cfg = root / "run.yaml"
     cfg.write_text(f"""
 model: {tiny_llama_dir}
@@ -41,6 +42,7 @@ def test_healthy_probe_exits_0_and_writes_reports(run_yaml):
     assert "14/14 modules got gradients" in out and "14/14 moved" in out
     assert "peak memory" in out and "measured" in out
     assert "merge-reloads-base" in out
+    assert "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)" in out  # model order, as check lists them
     reports = run_yaml.parent / "reports"
     md = list(reports.glob("probe-*.md"))
     js = list(reports.glob("probe-*.json"))
@@ -68,6 +70,7 @@ def test_json_to_stdout(run_yaml):
 
 @pytest.mark.parametrize("args, needle", [
     (["{dir}/missing.yaml"], "not found"),
+    (["{dir}/latin1.yaml"], "latin1.yaml' is not valid UTF-8: byte b'\\xe9' at position 10"),
     (["{cfg}", "--steps", "0"], "--steps must be"),
     (["{cfg}", "--r", "0"], "--r must be a positive integer"),
     (["{cfg}", "--set", "train.learning_rate=1"], "unknown key"),

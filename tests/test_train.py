@@ -183,6 +183,11 @@ output: {{dir: {tmp_path / 'run'}, reports_dir: {tmp_path / 'reports'}, plot: fa
 def test_cli_bad_input_exits_2(tmp_path):
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "not found" in r.output
+    (tmp_path / "latin1.yaml").write_bytes(b"model: caf\xe9\n")
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "latin1.yaml")])
+    assert r.exit_code == 2 and "latin1.yaml' is not valid UTF-8" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["train", "--model", "m", "--steps", "0"])
+    assert r.exit_code == 2 and "--steps must be a positive integer; got 0." in r.output
     r = CliRunner().invoke(cli, ["train", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"),
                                  "--lr", "-1"])
     assert r.exit_code == 2 and "--lr must be" in r.output
