@@ -7,10 +7,13 @@ collectors (MemoryMonitor, GradFlowRecorder) are the only stateful pieces.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 # --- memory ----------------------------------------------------------------------------------------
@@ -74,6 +77,8 @@ class MemoryMonitor:
         self.interval_s = interval_s
         self._proc = psutil.Process()
         self._nvml = _nvml_handle() if device == "cuda" else None
+        if self._nvml is not None:
+            weakref.finalize(self, _nvml_shutdown)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._phase: str | None = None
@@ -144,8 +149,22 @@ class MemoryMonitor:
         return self._peak_rss - self._start_rss
 
 
+def _nvml_shutdown() -> None:
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlShutdown()
+
+
 def _nvml_handle():
-    """The NVML handle of the current CUDA device, or None when NVML is unavailable."""
+    """The NVML handle of the current CUDA device, or None when NVML is unavailable.
+
+    NVML numbers every GPU in the machine in PCI order; CUDA only the visible ones (CUDA_VISIBLE_DEVICES),
+    fastest first by default. So the device is matched by PCI address, then by UUID, and a CUDA index is
+    used as an NVML index only when no CUDA_VISIBLE_DEVICES remaps it. nvmlInit is reference-counted:
+    every successful init here is paired with an nvmlShutdown (now when no handle is found, else when the
+    caller's monitor is garbage-collected or the interpreter exits).
+    """
     if not _cuda_ok():
         return None
     try:
@@ -153,17 +172,31 @@ def _nvml_handle():
         import torch
 
         pynvml.nvmlInit()
-        index = torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
-        try:
-            # NVML numbers every GPU in the machine; CUDA only the visible ones (CUDA_VISIBLE_DEVICES),
-            # so match by PCI address rather than by index.
-            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-            return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-        except Exception:
-            return pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception:
         return None
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    lookups = []
+    if hasattr(props, "pci_bus_id"):
+        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByPciBusId(bus_id))
+    if getattr(props, "uuid", None) is not None:
+        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByIndex(index))
+    else:
+        entries = [e.strip() for e in visible.split(",")]
+        if index < len(entries) and entries[index].isdigit():
+            lookups.append(lambda: pynvml.nvmlDeviceGetHandleByIndex(int(entries[index])))
+    for lookup in lookups:
+        try:
+            return lookup()
+        except Exception:
+            continue
+    with contextlib.suppress(Exception):
+        pynvml.nvmlShutdown()
+    return None
 
 
 # --- gradient flow ---------------------------------------------------------------------------------

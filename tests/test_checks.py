@@ -379,6 +379,23 @@ def test_context_from_probe_result():
     assert found["adapter-unchanged"].severity is Severity.WARNING  # one of two modules
 
 
+def test_fp16_skipped_step_is_not_a_dead_adapter():
+    """fp16 + GradScaler: the first steps overflow (inf/NaN norms) and are skipped; later steps train."""
+    from lora_doctor.measure import GradFlow, ModuleGradFlow
+
+    inf, nan = float("inf"), float("nan")
+    flow = GradFlow(modules=(
+        ModuleGradFlow(Q, (nan, 0.0, 0.1), (inf, 0.2, 0.3), 0.01, 0.02, 64),
+        ModuleGradFlow("model.layers.1.self_attn.q_proj", (nan, nan), (inf, inf), 0.0, 0.0, 64),
+    ), n_steps=3)
+    ctx = build_context(probe={"losses": [2.0, 1.9, 1.8], "grad_flow": flow})
+    assert ctx.grad_norms[Q] == 0.3
+    (f,) = [f for f in run_checks(ctx) if f.code == "adapter-no-grad"]
+    assert "1 of 2" in f.message and Q not in f.message
+    dict_ctx = build_context(probe={"grad_norms": {f"{Q}.lora_B": [inf, 0.5]}})
+    assert dict_ctx.grad_norms == {Q: 0.5}
+
+
 def test_real_training_steps_with_a_detached_adapter():
     """A real LoRA run where one adapted module's output is cut off the graph: its adapter gets no gradient."""
     import torch

@@ -281,3 +281,65 @@ def test_offline_model_known_only_by_its_shipped_config(data_path, tmp_path, mon
     assert "only by its shipped config" in e.value.message and "offline mode" in e.value.message
     with pytest.raises(LoraDoctorError, match="not found: not a local path, not in the HF cache"):
         Engine(make_cfg("no-such-org/no-such-model-xyz", data_path, tmp_path)).setup()
+
+
+class _FakeNvml:
+    """pynvml stand-in: counts init/shutdown, knows one GPU by PCI address, UUID and NVML index 3."""
+
+    def __init__(self, pci_ok=True, uuid_ok=True):
+        self.inits = self.shutdowns = 0
+        self.pci_ok, self.uuid_ok, self.calls = pci_ok, uuid_ok, []
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus):
+        self.calls.append(("pci", bus))
+        if not self.pci_ok:
+            raise RuntimeError("not found")
+        return "h-pci"
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.calls.append(("uuid", uuid))
+        if not self.uuid_ok:
+            raise RuntimeError("not found")
+        return "h-uuid"
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        self.calls.append(("index", i))
+        return f"h-{i}"
+
+
+@pytest.mark.parametrize("pci_ok, uuid_ok, visible, handle", [
+    (True, True, "3", "h-pci"),
+    (False, True, "3", "h-uuid"),
+    (False, False, "5,3", "h-3"),        # CUDA index 1 is NVML index 3, not 1
+    (False, False, None, "h-1"),
+    (False, False, "GPU-abc,GPU-def", None),  # UUID list and no other match: no guess
+])
+def test_nvml_handle_matches_the_cuda_device(monkeypatch, pci_ok, uuid_ok, visible, handle):
+    import gc
+    from types import SimpleNamespace
+
+    from lora_doctor import measure
+
+    fake = _FakeNvml(pci_ok, uuid_ok)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(measure, "_cuda_ok", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        pci_domain_id=0, pci_bus_id=0x41, pci_device_id=0, uuid="0f1e"))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monitor = MemoryMonitor("cuda")
+    assert monitor._nvml == handle
+    assert fake.calls[0] == ("pci", "00000000:41:00.0")
+    assert pci_ok or fake.calls[1] == ("uuid", "GPU-0f1e")
+    del monitor
+    gc.collect()
+    assert fake.inits == 1 and fake.shutdowns == 1  # every init paired with a shutdown

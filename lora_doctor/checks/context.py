@@ -8,6 +8,7 @@ reading their attributes defensively so the checks never depend on another modul
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -300,6 +301,18 @@ def _per_module(values: Any, reduce=max) -> dict[str, float] | None:
     return out
 
 
+def _largest_grad(norms: list[float]) -> float:
+    """The largest finite gradient norm, else the first non-finite one (NaN/inf at every step), else 0.
+
+    With fp16 and a GradScaler, the first steps usually overflow (scale 2**16) and are skipped: their
+    norms are inf/NaN, yet the module trains from the next step on, so one bad step must not hide it.
+    """
+    finite = [g for g in norms if math.isfinite(g)]
+    if finite:
+        return max([0.0, *finite])
+    return norms[0] if norms else 0.0
+
+
 def context_from_probe(probe: Any) -> dict:
     """Facts from measure.RunResult (or a dict / object with losses, grad norms and weight deltas)."""
     if probe is None:
@@ -314,14 +327,14 @@ def context_from_probe(probe: Any) -> dict:
     modules = _first(flow, "modules")
     if modules:
         # lora_A's gradient is 0 at step 1 by construction (B starts at 0): a module is alive if A or B moved.
-        out["grad_norms"] = {_first(m, "module"): max([0.0, *_first(m, "lora_A_grad_norms", default=()),
-                                                       *_first(m, "lora_B_grad_norms", default=())])
+        out["grad_norms"] = {_first(m, "module"): _largest_grad([*_first(m, "lora_A_grad_norms", default=()),
+                                                                 *_first(m, "lora_B_grad_norms", default=())])
                              for m in modules}
         out["weight_deltas"] = {_first(m, "module"): max(_first(m, "lora_A_delta_norm", default=0.0),
                                                          _first(m, "lora_B_delta_norm", default=0.0))
                                 for m in modules}
     else:
-        grads = _per_module(_first(probe, "grad_norms", "adapter_grad_norms"), reduce=max)
+        grads = _per_module(_first(probe, "grad_norms", "adapter_grad_norms"), reduce=_largest_grad)
         deltas = _per_module(_first(probe, "weight_deltas", "adapter_weight_deltas"), reduce=max)
         if grads is not None:
             out["grad_norms"] = grads
