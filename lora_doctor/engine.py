@@ -253,6 +253,8 @@ class Engine:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
+                # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so; nothing for users to act on.
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
                 model = get_peft_model(model, self._lora_config(model))
         except ValueError as e:
             raise LoraDoctorError(f"peft could not apply LoRA to {cfg.model!r}: {str(e).splitlines()[0]}",

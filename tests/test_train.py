@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -277,9 +278,13 @@ train: {{batch: 4, max_steps: 1, optim: adamw, precision: fp32, grad_ckpt: false
 output: {{dir: run, plot: false}}
 """)
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(cli, ["train", "run.yaml", "--no-report"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = CliRunner().invoke(cli, ["train", "run.yaml", "--no-report", "--merge"])
     assert r.exit_code == 0, r.output
     assert "over 1 step\n" in r.output or "over 1 step;" in r.output
+    # peft's Conv1D notice (it fixes fan_in_fan_out itself) is noise on every GPT-2 run.
+    assert not [w for w in seen if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in seen]
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str((tmp_path / "tiny-gpt2").resolve())
 
@@ -319,3 +324,15 @@ def test_progress_bar_on_a_terminal(tiny_gpt2_dir, data_path, tmp_path, capsys):
     from lora_doctor.commands.train import progress_bar
 
     assert progress_bar(5, 0) is None  # auto: pytest's stderr is not a terminal
+
+
+def test_resume_hint_repeats_the_options_typed():
+    """An interrupted run with --output-dir/--steps/--set must be resumed with them, not the config's defaults."""
+    from lora_doctor.commands.train import command, resume_command
+
+    ctx = command.make_context("train", ["my run.yaml", "--output-dir", "runs/sig", "--steps", "400", "--set",
+                                         "loss.kind=focal", "--set", "train.seed=1", "--no-merge", "--no-report"])
+    assert resume_command(ctx) == ("lora-doctor train 'my run.yaml' --output-dir runs/sig --set loss.kind=focal "
+                                   "--set train.seed=1 --steps 400 --no-merge --no-report --resume")
+    bare = command.make_context("train", ["examples/tiny.yaml", "--resume"])
+    assert resume_command(bare) == "lora-doctor train examples/tiny.yaml --resume"

@@ -211,6 +211,34 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
     return engine, result, outputs
 
 
+def resume_command(ctx: click.Context) -> str:
+    """The command line that was run, as typed options, with --resume: the same output folder and config,
+    so the hint resumes this run (not the config's default output.dir)."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    words = ["lora-doctor", "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in ("resume", "checkpoint") or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            words.append(shlex.quote(str(value)))
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        if param.is_flag:
+            if value:
+                words.append(param.opts[0])
+            elif param.secondary_opts:
+                words.append(param.secondary_opts[0])
+            continue
+        for v in (value if param.multiple else [value]):
+            words += [param.opts[0], shlex.quote(str(v))]
+    return " ".join(words + ["--resume"])
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @run_options
@@ -265,5 +293,5 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
         click.echo(line)
     if result.stopped_early == "signal":
         click.echo(f"Interrupted at step {result.steps[-1].step if result.steps else 0}. "
-                   f"Resume: lora-doctor train {config or '--model ' + cfg.model} --resume", err=True)
+                   f"Resume: {resume_command(click.get_current_context())}", err=True)
         click.get_current_context().exit(EXIT_INTERRUPTED)
