@@ -278,6 +278,15 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, sour
         for key, name in required:
             if name not in row:
                 other = "text" if cfg.format == "instruction" else "instruction"
+                other_field = cfg.text_field if cfg.format == "instruction" else cfg.instruction_field
+                if formats and other_field in row:
+                    # Earlier rows fit the format, this one is the other layout: --format would not help.
+                    raise LoraDoctorError(
+                        f"Dataset '{source}' mixes formats: row {origin} is {'an' if other[0] in 'aeiou' else 'a'} {other} row (fields: "
+                        f"{', '.join(map(str, row))}), the {sum(formats.values())} row(s) before it are "
+                        f"{cfg.format} rows ({', '.join(formats)}).",
+                        "Convert every row to one format (the same field names and template) before training; "
+                        "the model would otherwise learn several templates.")
                 raise LoraDoctorError(
                     f"Row {origin} of '{source}' has no field {name!r} (fields: {', '.join(map(str, row)) or 'none'}).",
                     f"Set data.{key} to the column holding it, or use --format {other}.")

@@ -118,6 +118,18 @@ def test_row_without_field_names_line_and_field(tmp_path, tiny_tokenizer):
     assert "response_field" in e.value.hint
 
 
+def test_mixed_instruction_and_text_rows_say_so(tmp_path, tiny_tokenizer):
+    """Half Alpaca, half {'text'}: '--format text' would fail on row 1, so the message names the mix."""
+    p = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[0], {"text": "x y"}])
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(p)), tiny_tokenizer)
+    assert "mixes formats" in e.value.message and "d.jsonl:3 is a text row" in e.value.message
+    assert "2 row(s) before it are instruction rows" in e.value.message and "--format" not in e.value.hint
+    with pytest.raises(LoraDoctorError, match="mixes formats: row d.jsonl:2 is an instruction row"):
+        load_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, ROWS[0]])), format="text"),
+                  tiny_tokenizer)
+
+
 def test_empty_dataset(tmp_path, tiny_tokenizer):
     (tmp_path / "e.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(LoraDoctorError, match="empty"):
