@@ -125,6 +125,15 @@ def test_eval_loss_in_markdown_and_text():
     assert "Eval loss" not in render_markdown(_result())
 
 
+def test_interrupted_run_says_so_under_the_verdict():
+    stop = "interrupted (Ctrl-C/SIGTERM) after step 2 of 400; a checkpoint was saved, train --resume continues"
+    md = render_markdown(_result(extra={**PROBE_EXTRA, "stopped_early": stop}))
+    head = md[:md.index("## Findings")]
+    assert f"**Stopped early:** {stop}" in head
+    assert md.count("after step 2 of 400") == 1  # not repeated in Run details
+    assert "Stopped early" not in render_markdown(_result(extra=PROBE_EXTRA))
+
+
 def test_markdown_of_a_minimal_result():
     md = render_markdown({"schema": SCHEMA, "kind": "check", "findings": []})
     assert "✓ healthy" in md and "No findings" in md

@@ -219,6 +219,9 @@ def build_report(kind, cfg, engine, result, findings, extra, prediction, env: di
         extra.update(eval_loss_summary(result.eval_losses))
         if result.error:
             extra["error"] = result.error
+        if result.stopped_early == "signal":
+            extra["stopped_early"] = (f"interrupted (Ctrl-C/SIGTERM) after step {engine.step} of {engine.total_steps}; "
+                                      "a checkpoint was saved, train --resume continues")
         extra["run"] = result.to_dict()
     model = {"id": cfg.model}
     targets = None

@@ -372,6 +372,7 @@ EXTRA_LABELS = {
     "outputs_dir": "Output folder",
     "error": "Error",
     "notes": "Notes",
+    "stopped_early": "Stopped early",
 }
 """Human labels for the keys probe/train/check put in `extra`; other keys get a label derived from the key."""
 
@@ -436,6 +437,10 @@ def render_markdown(result: dict) -> str:
     verdict = result.get("verdict") or verdict_of(result.get("findings") or [])
     out = [f"# lora-doctor {kind}" + (f": `{model_id}`" if model_id else ""), "",
            f"**Verdict: {verdict_line(verdict)}**", ""]
+    stopped = (result.get("extra") or {}).get("stopped_early")
+    if stopped:
+        # A partial run reads as healthy otherwise: say so before any figure.
+        out += [f"**Stopped early:** {_md_cell(str(stopped))}", ""]
     out += _section_summary(result)
     out += _section_findings(result.get("findings") or [])
     if result.get("memory"):
@@ -444,7 +449,8 @@ def render_markdown(result: dict) -> str:
         out += _section_loss(result["loss"], eval_losses(result))
     if result.get("extra"):
         # The Loss section already shows the eval losses when it has the per-step trace.
-        out += _section_extra(result["extra"], EVAL_KEYS if result.get("loss") and eval_losses(result) else ())
+        skip = ("stopped_early",) + (EVAL_KEYS if result.get("loss") and eval_losses(result) else ())
+        out += _section_extra(result["extra"], skip)
     if result.get("data"):
         out += _section_data(result["data"])
     if result.get("config"):
