@@ -366,6 +366,8 @@ def _per_token_layer_bytes(
     mlp_c: bytes per MLP intermediate when it differs from c. After prepare_model_for_kbit_training the
                   norm weights are fp32, so `weight * x` hands the MLP an fp32 input, bnb Linear4bit returns
                   its input's dtype and the MLP's elementwise tensors are fp32 (measured, test_budget.py).
+    norms       introspect's norms_per_layer (hidden-size norm modules in one layer) where known, else 2.
+      softcap     Gemma-2's attention logit softcapping (eager only): 2 * c bytes per (T, T) element more.
     Left out (small or zero for these models): dropout masks (attention/residual dropout is 0 in every
     shipped config except GPT-2), RoPE cos/sin, residual adds (save nothing), autocast weight copies.
     """
@@ -380,13 +382,18 @@ def _per_token_layer_bytes(
     plain = _is_plain_mlp(shape)
 
     norm = (c * h + 8) if plain else 4 * h
-    total = 2 * norm
+    norms = shape.extra.get("norms_per_layer", 2)  # introspect counts them: Gemma-2 4 (sandwich), Falcon-7B 1
+    total = norms * norm
     if base_trains:
-        total += 2 * c * h  # normalised outputs, needed for the norm weights' gradient
+        total += norms * c * h  # normalised outputs, needed for the norm weights' gradient
 
     if eager:
         total += c * (qd + 2 * qd)  # q, KV repeated to H heads (repeat_kv before the matmuls)
         total += (4 + c) * heads * seq_len  # fp32 softmax output + its cast, one row of (T, T) per head
+        if shape.extra.get("attn_logit_softcapping"):
+            # Gemma-2 eager_attention_forward: tanh(scores / cap) * cap before the softmax; autograd keeps two
+            # more c-byte (T, T) tensors (measured with saved-tensor hooks, tests/test_budget.py).
+            total += 2 * c * heads * seq_len
     else:
         total += c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
 
@@ -508,9 +515,13 @@ logits (4 + 4 + 4). Measured with torch.profiler on CPU (bf16 Llama, V=32000): 1
 
 
 def logits_bytes(shape: ModelShape, train: TrainSpec, c: int) -> int:
-    """Peak bytes of the logits and loss buffers: B * T * V * max(forward c + 8 (c + 4 in fp32), backward 12)."""
+    """Peak bytes of the logits and loss buffers: B * T * V * max(forward c + 8 (c + 4 in fp32), backward 12).
+
+    With final logit softcapping (Gemma-2: logits = tanh(logits / cap) * cap) autograd also keeps the c-byte
+    tanh output until backward: + c per element (measured 2.0 bytes/element in bf16, tests/test_budget.py)."""
     forward = c + 4 + (4 if c != 4 else 0)
-    return train.batch * train.seq_len * shape.vocab_size * max(forward, LOGITS_PEAK_BYTES_PER_ELEMENT)
+    per = max(forward, LOGITS_PEAK_BYTES_PER_ELEMENT) + (c if shape.extra.get("final_logit_softcapping") else 0)
+    return train.batch * train.seq_len * shape.vocab_size * per
 
 
 # ------------------------------------------------------------------------------------------------

@@ -158,6 +158,21 @@ def _cfg(config, *names, default=None):
     return default
 
 
+def _norms_per_layer(model: nn.Module, hidden: int | None) -> int | None:
+    """Hidden-size norm modules in the first decoder layer: 2 for Llama/GPT, 4 for Gemma-2's sandwich norms,
+    1 for Falcon-7B's parallel block. q/k norms (Qwen3, head_dim wide) are not counted. None if no layer is found."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        m = re.search(r"^(.*?\.)(\d+)\.", name + ".")
+        w = getattr(module, "weight", None)
+        if (m is None or "norm" not in type(module).__name__.lower() or not isinstance(w, torch.Tensor)
+                or w.numel() != hidden):
+            continue
+        layer = m.group(1) + m.group(2)
+        counts[layer] = counts.get(layer, 0) + 1
+    return next(iter(counts.values()), None)
+
+
 def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> ModelShape:
     """Read a ModelShape off a (meta-device) model; numbers come from the modules, architecture facts from config."""
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -257,6 +272,11 @@ def model_shape(model: nn.Module, config, *, model_id: str, source: str) -> Mode
     extra = {k: getattr(tc, k) for k in extra_keys if getattr(tc, k, None) is not None}
     if "layer_types" in extra:
         extra["layer_types"] = tuple(extra["layer_types"])
+    # Gemma-2 (and others) set _supports_sdpa = False: transformers then runs eager attention whatever was asked.
+    extra["supports_sdpa"] = bool(getattr(type(model), "_supports_sdpa", True))
+    norms = _norms_per_layer(model, hidden)
+    if norms is not None:
+        extra["norms_per_layer"] = norms
 
     return ModelShape(
         model_id=model_id,

@@ -475,3 +475,12 @@ def test_unbuildable_config_is_a_user_error():
 
     with pytest.raises(LoraDoctorError, match="cannot build a causal LM for model type 't5'"):
         build_meta_model(T5Config())
+
+
+@pytest.mark.parametrize(("arch", "norms"), [("llama", 2), ("gpt2", 2), ("falcon", 1), ("mixtral", 2)])
+def test_norms_per_layer_and_sdpa_support_read_off_the_model(arch, norms):
+    # Falcon-7B-style parallel blocks share one input_layernorm; Llama/GPT-2 have two per layer.
+    model = build_tiny_model(arch)
+    shape = model_shape(model, model.config, model_id=arch, source="test")
+    assert shape.extra["norms_per_layer"] == norms
+    assert shape.extra["supports_sdpa"] is True

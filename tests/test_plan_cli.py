@@ -302,3 +302,52 @@ def test_moe_expert_targets_with_dropout_are_flagged():
     assert "--dropout 0" in result.stderr
     assert not any(n["kind"] == "param-targets-dropout"
                    for n in json.loads(plan("mistralai/Mixtral-8x7B-v0.1", "--json", "--dropout", "0").stdout)["notes"])
+
+
+def test_gemma2_is_planned_with_the_eager_attention_transformers_runs():
+    # Gemma2PreTrainedModel sets _supports_sdpa = False (softcapping), so the default --attn sdpa becomes eager.
+    result = plan("google/gemma-2-2b", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["train"]["attn_impl"] == "eager"
+    assert {"kind": "attn-eager-fallback", "requested": "sdpa", "used": "eager"} in data["notes"]
+    assert "_supports_sdpa = False" in result.stderr
+    eager = json.loads(plan("google/gemma-2-2b", "--attn", "eager", "--json").stdout)
+    assert eager["budgets"] == data["budgets"]
+    lora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
+    # B * T * V * (12 loss bytes + 2 for the bf16 tanh output of final_logit_softcapping)
+    assert lora["logits_bytes"] == 1 * 2048 * 256000 * 14
+    fa2 = json.loads(plan("google/gemma-2-2b", "--attn", "flash_attention_2", "--json").stdout)
+    assert fa2["train"]["attn_impl"] == "flash_attention_2"
+    assert not any(n["kind"] == "attn-eager-fallback" for n in fa2["notes"])
+
+
+def test_terminal_states_its_assumptions():
+    out = plan("gpt2", "--r", "8").stdout
+    assert "GiB = 2^30 bytes" in out
+    assert "tight = over 90% of usable memory" in out
+    assert "Runtime overhead = 512.0 MiB CUDA context + 5% of the rest for allocator fragmentation." in out
+
+
+def test_markdown_is_well_formed_github_markdown(tmp_path):
+    path = tmp_path / "p.md"
+    result = plan("mistralai/Mixtral-8x7B-v0.1", "--r", "4,16", "--gpu", "RTX 4090", "--markdown", str(path))
+    assert result.exit_code == 0, result.output
+    lines = path.read_text().splitlines()
+    tables = 0
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            tables += 1
+            assert lines[i - 1] == "", "a table needs a blank line before it"
+            cells = line.count("|")
+            assert set(lines[i + 1].replace("|", "").replace(":", "")) == {"-"}, lines[i + 1]
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                assert lines[j].count("|") == cells, lines[j]
+                j += 1
+    assert tables == 3  # memory, rank sweep, GPU verdicts
+    text = "\n".join(lines)
+    assert text.count("<details>") == text.count("</details>") == 1
+    assert text.count("```") % 2 == 0
+    assert "⚠ tight = over 90% of usable memory." in text
+    assert "- RTX 4090 (table, 23.99 GiB usable), QLoRA nf4+DQ, r=4: needs" in text

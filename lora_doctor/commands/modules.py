@@ -115,7 +115,7 @@ def render_modules(data: dict) -> str:
     if data["parameter_targets"]:
         lines += ["", "Parameter targets (peft target_parameters):"]
         rows = [
-            [p["name"], p["num_experts"], f"{p['in_features']}→{p['out_features']}", p["count"], p["numel"],
+            [p["name"], p["num_experts"], f"{p['in_features']}→{p['out_features']}", p["count"], f"{p['numel']:,}",
              "no", (f"yes (r×{p['rank_multiplier']})" if p["rank_multiplier"] > 1 else "yes") if p["all_linear"]
              else "no"]
             for p in data["parameter_targets"]

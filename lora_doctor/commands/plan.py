@@ -52,7 +52,7 @@ def parse_ranks(value: str) -> list[int]:
 # transformers/peft/lora-doctor upgrade or a different --target/--dora/--r makes a miss, and a miss runs the
 # full path. LORA_DOCTOR_CACHE_DIR moves the cache; LORA_DOCTOR_CACHE=0 turns it off.
 
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2  # 2: shape.extra gained supports_sdpa and norms_per_layer
 
 
 def _cache_dir() -> Path | None:
@@ -219,6 +219,11 @@ def gather_plan(
         train = replace(train, seq_len=int(max_pos))
 
     notes = []
+    # transformers refuses sdpa for models whose class sets _supports_sdpa = False (Gemma-2: softcapping) and
+    # runs eager attention instead, (T, T) matrices included: cost what will run.
+    if train.attn_impl == "sdpa" and shape.extra.get("supports_sdpa") is False:
+        train = replace(train, attn_impl="eager")
+        notes.append({"kind": "attn-eager-fallback", "requested": "sdpa", "used": "eager"})
     budgets = []
     first = None
     for count in counts:

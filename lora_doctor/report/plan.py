@@ -127,6 +127,10 @@ def render_notes(data: dict) -> list[str]:
                        f"({n['max_position_embeddings']:,}); the budget is computed as asked, but the model "
                        f"was not trained past that length (it needs RoPE scaling, or fails for learned positions). "
                        f"Try: --seq-len {n['max_position_embeddings']}")
+        elif kind == "attn-eager-fallback":
+            out.append(f"{n['requested']} attention is not supported by this model class in transformers (it sets "
+                       f"_supports_sdpa = False), so it runs {n['used']} attention and the budget costs that, (T, T) "
+                       "matrices included. Try: --attn flash_attention_2 on CUDA")
         elif kind == "seq-len-defaulted":
             out.append(f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
                        f"{n['default']:,}; pass --seq-len to choose.")
@@ -168,7 +172,16 @@ def render_plan(data: dict) -> str:
                   "of usable memory):",
               tabulate(rows, headers=headers, colalign=("left", "right") + ("left",) * (len(headers) - 2))]
     lines += [""] + _headroom_lines(data)
+    lines += ["", _assumptions_line(data)]
     return "\n".join(lines) + "\n"
+
+
+def _assumptions_line(data: dict) -> str:
+    """What the terminal table rests on, in one sentence (the Markdown report spells it out)."""
+    c = data["constants"]
+    return (f"Exact: weights, quantization constants, adapters, gradients, optimizer states. Modelled: activations "
+            f"and logits (an upper bound with checkpointing). Runtime overhead = {format_bytes(c['cuda_context_bytes'])} "
+            f"CUDA context + {100 * c['allocator_fragmentation']:.0f}% of the rest for allocator fragmentation.")
 
 
 def render_plan_markdown(data: dict) -> str:
@@ -198,8 +211,9 @@ def render_plan_markdown(data: dict) -> str:
         headers, rows = sweep_rows(data)
         out += ["### Rank sweep", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
     headers, rows = verdict_rows(data)
-    out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
-    out += [line.strip() for line in _headroom_lines(data)]
+    out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), "",
+            f"⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% of usable memory.", ""]
+    out += [f"- {line.strip()}" for line in _headroom_lines(data)]
     notes = render_notes(data)
     if notes:
         out += ["", "### Notes", ""] + [f"- {line}" for line in notes]
@@ -216,7 +230,7 @@ def render_plan_markdown(data: dict) -> str:
         "- Activations and logits are a model of the tensors autograd saves (per-layer inventory after Korthikanti "
         "et al. 2022), not a measurement; with gradient checkpointing their sum is an upper bound.",
         f"- Runtime overhead: {format_bytes(c['cuda_context_bytes'])} CUDA context + "
-        f"{100 * c['allocator_fragmentation']:.0f}% allocator fragmentation.",
+        f"{100 * c['allocator_fragmentation']:.0f}% of all other terms for allocator fragmentation.",
         "- GPU usable memory is the total `nvidia-smi` reports (vendor GB are binary GiB, minus ECC/driver reserve).",
         "",
         "</details>",
