@@ -126,6 +126,30 @@ def test_cpu_plan_error_leaves_out_the_cuda_overhead(run_yaml):
     assert "without its CUDA-only runtime overhead" in memory["device"]
 
 
+def test_cuda_plan_is_held_against_what_each_counter_counts():
+    """max_memory_allocated has no CUDA context and no allocator slack: an exact tensor plan reads +0.0%,
+    not +(512 MiB + 5%)/allocated; the reserved and NVML rows get the slack and the context back."""
+    from types import SimpleNamespace
+
+    from lora_doctor.budget import CUDA_CONTEXT_BYTES, runtime_overhead_bytes
+    from lora_doctor.commands.probe import CUDA_PLAN_BASIS, planned_by_measure, planned_for_device
+    from lora_doctor.report.run import SCHEMA, render_markdown
+
+    tensors = 6 * 2**30
+    overhead = runtime_overhead_bytes(tensors)
+    prediction = {"total_bytes": tensors + overhead,
+                  "terms": {"base_weights_bytes": tensors, "runtime_overhead_bytes": overhead}}
+    planned, terms, basis = planned_for_device(prediction, SimpleNamespace(model=SimpleNamespace(device="cuda")))
+    assert (planned, basis, terms) == (tensors, CUDA_PLAN_BASIS, {"base_weights_bytes": tensors})
+    by = planned_by_measure(prediction, planned)
+    measured = {"peak_allocated_bytes": tensors, "peak_reserved_bytes": tensors + overhead - CUDA_CONTEXT_BYTES,
+                "nvml_peak_used_bytes": tensors + overhead}
+    md = render_markdown({"schema": SCHEMA, "kind": "probe", "findings": [], "memory": {
+        "device": "cuda", "measured": measured, "planned_total_bytes": planned, "planned_by_measure": by}})
+    rows = [line for line in md.splitlines() if line.startswith("| peak")]
+    assert len(rows) == 3 and all(line.endswith("| +0.0% |") for line in rows), rows
+
+
 def test_summary_wording_and_eval_summary():
     from lora_doctor.commands.probe import eval_loss_summary, summary_lines
 

@@ -150,21 +150,35 @@ def doctor_findings(cfg, engine, result, prediction, env: dict | None = None) ->
 
 
 CPU_PLAN_BASIS = "plan without its CUDA-only runtime overhead (CPU run: no CUDA context or caching allocator)"
+CUDA_PLAN_BASIS = ("plan without its runtime overhead (torch's allocated peak counts tensors only: no CUDA context, "
+                   "no allocator slack; those are in the reserved and NVML rows)")
 
 
 def planned_for_device(prediction: dict | None, result) -> tuple[int | None, dict | None, str | None]:
     """(planned bytes, planned terms, basis) to hold against what this run measured.
 
-    On CUDA: plan's total as it is. On CPU the runtime-overhead term (CUDA context + caching-allocator
-    slack) has nothing to correspond to in process RSS, so it is left out and `basis` says so.
+    The measured figure is tensors only: torch.cuda.max_memory_allocated on CUDA, process RSS on CPU.
+    Neither holds plan's runtime-overhead term (CUDA context + caching-allocator slack), so it is left
+    out and `basis` says so; on CUDA the reserved and NVML rows are held against the plan with that
+    overhead (planned_by_measure).
     """
     if not prediction or "total_bytes" not in prediction:
         return None, None, None
     total, terms = prediction["total_bytes"], dict(prediction["terms"])
-    if result is not None and result.model.device == "cpu" and terms.get("runtime_overhead_bytes"):
+    if result is not None and terms.get("runtime_overhead_bytes"):
         overhead = terms.pop("runtime_overhead_bytes")
-        return total - overhead, terms, CPU_PLAN_BASIS
+        return total - overhead, terms, CPU_PLAN_BASIS if result.model.device == "cpu" else CUDA_PLAN_BASIS
     return total, terms, None
+
+
+def planned_by_measure(prediction: dict, planned_tensors: int) -> dict:
+    """Each CUDA measurement with the plan figure that counts the same things (budget.runtime_overhead_bytes):
+    allocated = tensors; reserved = tensors + allocator slack; NVML used = + the CUDA context."""
+    from ..budget import CUDA_CONTEXT_BYTES
+
+    total = prediction["total_bytes"]
+    return {"peak_allocated_bytes": planned_tensors, "peak_reserved_bytes": max(planned_tensors, total - CUDA_CONTEXT_BYTES),
+            "nvml_peak_used_bytes": total}
 
 
 def eval_loss_summary(eval_losses) -> dict:
@@ -195,6 +209,8 @@ def build_report(kind, cfg, engine, result, findings, extra, prediction, env: di
         if planned is not None:
             memory["planned_total_bytes"] = planned
             memory["planned_terms"] = planned_terms
+            if basis == CUDA_PLAN_BASIS:
+                memory["planned_by_measure"] = planned_by_measure(prediction, planned)
     extra = dict(extra)
     if result is not None:
         tp = result.throughput
@@ -283,7 +299,9 @@ def summary_lines(report: dict) -> list[str]:
     if "measured_peak_bytes" in extra:
         planned = extra.get("planned_peak_bytes")
         err = f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra else ""
-        cpu = " (CPU: without the CUDA-only overhead)" if extra.get("planned_basis") else ""
+        basis = extra.get("planned_basis") or ""
+        cpu = (" (CPU: without the CUDA-only overhead)" if basis.startswith(CPU_PLAN_BASIS[:30])
+               else " (tensors, as torch counts them)" if basis else "")
         lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
                      f"planned {format_bytes(planned)}{cpu}{err}")
         if extra.get("planned_with_cuda_overhead_bytes") is not None:

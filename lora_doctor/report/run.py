@@ -248,12 +248,15 @@ def _section_memory(memory: dict) -> list[str]:
         out += [line, ""]
     rows = []
     peak = None
+    # CUDA: each measurement against the plan figure counting the same things (context, allocator slack).
+    matched = memory.get("planned_by_measure") or {}
     for key, label in (("peak_allocated_bytes", "peak allocated (torch)"), ("peak_reserved_bytes", "peak reserved (torch)"),
                        ("nvml_peak_used_bytes", "peak used (NVML)"), ("peak_rss_bytes", "peak process RSS")):
         if measured.get(key) is not None:
             peak = measured[key] if peak is None else peak
-            err = f"{100 * (planned - measured[key]) / measured[key]:+.1f}%" if planned and measured[key] else "—"
-            rows.append((label, format_bytes(planned), format_bytes(measured[key]), err))
+            plan = matched.get(key, planned)
+            err = f"{100 * (plan - measured[key]) / measured[key]:+.1f}%" if plan and measured[key] else "—"
+            rows.append((label, format_bytes(plan), format_bytes(measured[key]), err))
     if planned is not None and not rows:
         rows.append(("total", format_bytes(planned), "—", "—"))
     if rows:
