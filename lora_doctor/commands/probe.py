@@ -150,6 +150,11 @@ def doctor_findings(cfg, engine, result, prediction, env: dict | None = None) ->
 
 
 CPU_PLAN_BASIS = "plan without its CUDA-only runtime overhead (CPU run: no CUDA context or caching allocator)"
+CPU_COMPARABLE_BYTES = 256 * 2**20
+"""Below this plan, a CPU run's RSS is mostly the runtime's own first-use allocations (CPU kernels,
+allocator arenas, autograd; ~100-200 MiB measured on the tiny examples), not the tensors the plan counts."""
+CPU_TOO_SMALL_NOTE = ("not computed: on CPU, below a 256 MiB plan the process RSS is mostly the runtime's own "
+                      "allocations, not the tensors the plan counts")
 CUDA_PLAN_BASIS = ("plan without its runtime overhead (torch's allocated peak counts tensors only: no CUDA context, "
                    "no allocator slack; those are in the reserved and NVML rows)")
 
@@ -226,7 +231,11 @@ def build_report(kind, cfg, engine, result, findings, extra, prediction, env: di
         })
         if planned is not None and measured:
             extra["planned_peak_bytes"] = planned
-            extra["plan_error_pct"] = round(100.0 * (planned - measured) / measured, 1)
+            if basis == CPU_PLAN_BASIS and planned < CPU_COMPARABLE_BYTES:
+                extra["plan_error_note"] = CPU_TOO_SMALL_NOTE
+                memory["plan_error_note"] = CPU_TOO_SMALL_NOTE
+            else:
+                extra["plan_error_pct"] = round(100.0 * (planned - measured) / measured, 1)
             if basis:
                 extra["planned_basis"] = basis
                 extra["planned_with_cuda_overhead_bytes"] = prediction["total_bytes"]
@@ -298,7 +307,9 @@ def summary_lines(report: dict) -> list[str]:
                      f"max_length {data.get('max_length')}, {data.get('n_response_lost', 0):,} lost their whole response")
     if "measured_peak_bytes" in extra:
         planned = extra.get("planned_peak_bytes")
-        err = f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra else ""
+        err = (f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra
+               else " (no plan error: under 256 MiB, CPU RSS is mostly the runtime's own)"
+               if "plan_error_note" in extra else "")
         basis = extra.get("planned_basis") or ""
         cpu = (" (CPU: without the CUDA-only overhead)" if basis.startswith(CPU_PLAN_BASIS[:30])
                else " (tensors, as torch counts them)" if basis else "")

@@ -255,12 +255,15 @@ def _section_memory(memory: dict) -> list[str]:
         if measured.get(key) is not None:
             peak = measured[key] if peak is None else peak
             plan = matched.get(key, planned)
-            err = f"{100 * (plan - measured[key]) / measured[key]:+.1f}%" if plan and measured[key] else "—"
+            err = (f"{100 * (plan - measured[key]) / measured[key]:+.1f}%"
+                   if plan and measured[key] and not memory.get("plan_error_note") else "—")
             rows.append((label, format_bytes(plan), format_bytes(measured[key]), err))
     if planned is not None and not rows:
         rows.append(("total", format_bytes(planned), "—", "—"))
     if rows:
         out += [_table(rows, ("", "planned", "measured", "plan error")), ""]
+        if memory.get("plan_error_note"):
+            out += [f"Plan error {memory['plan_error_note']}.", ""]
     if terms:
         out += ["<details><summary>Planned breakdown</summary>", "",
                 _table([(k.removesuffix("_bytes").replace("_", " "), format_bytes(v)) for k, v in terms.items()],
@@ -362,6 +365,7 @@ EXTRA_LABELS = {
     "measured_peak_bytes": "Measured peak memory",
     "planned_peak_bytes": "Planned peak memory",
     "plan_error_pct": "Plan error (planned vs measured)",
+    "plan_error_note": "Plan error",
     "planned_without_cuda_overhead_bytes": "Planned peak without the CUDA runtime overhead",
     "plan_unavailable": "Memory plan unavailable",
     "planned_basis": "Plan compared as",
