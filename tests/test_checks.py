@@ -86,6 +86,8 @@ PLANTED = {
     "08-fp16-bf16": ("fp16-on-bf16-model", "warning", dict(precision="fp16", compute_dtype="fp16")),
     "08-fp16-params": ("fp16-trainable-params", "error",
                        dict(precision="fp16", compute_dtype="fp16", trainable_dtypes=("fp16",))),
+    "08-compute-dtype": ("compute-dtype-mismatch", "warning", dict(precision="fp16", compute_dtype="bf16",
+                                                                    model_dtype="fp16")),
     "09-bf16-gpu": ("bf16-unsupported", "error", dict(cuda_capability=(7, 5), bf16_supported=False)),
     "09-bf16-planned": ("bf16-unsupported", "warning", dict(cuda_available=False, gpu_name="T4")),
     "10-no-pad": ("no-pad-token", "error", dict(pad_token=None, pad_token_id=None)),

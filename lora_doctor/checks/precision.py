@@ -1,4 +1,5 @@
-"""Numeric formats: fp16 on bf16 checkpoints, fp16 trainable weights under AMP, bf16 on old GPUs."""
+"""Numeric formats: fp16 on bf16 checkpoints, fp16 trainable weights under AMP, bf16 on old GPUs, a 4-bit
+compute dtype that differs from the autocast dtype."""
 
 from __future__ import annotations
 
@@ -69,3 +70,20 @@ def check_bf16_support(ctx: CheckContext) -> list[Finding]:
             "Plan and train with --precision fp16 on that card, or plan for an Ampere-or-newer GPU.",
         )]
     return []
+
+
+@register
+def check_compute_dtype_matches_precision(ctx: CheckContext) -> list[Finding]:
+    """bnb's Linear4bit casts its input to compute_dtype and its output back: under fp16 autocast with a bf16
+    compute dtype every quantized matmul runs in bf16 (emulated, slow, on T4/V100) between fp16 layers."""
+    if ctx.quant_mode is None or ctx.precision not in ("bf16", "fp16") or not ctx.compute_dtype:
+        return []
+    if ctx.compute_dtype == ctx.precision:
+        return []
+    return [Finding(
+        Severity.WARNING, "compute-dtype-mismatch",
+        f"4-bit compute dtype is {ctx.compute_dtype} but training autocasts to {ctx.precision}: every quantized "
+        f"matmul converts {ctx.precision} -> {ctx.compute_dtype} -> {ctx.precision}, mixing two half-precision "
+        "formats in one forward (bnb_4bit_compute_dtype is what QLoRA's 4-bit layers compute in).",
+        f"Set both to one dtype: --compute-dtype {ctx.precision} (or --precision {ctx.compute_dtype}).",
+    )]
