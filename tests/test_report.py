@@ -193,6 +193,28 @@ def test_collect_environment_is_guarded():
     json.dumps(env)
 
 
+def test_collect_environment_cuda_path_with_fakes(monkeypatch):
+    """The CUDA branch on a CPU machine: this process's device (not GPU 0) and NVML init paired with shutdown."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    calls = []
+    fake_nvml = SimpleNamespace(nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+                                nvmlSystemGetDriverVersion=lambda: b"550.54")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["Tesla T4", "NVIDIA A100-SXM4-80GB"][i])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(7, 5), (8, 0)][i])
+    env = collect_environment(include_bnb=False)
+    assert env["gpus"] == ["Tesla T4", "NVIDIA A100-SXM4-80GB"]
+    assert env["cuda_capability"] == [8, 0] and env["bf16_supported"] is True
+    assert env["driver"] == "550.54" and calls == ["init", "shutdown"]
+
+
 # --- lora-doctor report ---------------------------------------------------------------------------------------
 
 

@@ -167,7 +167,8 @@ def collect_environment(*, include_bnb: bool = True) -> dict:
         if torch.cuda.is_available():
             env["cuda_available"] = True
             env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            cap = torch.cuda.get_device_capability(0)
+            # The device this process trains on (its LOCAL_RANK's under DDP), not always GPU 0.
+            cap = torch.cuda.get_device_capability(torch.cuda.current_device())
             env["cuda_capability"] = [int(cap[0]), int(cap[1])]
             env["bf16_supported"] = tuple(cap) >= (8, 0)
     except Exception as e:  # noqa: BLE001 - a broken CUDA install is information, not a crash
@@ -177,8 +178,11 @@ def collect_environment(*, include_bnb: bool = True) -> dict:
             import pynvml
 
             pynvml.nvmlInit()
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            env["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+            try:
+                driver = pynvml.nvmlSystemGetDriverVersion()
+                env["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+            finally:
+                pynvml.nvmlShutdown()  # nvmlInit is reference-counted: pair every init
         except Exception:  # noqa: BLE001 - NVML is optional (containers often lack it)
             pass
     if include_bnb:
