@@ -334,7 +334,10 @@ class Engine:
             require_bitsandbytes(f"--optim {t.optim}")
             import bitsandbytes as bnb
 
-            cls = bnb.optim.PagedAdamW8bit if t.optim == "paged-adamw-8bit" else bnb.optim.AdamW8bit
+            # Paging (unified memory that spills optimizer state to the host under pressure) is CUDA-only;
+            # on CPU bitsandbytes would warn and fall back to the same non-paged update.
+            paged = t.optim == "paged-adamw-8bit" and self.device == "cuda"
+            cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
             self.optimizer = cls(params, lr=t.lr, weight_decay=t.weight_decay)
         total, warmup, kind = self.total_steps, t.warmup_steps, t.scheduler
 
@@ -461,15 +464,11 @@ class Engine:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.grad_flow.record()
         lr = self.scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():
-            # bitsandbytes on CPU: "Paged optimizers are not supported on CPU. Falling back to non-paged" —
-            # the same update either way, and paging only matters on a GPU; not a thing for users to fix.
-            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-            if self.scaler is not None:
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                opt.step()
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
         self.scheduler.step()
         opt.zero_grad(set_to_none=True)
         if self.device == "cuda":

@@ -53,6 +53,8 @@ def test_qlora_nf4_loss_decreases(qlora):
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in engine.peft_model.modules())
     assert result.model.quant == "nf4"
+    # paged-adamw-8bit pages only on CUDA; on CPU the same 8-bit AdamW, without bnb's fallback warning.
+    assert type(engine.optimizer) is bnb.optim.AdamW8bit
     assert result.loss.finite and result.loss.decreasing
     assert result.loss.last < 0.9 * result.loss.first, result.losses
     assert max(result.losses[4:]) < min(result.losses[:2]), result.losses
@@ -242,6 +244,11 @@ def test_cuda_peak_memory_is_measured(tiny_llama_dir, data_path, tmp_path):
     assert train.device == "cuda" and train.peak_allocated_bytes > 0
     assert train.peak_reserved_bytes >= train.peak_allocated_bytes
     assert result.grad_flow.healthy and result.loss.finite
+    import bitsandbytes as bnb
+
+    assert type(engine.optimizer) is bnb.optim.PagedAdamW8bit
+    # The quantized weights sit on this process's GPU; the adapters too.
+    assert {p.device.type for p in engine.peft_model.parameters()} == {"cuda"}
 
 
 @pytest.mark.parametrize("arch", [pytest.param("mistral", marks=pytest.mark.slow), "gpt2"])
