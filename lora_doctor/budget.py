@@ -463,6 +463,22 @@ def _lora_merged_expert_bytes(shape: ModelShape, targets, c: int) -> tuple[int, 
     return total, per_layer
 
 
+def dora_transient_bytes(shape: ModelShape, targets, c: int) -> int:
+    """Peak scratch of one DoRA module's forward: the largest over the targeted Linear/Conv1D groups.
+
+    peft/tuners/lora/dora.py DoraLinearLayer: get_lora_weight() builds lora_B(lora_A(torch.eye(in))) to get the
+    dense (in x out) update for the weight norm, so an fp32 (in x in) identity lives through the forward (plus
+    its c-byte autocast copy when c < 4), and the norm of W + scaling * delta-W needs two more c-byte (in x out)
+    matrices. Not saved for backward, but allocated at every DoRA module's forward (and its recompute under
+    checkpointing) while the saved activations are live. Measured on CPU with torch.profiler (tests/test_budget.py):
+    in^2 * (4 + c) + ~1.6 (bf16 base) or ~0.9 (nf4 base) * c * in * out; 2 * c * in * out is kept as the bound.
+    """
+    eye_bytes = 4 + (c if c != 4 else 0)
+    return max((g.in_features * g.in_features * eye_bytes + 2 * c * g.in_features * g.out_features
+                for g, _ in targeted_groups(shape, targets)
+                if isinstance(g, LeafGroup) and g.kind != "Embedding"), default=0)
+
+
 def activation_bytes(
     shape: ModelShape,
     train: TrainSpec,
@@ -485,7 +501,8 @@ def activation_bytes(
     Checked against the peak of live allocations in a real CPU step (torch.profiler, tests/test_budget.py):
     without checkpointing activations + logits + gradients land within a few percent; with it their sum
     is an upper bound (measured 0.8-1.0 of it), because the recomputed layer and the loss buffers are never
-    live together. Not modelled: dropout masks other than LoRA's, and allocator rounding (runtime overhead).
+    live together. DoRA adds one module's forward scratch (`dora_transient_bytes`), the (in x in) identity
+    peft builds. Not modelled: dropout masks other than LoRA's, and allocator rounding (runtime overhead).
     """
     tokens = train.batch * train.seq_len
     eager = train.attn_impl == "eager"
@@ -497,11 +514,12 @@ def activation_bytes(
     h = shape.hidden_size
     outside = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
+    dora = dora_transient_bytes(shape, targets, c) if lora is not None and lora.use_dora else 0
     if train.grad_ckpt:
         per_token = shape.num_layers * stream_c * h + layer + lora_one + outside
-        return tokens * per_token + merged_one
+        return tokens * per_token + merged_one + dora
     per_token = shape.num_layers * layer + lora_all + outside
-    return tokens * per_token + merged_all
+    return tokens * per_token + merged_all + dora
 
 
 LOGITS_PEAK_BYTES_PER_ELEMENT = 12

@@ -20,6 +20,7 @@ from lora_doctor.budget import (
     method_budget,
     packed_4bit_bytes,
     quant_state_bytes,
+    targeted_groups,
 )
 from lora_doctor.introspect import lora_config, model_shape, resolve_targets
 from lora_doctor.shape import LeafGroup, ModelShape
@@ -376,6 +377,43 @@ def test_norms_per_layer_scales_the_norm_term():
     two = activation_bytes(_hand_shape(), t, base_trains=False, c=2)
     four = activation_bytes(_hand_shape(extra={"norms_per_layer": 4}), t, base_trains=False, c=2)
     assert four - two == 512 * 32 * 2 * 4 * 4096
+
+
+def test_dora_transient_is_the_largest_modules_identity_pinned():
+    """Mistral-7B all-linear DoRA: down_proj (in 14336) dominates: 14336^2 * (4 fp32 eye + 2 bf16 autocast copy)
+    + 2 * 2 * 14336 * 4096 for delta-W and W + delta-W, about 1.37 GiB a plain-LoRA budget does not have."""
+    from lora_doctor.budget import dora_transient_bytes
+
+    shape = _hand_shape()
+    targets = resolve_targets(shape, "all-linear")
+    assert dora_transient_bytes(shape, targets, 2) == 14336 * 14336 * 6 + 4 * 14336 * 4096 == 1_468_006_400
+    t = TrainSpec(seq_len=512)
+    lora, dora = LoraSpec(), LoraSpec(use_dora=True)
+    plain = activation_bytes(shape, t, base_trains=False, c=2, targets=targets, lora=lora)
+    with_dora = activation_bytes(shape, t, base_trains=False, c=2, targets=targets, lora=dora)
+    # the per-token magnitude rescale (c * out per module, one layer under checkpointing) plus the transient
+    per_layer_out = sum(g.out_features for g, _ in targeted_groups(shape, targets))
+    assert with_dora - plain == 512 * 2 * per_layer_out + 1_468_006_400
+
+
+@pytest.mark.slow  # torch.profiler start-up
+def test_dora_step_peak_includes_the_identity_transient():
+    """peft's DoRA builds lora_B(lora_A(eye(in))) every forward: a bf16 LoRA step peak grows by ~in^2 * 6 bytes
+    (measured 26.8 MB for in=2048), which the activation term must carry."""
+    from lora_doctor.tiny import build_tiny_model
+
+    B, T = 1, 16
+    torch.manual_seed(0)
+    model = build_tiny_model("llama", dtype=torch.bfloat16, vocab_size=500, hidden_size=256, intermediate_size=2048)
+    shape = _shape(model)
+    lora, targets = LoraSpec(r=8, dropout=0.0, use_dora=True), resolve_targets(shape, "all-linear")
+    model.requires_grad_(False)
+    model = _peft(model, shape, lora, targets).train()
+    measured = _peak_step_bytes(model, torch.randint(4, 500, (B, T)))
+    b = method_budget("lora-bf16", shape, lora, QuantSpec(mode=None), TrainSpec(seq_len=T, batch=B, grad_ckpt=False),
+                      targets)
+    est = b.activations_bytes + b.logits_bytes + b.gradients_bytes
+    assert 0.9 <= measured / est <= 1.05, (measured, est)
 
 
 def _hand_shape(**kw) -> ModelShape:

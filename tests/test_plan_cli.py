@@ -351,3 +351,12 @@ def test_markdown_is_well_formed_github_markdown(tmp_path):
     assert text.count("```") % 2 == 0
     assert "⚠ tight = over 90% of usable memory." in text
     assert "- RTX 4090 (table, 23.99 GiB usable), QLoRA nf4+DQ, r=4: needs" in text
+
+
+def test_dora_note_names_the_identity_scratch():
+    result = plan(MISTRAL, "--dora", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    # down_proj (in 14336, out 4096): 14336^2 * 6 + 4 * 14336 * 4096 bytes, budget.dora_transient_bytes
+    assert {"kind": "dora-transient", "bytes": 1_468_006_400} in data["notes"]
+    assert "lora_B(lora_A(eye(in_features)))" in result.stderr

@@ -243,6 +243,9 @@ def gather_plan(
     wrapped = [g.name for g, _ in budget_mod.targeted_groups(shape, targets) if g in shape.param_groups]
     if wrapped and lora.dropout > 0:
         notes.append({"kind": "param-targets-dropout", "names": wrapped, "dropout": lora.dropout})
+    if lora.use_dora:
+        # 16-bit compute in every LoRA column (budget._lora_bf16, QLoRA's compute dtype): c = 2
+        notes.append({"kind": "dora-transient", "bytes": budget_mod.dora_transient_bytes(shape, targets, 2)})
     if seq_len_defaulted is not None:
         notes.append({"kind": "seq-len-defaulted", "seq_len": train.seq_len, "default": seq_len_defaulted})
     elif max_pos and train.seq_len > max_pos:

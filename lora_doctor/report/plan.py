@@ -131,6 +131,9 @@ def render_notes(data: dict) -> list[str]:
             out.append(f"{n['requested']} attention is not supported by this model class in transformers (it sets "
                        f"_supports_sdpa = False), so it runs {n['used']} attention and the budget costs that, (T, T) "
                        "matrices included. Try: --attn flash_attention_2 on CUDA")
+        elif kind == "dora-transient":
+            out.append(f"DoRA: peft computes each module's weight norm from lora_B(lora_A(eye(in_features))), "
+                       f"{format_bytes(n['bytes'])} of scratch at the widest module, included in activations.")
         elif kind == "seq-len-defaulted":
             out.append(f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
                        f"{n['default']:,}; pass --seq-len to choose.")
