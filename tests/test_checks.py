@@ -381,6 +381,17 @@ def test_context_from_probe_result():
     assert found["adapter-unchanged"].severity is Severity.WARNING  # one of two modules
 
 
+def test_bf16_hint_moves_the_4bit_compute_dtype_too(healthy):
+    """Following the bf16-unsupported fix must not land on compute-dtype-mismatch (or bf16 again)."""
+    ctx = healthy.replace(cuda_available=False, gpu_name="T4")
+    (f,) = [f for f in run_checks(ctx) if f.code == "bf16-unsupported"]
+    assert "--precision fp16 --compute-dtype fp16" in f.hint
+    fixed = ctx.replace(precision="fp16", compute_dtype="fp16", model_dtype="fp16")
+    assert not {"bf16-unsupported", "compute-dtype-mismatch"} & codes(run_checks(fixed))
+    plain = ctx.replace(quant_mode=None)
+    assert "--compute-dtype" not in [f for f in run_checks(plain) if f.code == "bf16-unsupported"][0].hint
+
+
 def test_fp16_skipped_step_is_not_a_dead_adapter():
     """fp16 + GradScaler: the first steps overflow (inf/NaN norms) and are skipped; later steps train."""
     from lora_doctor.measure import GradFlow, ModuleGradFlow

@@ -26,6 +26,11 @@ def _uses_fp16(ctx: CheckContext) -> bool:
     return ctx.precision == "fp16" or (ctx.quant_mode is not None and ctx.compute_dtype == "fp16")
 
 
+def _fp16_flags(ctx: CheckContext) -> str:
+    """The flags that move the whole run to fp16: the 4-bit layers compute in their own dtype."""
+    return "--precision fp16 --compute-dtype fp16" if ctx.quant_mode is not None else "--precision fp16"
+
+
 @register
 def check_fp16_precision(ctx: CheckContext) -> list[Finding]:
     findings = []
@@ -60,14 +65,14 @@ def check_bf16_support(ctx: CheckContext) -> list[Finding]:
             Severity.ERROR, "bf16-unsupported",
             f"bf16 requested, but this GPU (compute capability {cap}) has no native bf16: it either fails or runs "
             "emulated, several times slower.",
-            "Use --precision fp16 with bnb_4bit_compute_dtype=float16 (and keep adapters in fp32), or an "
+            f"Use {_fp16_flags(ctx)} (bnb_4bit_compute_dtype=float16; keep adapters in fp32), or an "
             "Ampere-or-newer GPU (A10G, L4, A100, H100).",
         )]
     if ctx.gpu_name and any(g.lower() in ctx.gpu_name.lower() for g in GPUS_WITHOUT_BF16):
         return [Finding(
             Severity.WARNING, "bf16-unsupported",
             f"bf16 requested, but the planned GPU '{ctx.gpu_name}' predates Ampere and has no native bf16.",
-            "Plan and train with --precision fp16 on that card, or plan for an Ampere-or-newer GPU.",
+            f"Plan and train with {_fp16_flags(ctx)} on that card, or plan for an Ampere-or-newer GPU.",
         )]
     return []
 
