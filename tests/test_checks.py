@@ -392,6 +392,14 @@ def test_bf16_hint_moves_the_4bit_compute_dtype_too(healthy):
     assert "--compute-dtype" not in [f for f in run_checks(plain) if f.code == "bf16-unsupported"][0].hint
 
 
+def test_plan_hints_name_the_model_and_length(healthy):
+    ctx = healthy.replace(n_examples=48, n_truncated=10, max_length=32, longest_tokens=42, length_p95=None,
+                          fit_verdict="does-not-fit")
+    found = {f.code: f for f in run_checks(ctx)}
+    assert "lora-doctor plan tiny-llama --seq-len 42)" in found["examples-truncated"].hint
+    assert "compare with lora-doctor plan tiny-llama --gpu NAME" in found["does-not-fit"].hint
+
+
 def test_fp16_skipped_step_is_not_a_dead_adapter():
     """fp16 + GradScaler: the first steps overflow (inf/NaN norms) and are skipped; later steps train."""
     from lora_doctor.measure import GradFlow, ModuleGradFlow

@@ -134,6 +134,13 @@ def test_interrupted_run_says_so_under_the_verdict():
     assert "Stopped early" not in render_markdown(_result(extra=PROBE_EXTRA))
 
 
+def test_plan_only_memory_has_no_empty_measured_columns():
+    md = render_markdown({"schema": SCHEMA, "kind": "check", "findings": [],
+                          "memory": {"planned_total_bytes": 3 * 2**30, "planned_terms": {"base_weights_bytes": 3 * 2**30}}})
+    assert "## Memory plan\n\n|  | planned |\n|---|---|\n| total | 3.00 GiB |" in md
+    assert "measured" not in md and "plan error" not in md
+
+
 def test_markdown_of_a_minimal_result():
     md = render_markdown({"schema": SCHEMA, "kind": "check", "findings": []})
     assert "✓ healthy" in md and "No findings" in md

@@ -28,6 +28,15 @@ def _length_hint(ctx: CheckContext) -> str:
     return "raise max_length (--max-length N)"
 
 
+def _model(ctx: CheckContext) -> str:
+    return ctx.model_id if ctx.model_id and " " not in ctx.model_id else "MODEL"
+
+
+def _target_len(ctx: CheckContext) -> str:
+    n = ctx.length_p95 or (ctx.longest_tokens if ctx.max_length and (ctx.longest_tokens or 0) > ctx.max_length else None)
+    return str(n) if n else "N"
+
+
 @register
 def check_all_labels_masked(ctx: CheckContext) -> list[Finding]:
     # The dataset counts cover every example; the labels may be a sample of them.
@@ -82,7 +91,8 @@ def check_truncation(ctx: CheckContext) -> list[Finding]:
             Severity.WARNING if share >= TRUNCATED_WARN_SHARE else Severity.INFO, "examples-truncated",
             f"{cut} of {n} examples ({share:.1%}) are longer than max_length={ctx.max_length} and are cut: the "
             "model learns answers that stop mid-way, without EOS.",
-            f"{_cap(_length_hint(ctx))}, memory permitting (lora-doctor plan MODEL --seq-len N).",
+            f"{_cap(_length_hint(ctx))}, memory permitting (lora-doctor plan {_model(ctx)} --seq-len "
+            f"{_target_len(ctx)}).",
         ))
     return findings
 

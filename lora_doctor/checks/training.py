@@ -67,6 +67,7 @@ def check_memory_fit(ctx: CheckContext) -> list[Finding]:
     if verdict not in ("does-not-fit", "tight"):
         return []
     gpu = ctx.gpu_name or "the chosen GPU"
+    model = ctx.model_id if ctx.model_id and " " not in ctx.model_id else "MODEL"
     need = (f" needs {format_bytes(ctx.required_bytes)} of {format_bytes(ctx.gpu_bytes)}"
             if ctx.required_bytes and ctx.gpu_bytes else "")
     options = []
@@ -78,9 +79,9 @@ def check_memory_fit(ctx: CheckContext) -> list[Finding]:
                                            ("--optim paged-adamw-8bit", ctx.optim != "adamw")) if not already]
     levers.append("a lower --r or a shorter --max-length")
     if not options and ctx.required_bytes:
-        levers.append(f"a GPU with more than {format_bytes(ctx.required_bytes)} (lora-doctor plan MODEL lists them)")
+        levers.append(f"a GPU with more than {format_bytes(ctx.required_bytes)} (lora-doctor plan {model} lists them)")
     fix = (f"Largest that fits on {gpu}: {' or '.join(options)}. " if options else "") + \
-        f"{'Other levers' if options else 'Levers'}: {', '.join(levers)}; compare with lora-doctor plan MODEL --gpu NAME."
+        f"{'Other levers' if options else 'Levers'}: {', '.join(levers)}; compare with lora-doctor plan {model} --gpu NAME."
     if verdict == "does-not-fit":
         return [Finding(Severity.ERROR, "does-not-fit",
                         f"The plan says this run does not fit {gpu}: it{need} and will stop with CUDA out of memory.", fix)]

@@ -259,7 +259,8 @@ def _section_memory(memory: dict) -> list[str]:
                    if plan and measured[key] and not memory.get("plan_error_note") else "—")
             rows.append((label, format_bytes(plan), format_bytes(measured[key]), err))
     if planned is not None and not rows:
-        rows.append(("total", format_bytes(planned), "—", "—"))
+        # Nothing measured (check): the plan alone, without empty measured/error columns.
+        out += [_table([("total", format_bytes(planned))], ("", "planned")), ""]
     if rows:
         out += [_table(rows, ("", "planned", "measured", "plan error")), ""]
         if memory.get("plan_error_note"):
