@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -469,7 +470,11 @@ class Engine:
             self.scaler.update()
         else:
             opt.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips the optimizer step on overflow (usual in the first steps), and torch then
+            # warns that the scheduler stepped first. The schedule counts steps taken, as transformers' does.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
         opt.zero_grad(set_to_none=True)
         if self.device == "cuda":
             torch.cuda.synchronize()

@@ -350,3 +350,22 @@ def test_nvml_handle_matches_the_cuda_device(monkeypatch, pci_ok, uuid_ok, visib
     del monitor
     gc.collect()
     assert fake.inits == 1 and fake.shutdowns == 1  # every init paired with a shutdown
+
+
+def test_skipped_optimizer_step_is_quiet(tiny_gpt2_dir, data_path, tmp_path):
+    """fp16 on CUDA: GradScaler skips optimizer.step() on overflow (usual in the first steps). torch's
+    'scheduler stepped first' notice must not reach users, and the doctor must not call the adapters dead."""
+    import warnings
+
+    from lora_doctor.checks import build_context, run_checks
+
+    engine = Engine(make_cfg(tiny_gpt2_dir, data_path, tmp_path, **{"lora.targets": "c_attn"})).setup()
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # loss x 1e38 overflows fp32: step 1 skipped
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        engine.run_steps(3)
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in seen]
+    result = engine.result("probe")
+    assert not math.isfinite(result.steps[0].grad_norm) and engine.scaler.get_scale() < 1e38
+    codes = {f.code for f in run_checks(build_context(probe=result))}
+    assert "adapter-no-grad" not in codes and "adapter-unchanged" not in codes, codes
