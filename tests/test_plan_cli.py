@@ -300,6 +300,9 @@ def test_moe_expert_targets_with_dropout_are_flagged():
     kinds = {n["kind"] for n in data["notes"]}
     assert {"experts-not-quantized", "param-targets-dropout"} <= kinds
     assert "--dropout 0" in result.stderr
+    # r=16 > the router's 8 outputs: drop the router from the targets rather than cut every rank to 8
+    assert ("smallest targeted dimension (8) of gate.weight" in result.stderr
+            and "Try: --target q_proj,k_proj,v_proj,o_proj,experts.gate_up_proj,experts.down_proj" in result.stderr)
     assert not any(n["kind"] == "param-targets-dropout"
                    for n in json.loads(plan("mistralai/Mixtral-8x7B-v0.1", "--json", "--dropout", "0").stdout)["notes"])
 

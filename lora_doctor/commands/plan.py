@@ -255,7 +255,10 @@ def gather_plan(
     too_big = [c.r for c in counts if smallest is not None and c.r > smallest]
     if too_big:
         # r >= min(in, out) makes B @ A full rank: no longer low-rank, just a slower full fine-tune of that layer.
-        notes.append({"kind": "rank-exceeds-dim", "ranks": too_big, "min_dim": smallest})
+        narrow = [g.name for g, _ in budget_mod.targeted_groups(shape, targets)
+                  if min(g.in_features, g.out_features) < max(too_big)]
+        notes.append({"kind": "rank-exceeds-dim", "ranks": too_big, "min_dim": smallest,
+                      "names": list(dict.fromkeys(narrow)), "others": [t for t in targets if t not in narrow]})
     by_gpu: dict[str, dict] = {}
     for v in hardware.verdicts(first):
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}

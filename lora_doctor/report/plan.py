@@ -138,9 +138,14 @@ def render_notes(data: dict) -> list[str]:
             out.append(f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
                        f"{n['default']:,}; pass --seq-len to choose.")
         elif kind == "rank-exceeds-dim":
+            names = n.get("names") or []
+            where = f" of {', '.join(names)}" if names else ""
+            # A narrow odd-one-out (a MoE router) is better dropped from the targets than the rank cut for all.
+            hint = (f"--target {','.join(n['others'])}" if names and n.get("others") and n["min_dim"] < 64
+                    else f"--r {min(64, n['min_dim'])}")
             out.append(f"r={', '.join(map(str, n['ranks']))} is larger than the smallest targeted dimension "
-                       f"({n['min_dim']:,}): the update B@A is then no longer low-rank, only a costlier full update "
-                       f"of that layer. Try: --r {min(64, n['min_dim'])}")
+                       f"({n['min_dim']:,}){where}: the update B@A is then no longer low-rank, only a costlier full "
+                       f"update of that layer. Try: {hint}")
         elif kind == "param-targets-dropout":
             out.append(f"peft adapts {', '.join(n['names'])} through target_parameters, which refuses lora_dropout "
                        f"> 0 (got {n['dropout']}): training with these flags fails. Try: --dropout 0, or --target attn")
