@@ -841,7 +841,9 @@ def _rng_state() -> dict:
     import torch
 
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            # This process's GPU only: get_rng_state_all() would create a CUDA context (hundreds of MiB)
+            # on every visible GPU, i.e. on the other DDP ranks' devices.
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict) -> None:
@@ -851,8 +853,13 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if cuda_state is not None and torch.cuda.is_available():
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints: one state per visible GPU
+            index = torch.cuda.current_device()
+            cuda_state = cuda_state[index] if index < len(cuda_state) else None
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)  # the current device: this process's
 
 
 def _is_oom(e: BaseException) -> bool:

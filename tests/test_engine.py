@@ -369,3 +369,23 @@ def test_skipped_optimizer_step_is_quiet(tiny_gpt2_dir, data_path, tmp_path):
     assert not math.isfinite(result.steps[0].grad_norm) and engine.scaler.get_scale() < 1e38
     codes = {f.code for f in run_checks(build_context(probe=result))}
     assert "adapter-no-grad" not in codes and "adapter-unchanged" not in codes, codes
+
+
+def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
+    """Only the current GPU's RNG is saved and restored: get/set_rng_state_all would create a CUDA context on
+    every visible GPU (the other DDP ranks' devices); a list from an older checkpoint restores its own entry."""
+    from lora_doctor import engine as engine_mod
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((4,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("touches every GPU"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(int(s[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("touches every GPU"))
+    state = engine_mod._rng_state()
+    engine_mod._set_rng_state(state)
+    old = [torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)]
+    engine_mod._set_rng_state({**state, "cuda": old})
+    engine_mod._set_rng_state({**state, "cuda": old[:1]})  # saved with fewer GPUs visible: nothing to restore
+    assert restored == [7, 1]
