@@ -315,8 +315,13 @@ def summary_lines(report: dict) -> list[str]:
                else " (tensors, as torch counts them)" if basis else "")
         lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
                      f"planned {format_bytes(planned)}{cpu}{err}")
-        if extra.get("planned_with_cuda_overhead_bytes") is not None:
-            lines.append(f"                     on a GPU the plan is {format_bytes(extra['planned_with_cuda_overhead_bytes'])} "
+        with_overhead = extra.get("planned_with_cuda_overhead_bytes")
+        nvml = ((report.get("memory") or {}).get("measured") or {}).get("nvml_peak_used_bytes")
+        if with_overhead is not None and basis == CUDA_PLAN_BASIS:
+            lines.append(f"                     with CUDA context and allocator slack the plan is {format_bytes(with_overhead)}"
+                         + (f"; NVML saw {format_bytes(nvml)} used (every process on the GPU)" if nvml else ""))
+        elif with_overhead is not None:
+            lines.append(f"                     on a GPU the plan is {format_bytes(with_overhead)} "
                          "(CUDA context and allocator slack included)")
     if extra.get("first_loss") is not None:
         lines.append(f"  loss               {extra['first_loss']:.4f} -> {extra['last_loss']:.4f} over "
