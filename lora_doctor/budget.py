@@ -369,7 +369,8 @@ def _per_token_layer_bytes(
     norms       introspect's norms_per_layer (hidden-size norm modules in one layer) where known, else 2.
       softcap     Gemma-2's attention logit softcapping (eager only): 2 * c bytes per (T, T) element more.
     Left out (small or zero for these models): dropout masks (attention/residual dropout is 0 in every
-    shipped config except GPT-2), RoPE cos/sin, residual adds (save nothing), autocast weight copies.
+    shipped config except GPT-2), RoPE cos/sin, residual adds (save nothing). Autocast weight copies of fp32
+    Linears (QLoRA only) are in `_autocast_weight_copies`.
     """
     h = shape.hidden_size
     heads = shape.num_attention_heads
@@ -515,11 +516,40 @@ def activation_bytes(
     outside = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
     dora = dora_transient_bytes(shape, targets, c) if lora is not None and lora.use_dora else 0
+    head_copy, layer_copies = _autocast_weight_copies(shape, c) if kbit_prepared else (0, 0)
+    # fp32 lora_A/lora_B under 16-bit autocast: their c-byte casts stay in autocast's cache (leaves that require
+    # grad) for the whole forward and are saved for backward, checkpointing or not. DoRA's magnitude only divides.
+    adapter_copies = (c * lora_param_count(shape, targets, replace(lora, use_dora=False))
+                      if lora is not None and c < 4 else 0)
+    fixed = dora + head_copy + adapter_copies
     if train.grad_ckpt:
         per_token = shape.num_layers * stream_c * h + layer + lora_one + outside
-        return tokens * per_token + merged_one + dora
+        return tokens * per_token + merged_one + fixed + layer_copies // max(shape.num_layers, 1)
     per_token = shape.num_layers * layer + lora_all + outside
-    return tokens * per_token + merged_all + dora
+    return tokens * per_token + merged_all + fixed + layer_copies
+
+
+def _autocast_weight_copies(shape: ModelShape, c: int) -> tuple[int, int]:
+    """(lm_head, in-layer) bytes of the c-byte weight copies autocast saves for backward in a QLoRA step.
+
+    prepare_model_for_kbit_training leaves every non-4-bit Linear in fp32 (lm_head; whole layers where bitsandbytes
+    did not swap them, e.g. Falcon's FalconLinear). Under 16-bit autocast (Trainer bf16=True, the engine's default)
+    F.linear casts such a weight to c bytes per call and saves the copy for the input gradient; autocast caches
+    only leaves that require grad, so a frozen weight is copied every forward. Measured with saved-tensor hooks: a
+    16000 x 256 fp32 lm_head saves exactly its 8,192,000-byte bf16 copy (tests/test_budget.py).
+    """
+    if c >= 4:
+        return 0, 0
+    head = layers = 0
+    for g in shape.leaves:
+        if g.quantizable:
+            continue
+        size = g.in_features * g.out_features * c * g.count
+        if g.default_target:
+            layers += size
+        else:
+            head += size
+    return head, layers
 
 
 LOGITS_PEAK_BYTES_PER_ELEMENT = 12
