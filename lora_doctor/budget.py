@@ -690,6 +690,14 @@ def primary_key(quant: QuantSpec) -> str:
     return f"qlora-{quant.mode}" + ("-dq" if quant.double_quant else "")
 
 
+def attention_that_runs(shape: ModelShape, train: TrainSpec) -> TrainSpec:
+    """train with sdpa replaced by eager where the model class sets _supports_sdpa = False (Gemma-2: softcapping):
+    transformers runs eager attention there, (T, T) matrices included, so that is what must be costed."""
+    if train.attn_impl == "sdpa" and shape.extra.get("supports_sdpa") is False:
+        return replace(train, attn_impl="eager")
+    return train
+
+
 def memory_budget(
     shape: ModelShape,
     lora: LoraSpec,
@@ -704,10 +712,12 @@ def memory_budget(
         lora: rank, DoRA, dropout (targets are taken from `targets`, already resolved to leaf names).
         quant: 4-bit type, double quantization, compute dtype, blocksize. mode=None still costs the
             QLoRA columns (as nf4) but makes LoRA bf16 the primary method.
-        train: batch, seq_len, gradient checkpointing, attention implementation, optimizer.
+        train: batch, seq_len, gradient checkpointing, attention implementation (sdpa becomes eager where the
+            model has no sdpa, see `attention_that_runs`), optimizer.
         targets: leaf names LoRA wraps (introspect.resolve_targets output).
     """
     targets = tuple(targets)
+    train = attention_that_runs(shape, train)
     methods = tuple(method_budget(k, shape, lora, quant, train, targets) for k in method_keys(quant))
     return MemoryBudget(
         model_id=shape.model_id, targets=targets, lora=lora, quant=quant, train=train,

@@ -362,6 +362,15 @@ def test_gemma2_eager_softcapping_tracks_saved_tensors(attn_cap, final_cap):
     assert abs(est - got) / got < 0.10, (est, got)
 
 
+def test_budget_costs_eager_attention_where_the_model_has_no_sdpa():
+    shape = _hand_shape(extra={"supports_sdpa": False})
+    sdpa = memory_budget(shape, LoraSpec(), QuantSpec(), TrainSpec(attn_impl="sdpa"), ("q_proj",))
+    eager = memory_budget(shape, LoraSpec(), QuantSpec(), TrainSpec(attn_impl="eager"), ("q_proj",))
+    assert sdpa.train.attn_impl == "eager" and sdpa.methods == eager.methods
+    flash = memory_budget(shape, LoraSpec(), QuantSpec(), TrainSpec(attn_impl="flash_attention_2"), ("q_proj",))
+    assert flash.train.attn_impl == "flash_attention_2"
+
+
 def test_final_logit_softcapping_adds_compute_bytes_per_logit():
     """tanh(logits / cap) * cap keeps a c-byte tanh output to backward: measured +2.0 bytes/element in bf16
     (torch.profiler peak of a one-layer Gemma-2 step, V=16000, with and without final_logit_softcapping)."""

@@ -221,9 +221,10 @@ def gather_plan(
     notes = []
     # transformers refuses sdpa for models whose class sets _supports_sdpa = False (Gemma-2: softcapping) and
     # runs eager attention instead, (T, T) matrices included: cost what will run.
-    if train.attn_impl == "sdpa" and shape.extra.get("supports_sdpa") is False:
-        train = replace(train, attn_impl="eager")
-        notes.append({"kind": "attn-eager-fallback", "requested": "sdpa", "used": "eager"})
+    runs = budget_mod.attention_that_runs(shape, train)
+    if runs.attn_impl != train.attn_impl:
+        notes.append({"kind": "attn-eager-fallback", "requested": train.attn_impl, "used": runs.attn_impl})
+        train = runs
     budgets = []
     first = None
     for count in counts:
