@@ -63,6 +63,15 @@ def test_falcon_notes_that_bitsandbytes_skips_falcon_linear():
     assert "query_key_value" in result.stderr and "stay 16-bit" in result.stderr
 
 
+def test_gemma2_notes_eager_attention_and_params_have_commas():
+    result = run("google/gemma-2-2b")
+    assert result.exit_code == 0, result.output
+    assert "Gemma2ForCausalLM has no sdpa attention" in result.stderr
+    facts = json.loads(run("google/gemma-2-2b", "--json").stdout)["config_facts"]
+    assert facts["supports_sdpa"] is False and facts["norms_per_layer"] == 4
+    assert "30,064,771,072" in run("mistralai/Mixtral-8x7B-v0.1").stdout  # experts.gate_up_proj, 32 x 8 x 4096 x 28672
+
+
 def test_local_tiny_model_directory(tiny_llama_dir):
     from lora_doctor.tiny import build_tiny_model, tiny_tokenizer
 

@@ -80,6 +80,9 @@ def _notes(shape: ModelShape) -> list[str]:
                 "peft rewrites 'all-linear' on this transformers-5 MoE to include them"
                 + (f" (rank and alpha x2 on {', '.join(doubled)})" if doubled else "") + "."
             )
+    if shape.extra.get("supports_sdpa") is False:
+        notes.append(f"{shape.architecture} has no sdpa attention in transformers (_supports_sdpa = False): it runs "
+                     "eager, keeping a (T, T) score matrix per head, unless you ask for flash_attention_2 on CUDA.")
     for fused in partial_coverage(shape, "qv").fused:
         notes.append(f"'qv' here is the fused {fused.leaf} ({'/'.join(fused.projections)}): "
                      f"LoRA on it adapts {', '.join(fused.also_adapts)} too.")
