@@ -77,6 +77,24 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def attention_implementation(config, requested: str, note=None) -> str:
+    """`requested`, unless the architecture cannot run it: Gemma-2 sets _supports_sdpa = False, and
+    transformers 5 then refuses sdpa outright instead of falling back (budget.py costs eager there too)."""
+    if requested != "sdpa" or config is None:
+        return requested
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code or an unusual config: let from_pretrained decide
+        return requested
+    if getattr(model_class, "_supports_sdpa", True):
+        return requested
+    if note is not None:
+        note(f"note: {model_class.__name__} has no sdpa attention in transformers; using eager.")
+    return "eager"
+
+
 class Engine:
     """Load once, then run optimizer steps. Build with a RunConfig, call `setup()`, then `run_steps()`.
 
@@ -134,6 +152,7 @@ class Engine:
         Everything that can be wrong with the input (model id, config.json, dataset, max_length) is
         checked before the weights load: on a 70B that load is minutes and a GPU allocation.
         """
+        self._note = log
         self._resolve_model()
         self._setup_tokenizer()
         self._setup_data()
@@ -203,7 +222,9 @@ class Engine:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
-        kwargs = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.train.attn_impl)
+        kwargs = dict(trust_remote_code=cfg.trust_remote_code,
+                      attn_implementation=attention_implementation(self.base_config, cfg.train.attn_impl,
+                                                                   getattr(self, "_note", None)))
         device_map = {"": self.device_index if self.device == "cuda" else "cpu"}
         if q.mode is not None:
             require_bitsandbytes(f"{q.mode} quantization (QLoRA)")

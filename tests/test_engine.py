@@ -389,3 +389,19 @@ def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
     engine_mod._set_rng_state({**state, "cuda": old})
     engine_mod._set_rng_state({**state, "cuda": old[:1]})  # saved with fewer GPUs visible: nothing to restore
     assert restored == [7, 1]
+
+
+def test_gemma2_runs_eager_attention_when_sdpa_was_asked():
+    from transformers import AutoConfig
+
+    from lora_doctor.engine import attention_implementation
+
+    gemma2 = AutoConfig.for_model("gemma2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    llama = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    notes = []
+    assert attention_implementation(gemma2, "sdpa", notes.append) == "eager"
+    assert notes and "eager" in notes[0]
+    assert attention_implementation(llama, "sdpa") == "sdpa"
+    assert attention_implementation(gemma2, "flash_attention_2") == "flash_attention_2"
