@@ -194,10 +194,19 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert r.exit_code == 2 and "--lr must be" in r.output
 
 
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+    # What users type for multi-GPU; on a CPU-only machine it starts the same 2 processes over gloo.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519"],
+}
+
+
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_matches_one_process(tiny_llama_dir, data_path, tmp_path):
-    """torchrun --nproc_per_node 2 (what accelerate launch runs on GPUs) on CPU/gloo: 2 ranks x batch 2
-    give the losses of one process with batch 4 (each rank takes its slice of the global batch)."""
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_process_ddp_on_cpu_matches_one_process(tiny_llama_dir, data_path, tmp_path, launcher):
+    """torchrun / accelerate launch with 2 processes on CPU (gloo): 2 ranks x batch 2 give the losses of
+    one process with batch 4 (each rank takes its slice of the global batch)."""
     import subprocess
     import sys
 
@@ -211,8 +220,8 @@ train: {{batch: 2, max_steps: 3, lr: 1.0e-2, optim: adamw, precision: fp32, grad
 output: {{dir: {tmp_path / 'ddp'}, plot: false}}
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "lora_doctor.cli", "train", str(cfg_path), "--no-report"],
+    proc = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "lora_doctor.cli", "train", str(cfg_path),
+                           "--no-report"],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "train_result.json").read_text())
