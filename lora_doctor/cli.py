@@ -26,6 +26,9 @@ COMMANDS = {
     "report": ("lora_doctor.commands.report", "Re-render a JSON result as Markdown."),
 }
 
+# Click >= 8.2 raises this for a bare group invocation; older Clicks print the help themselves.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -59,6 +62,10 @@ class LazyGroup(click.Group):
         # and exit code 2 like every LoraDoctorError.
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:
+            # `lora-doctor` alone: the help itself, not an error line wrapped around it.
+            click.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             command = e.ctx.command_path if e.ctx is not None else (prog_name or "lora-doctor")
             click.echo(f"Error: {e.format_message()} See: {command} --help", err=True)

@@ -61,3 +61,9 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_bare_command_prints_help_not_an_error():
+    result = CliRunner().invoke(cli, [])
+    assert "Usage:" in result.output and "Commands:" in result.output
+    assert "Error:" not in result.output
