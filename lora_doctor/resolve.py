@@ -68,30 +68,17 @@ def resolve_model_config(
             config.json, or a custom-code config without trust_remote_code.
     """
     model = model.strip()
-    if not model:
-        raise LoraDoctorError("Model is empty.", _where_hint())
     if offline is None:
         offline = hub_offline()
 
-    path = Path(model).expanduser()
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise LoraDoctorError(f"Directory '{model}' has no config.json.", _no_config_hint(path))
-        return _resolved(model, config_path, "local directory", trust_remote_code, code_dir=path)
-    if path.is_file():
-        return _resolved(model, path, "local config.json", trust_remote_code, code_dir=path.parent)
-    if _looks_like_path(model):
-        raise LoraDoctorError(f"Path '{model}' does not exist.", _where_hint())
-
-    cached = _cached_config_path(model)
-    if cached is not None:
-        return _resolved(model, cached, "HF cache", trust_remote_code, code_dir=cached.parent, repo_id=model)
-
-    shipped = _shipped_path(model)
-    if shipped is not None:
-        # Shipped files carry no modelling code, so remote code never runs from them.
-        return _resolved(model, shipped, "shipped config", False)
+    located = locate_config(model)
+    if located is not None:
+        config_path, source = located
+        if source == "shipped config":
+            # Shipped files carry no modelling code, so remote code never runs from them.
+            return _resolved(model, config_path, source, False)
+        return _resolved(model, config_path, source, trust_remote_code, code_dir=config_path.parent,
+                         repo_id=model if source == "HF cache" else None)
 
     hub_problem = "the hub was not asked (offline mode)"
     if not offline:
@@ -107,6 +94,33 @@ def resolve_model_config(
         f"not a shipped config, and {hub_problem}.",
         _unknown_hint(model, offline),
     )
+
+
+def locate_config(model: str) -> tuple[Path, str] | None:
+    """(config.json path, source) found without the network, in resolve_model_config's order: a local
+    directory or config.json, the HF cache, the shipped configs. Parses nothing; None when only the hub is left.
+
+    Raises:
+        LoraDoctorError: empty model, a directory without config.json, or a path that does not exist.
+    """
+    model = model.strip()
+    if not model:
+        raise LoraDoctorError("Model is empty.", _where_hint())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise LoraDoctorError(f"Directory '{model}' has no config.json.", _no_config_hint(path))
+        return config_path, "local directory"
+    if path.is_file():
+        return path, "local config.json"
+    if _looks_like_path(model):
+        raise LoraDoctorError(f"Path '{model}' does not exist.", _where_hint())
+    cached = _cached_config_path(model)
+    if cached is not None:
+        return cached, "HF cache"
+    shipped = _shipped_path(model)
+    return (shipped, "shipped config") if shipped is not None else None
 
 
 def shipped_model_ids() -> list[str]:

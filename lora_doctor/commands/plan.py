@@ -65,23 +65,13 @@ def _cache_dir() -> Path | None:
 
 
 def _locate_config(model: str) -> tuple[Path, str] | None:
-    """(config.json path, source) the way resolve_model_config would find it, without parsing; None for the hub."""
+    """(config.json path, source) as resolve_model_config finds it, without parsing; None for the hub, and for
+    anything resolve would refuse (the full path then raises resolve's own error)."""
     from .. import resolve
 
     try:
-        path = Path(model.strip()).expanduser()
-        if path.is_dir():
-            return (path / "config.json", "local directory") if (path / "config.json").is_file() else None
-        if path.is_file():
-            return path, "local config.json"
-        if resolve._looks_like_path(model):
-            return None
-        cached = resolve._cached_config_path(model)
-        if cached is not None:
-            return cached, "HF cache"
-        shipped = resolve._shipped_path(model)
-        return (shipped, "shipped config") if shipped is not None else None
-    except (AttributeError, OSError, LoraDoctorError):  # resolve changed shape, or an odd path: take the full path
+        return resolve.locate_config(model)
+    except (OSError, LoraDoctorError):
         return None
 
 
