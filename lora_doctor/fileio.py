@@ -32,6 +32,34 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
     return path
 
 
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail in a second, not after the run, when `path` cannot become a writable folder.
+
+    Creates nothing (a run refused later for bad data leaves no empty folder behind): an existing
+    folder goes through ensure_writable_dir; a missing one is checked at its nearest existing
+    ancestor, which must be a writable folder.
+
+    Raises:
+        LoraDoctorError: `path` or one of its parents is a file, or the folder cannot be written.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return ensure_writable_dir(path, what)
+    if path.exists():
+        raise LoraDoctorError(f"The {what} '{path}' is a file, not a folder.",
+                              "Pick a folder path that is free or already a folder.")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is a file.", "Pick another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is not writable.",
+                              "Pick a folder you can write to.")
+    return path
+
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 

@@ -605,35 +605,6 @@ def _missing_data_file(value: str) -> bool:
     return p.suffix.lower() in LOCAL_SUFFIXES and not p.exists()
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Fail in a second, not after the run, when `path` cannot become a writable folder.
-
-    Creates nothing (a run refused later for bad data leaves no empty folder behind): an existing
-    folder goes through fileio.ensure_writable_dir; a missing one is checked at its nearest existing
-    ancestor, which must be a writable folder.
-
-    Raises:
-        LoraDoctorError: `path` or one of its parents is a file, or the folder cannot be written.
-    """
-    from .fileio import ensure_writable_dir
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return ensure_writable_dir(path, what)
-    if path.exists():
-        raise LoraDoctorError(f"The {what} '{path}' is a file, not a folder.",
-                              "Pick a folder path that is free or already a folder.")
-    ancestor = path.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is a file.", "Pick another path.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is not writable.",
-                              "Pick a folder you can write to.")
-    return path
-
-
 # --- CLI options shared by probe, train and check --------------------------------------------------
 
 def run_options(f):
@@ -706,5 +677,5 @@ def config_from_cli(config_path: str | None, params: dict, extra: dict[str, obje
 
 __all__ = [
     "RunConfig", "DataConfig", "TrainConfig", "LossConfig", "OutputConfig", "load_run_config", "from_dict",
-    "config_from_cli", "run_options", "parse_set", "valid_keys", "check_output_dir", "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT",
+    "config_from_cli", "run_options", "parse_set", "valid_keys", "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT",
 ]

@@ -363,3 +363,9 @@ def test_dora_note_names_the_identity_scratch():
     # down_proj (in 14336, out 4096): 14336^2 * 6 + 4 * 14336 * 4096 bytes, budget.dora_transient_bytes
     assert {"kind": "dora-transient", "bytes": 1_468_006_400} in data["notes"]
     assert "lora_B(lora_A(eye(in_features)))" in result.stderr
+
+
+def test_markdown_folder_is_not_created_when_the_plan_fails(tmp_path):
+    result = plan("no-such-org/no-such-model", "--markdown", str(tmp_path / "new" / "x.md"))
+    assert result.exit_code == 2
+    assert not (tmp_path / "new").exists()

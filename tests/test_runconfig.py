@@ -152,7 +152,7 @@ def test_missing_relative_dataset_says_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_check_output_dir_refuses_files_and_creates_nothing(tmp_path):
-    from lora_doctor.runconfig import check_output_dir
+    from lora_doctor.fileio import check_output_dir
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")

@@ -355,13 +355,13 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
       lora-doctor plan gpt2 --markdown
     """
     from ..report.plan import render_notes, render_plan, render_plan_markdown
-    from ..fileio import ensure_writable_dir, write_text_atomic
+    from ..fileio import check_output_dir, write_text_atomic
 
     rank_list = parse_ranks(ranks)
     lora = LoraSpec(r=rank_list[0], alpha=alpha, dropout=dropout, targets=target, use_dora=dora)
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
     if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
-        ensure_writable_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, not after
+        check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
     train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
                        trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None)

@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from ..errors import LoraDoctorError
-from ..runconfig import RunConfig, check_output_dir, config_from_cli, run_options
+from ..fileio import check_output_dir
+from ..runconfig import RunConfig, config_from_cli, run_options
 
 DEFAULT_PROBE_STEPS = 10
 LABEL_SAMPLE = 64

@@ -19,7 +19,8 @@ from pathlib import Path
 import click
 
 from ..errors import LoraDoctorError
-from ..runconfig import RunConfig, check_output_dir, config_from_cli, run_options
+from ..fileio import check_output_dir
+from ..runconfig import RunConfig, config_from_cli, run_options
 
 LOSS_LOG = "loss_log.jsonl"
 LOSS_PNG = "loss_curve.png"
