@@ -547,22 +547,29 @@ def test_dynamic_terms_bound_the_measured_step_peak(arch, grad_ckpt, vocab, low)
     assert low <= measured / est <= 1.05, (measured, est)
 
 
-def test_qlora_activation_estimate_tracks_saved_tensors(tmp_path):
-    """After prepare_model_for_kbit_training the fp32 norm weights make the MLP run in fp32: the QLoRA
-    column must (and does) count those intermediates at 4 bytes."""
+def _prepared_qlora_llama(tmp_path, **overrides):
+    """(shape, model, lora, targets): a 256-wide tiny Llama loaded in nf4, through prepare_model_for_kbit_training
+    (no checkpointing) and peft all-linear r=8, in train mode."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     from lora_doctor.tiny import save_tiny_model
 
-    path = save_tiny_model(tmp_path / "q", "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2)
+    path = save_tiny_model(tmp_path / "q", "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                           **overrides)
     shape = _shape(AutoModelForCausalLM.from_pretrained(path))
     model = _load_4bit(path, "nf4", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora, targets = LoraSpec(r=8, dropout=0.0), resolve_targets(shape, "all-linear")
-    model = _peft(model, shape, lora, targets).train()
+    return shape, _peft(model, shape, lora, targets).train(), lora, targets
+
+
+def test_qlora_activation_estimate_tracks_saved_tensors(tmp_path):
+    """After prepare_model_for_kbit_training the fp32 norm weights make the MLP run in fp32: the QLoRA
+    column must (and does) count those intermediates at 4 bytes."""
+    shape, model, lora, targets = _prepared_qlora_llama(tmp_path)
     B, T = 2, 128
     got = _saved_bytes(model, torch.randint(4, shape.vocab_size, (B, T)), autocast=True)
     b = method_budget("qlora-nf4", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, grad_ckpt=False), targets)
@@ -574,20 +581,7 @@ def test_qlora_saves_a_16bit_copy_of_the_fp32_lm_head(tmp_path):
     """prepare_model_for_kbit_training makes lm_head fp32; under bf16 autocast F.linear saves a bf16 copy of it
     for backward (frozen weights are not in autocast's cache). Short sequences make the copy dominate: without
     it the estimate would be far below what autograd saves."""
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    from lora_doctor.tiny import save_tiny_model
-
-    path = save_tiny_model(tmp_path / "q", "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                           tie_word_embeddings=False)
-    shape = _shape(AutoModelForCausalLM.from_pretrained(path))
-    model = _load_4bit(path, "nf4", False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora, targets = LoraSpec(r=8, dropout=0.0), resolve_targets(shape, "all-linear")
-    model = _peft(model, shape, lora, targets).train()
+    shape, model, lora, targets = _prepared_qlora_llama(tmp_path, tie_word_embeddings=False)
     B, T = 1, 8
     got = _saved_bytes(model, torch.randint(4, shape.vocab_size, (B, T)), autocast=True)
     b = method_budget("qlora-nf4", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, grad_ckpt=False), targets)
