@@ -505,7 +505,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
             if path.parent.is_dir() else []
         raise LoraDoctorError(f"Config file '{path}' not found.",
                               (f"Configs in {path.parent}: {', '.join(near)}. " if near else "")
-                              + "Try: lora-doctor probe examples/tiny.yaml")
+                              + "Start from examples/tiny.yaml (see examples/README.md).")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -671,7 +671,7 @@ def config_from_cli(config_path: str | None, params: dict, extra: dict[str, obje
             origins[dotted] = f"--{_KEY_TO_FLAG.get(dotted, dotted)}"
     if config_path is None and "model" not in overrides:
         raise LoraDoctorError("No config file and no --model given.",
-                              "Try: lora-doctor probe examples/tiny.yaml, or pass --model and --data.")
+                              "Pass a config file (start from examples/tiny.yaml), or --model and --data.")
     return load_run_config(config_path, overrides, origins)
 
 
