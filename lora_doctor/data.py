@@ -18,10 +18,49 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LoraDoctorError
-from .runconfig import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataConfig
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DATA_FORMATS = ("instruction", "text")
+
+# The Alpaca prompt, as used by the QLoRA paper's instruction datasets. {input} blocks appear only
+# when the row has a non-empty input field.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they become token ids and labels."""
+
+    path: str | None = None
+    """Local .jsonl/.json/.csv/.parquet file, or a Hugging Face datasets name (--data)."""
+    format: str = "instruction"
+    """'instruction' (prompt masked with -100, response trained) or 'text' (every token trained)."""
+    split: str = "train"
+    """Split to read when `path` is a datasets name or a dataset folder."""
+    instruction_field: str = "instruction"
+    """Column holding the instruction (format: instruction)."""
+    input_field: str | None = "input"
+    """Optional column with extra input; rows where it is empty use the prompt without '### Input:'."""
+    response_field: str = "output"
+    """Column holding the response the model learns to produce (format: instruction)."""
+    text_field: str = "text"
+    """Column holding the raw text (format: text)."""
+    prompt_template: str | None = None
+    """Custom prompt with {instruction} and optionally {input}; None means the Alpaca template."""
+    max_length: int = 512
+    """Tokens per example after truncation, EOS included (--max-length)."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS so the model learns to stop; its label is kept."""
+    padding_side: str = "right"
+    """'right' for training; 'left' is reported by the doctor."""
+    eval_path: str | None = None
+    """Separate evaluation file; without it, `eval_fraction` of the data is held out."""
+    eval_fraction: float = 0.0
+    """Share of examples held out for evaluation when there is no `eval_path` (0 disables)."""
+    max_examples: int | None = None
+    """Use only the first N examples (handy for probes)."""
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ The file has one section per concern; every key is an attribute below, and its d
     loss: {kind: ce}
     output: {dir: runs/tiny}
 
-Validation collects every problem (unknown keys, wrong types, values out of range), then raises one
-LoraDoctorError. Messages name the key the way the user typed it: `--lr` for a flag, `train.lr (in
-tiny.yaml)` for a file key.
+Validation collects every problem (unknown keys, wrong types, values out of range; the rules live in
+validate.py), then raises one LoraDoctorError through errors.raise_problems. Messages name the key the
+way the user typed it: `--lr` for a flag, `train.lr (in tiny.yaml)` for a file key. The data section
+(DataConfig) lives in data.py beside the code that reads it; the Click flags in commands/options.py.
 """
 
 from __future__ import annotations
@@ -23,54 +24,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LoraDoctorError
-from .specs import COMPUTE_DTYPES, OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
-
-DATA_FORMATS = ("instruction", "text")
-SCHEDULERS = ("constant", "linear", "cosine")
-LOSS_KINDS = ("ce", "label_smoothing", "focal")
-PADDING_SIDES = ("right", "left")
-DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_SEED = 3407
-
-# The Alpaca prompt, as used by the QLoRA paper's instruction datasets. {input} blocks appear only
-# when the row has a non-empty input field.
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the examples come from and how they become token ids and labels."""
-
-    path: str | None = None
-    """Local .jsonl/.json/.csv/.parquet file, or a Hugging Face datasets name (--data)."""
-    format: str = "instruction"
-    """'instruction' (prompt masked with -100, response trained) or 'text' (every token trained)."""
-    split: str = "train"
-    """Split to read when `path` is a datasets name or a dataset folder."""
-    instruction_field: str = "instruction"
-    """Column holding the instruction (format: instruction)."""
-    input_field: str | None = "input"
-    """Optional column with extra input; rows where it is empty use the prompt without '### Input:'."""
-    response_field: str = "output"
-    """Column holding the response the model learns to produce (format: instruction)."""
-    text_field: str = "text"
-    """Column holding the raw text (format: text)."""
-    prompt_template: str | None = None
-    """Custom prompt with {instruction} and optionally {input}; None means the Alpaca template."""
-    max_length: int = 512
-    """Tokens per example after truncation, EOS included (--max-length)."""
-    add_eos: bool = True
-    """Append the tokenizer's EOS so the model learns to stop; its label is kept."""
-    padding_side: str = "right"
-    """'right' for training; 'left' is reported by the doctor."""
-    eval_path: str | None = None
-    """Separate evaluation file; without it, `eval_fraction` of the data is held out."""
-    eval_fraction: float = 0.0
-    """Share of examples held out for evaluation when there is no `eval_path` (0 disables)."""
-    max_examples: int | None = None
-    """Use only the first N examples (handy for probes)."""
+from .data import LOCAL_SUFFIXES, DataConfig
+from .errors import LoraDoctorError, Problem, raise_problems
+from .specs import LoraSpec, QuantSpec, TrainSpec
+from .validate import DEFAULT_SEED, SPEC_FLAGS, default_label, normalise, problems_in, type_ok
 
 
 @dataclass(frozen=True)
@@ -165,7 +122,7 @@ class RunConfig:
     """The file this config was read from, for messages and reports."""
 
     def __post_init__(self):
-        _raise_all(_problems(self, _default_label))
+        raise_problems(problems_in(self, default_label), "in the run config")
 
     # Flat views of nested keys, for readers that look facts up by their common names (checks/context.py).
     @property
@@ -228,178 +185,11 @@ SECTIONS: dict[str, type] = {
 }
 TOP_LEVEL = ("model", "trust_remote_code")
 
-# CLI flag -> dotted key. Shared by probe, train and check (see `run_options`).
-FLAGS: dict[str, str] = {
-    "model": "model",
-    "data": "data.path",
-    "format": "data.format",
-    "max-length": "data.max_length",
-    "quant": "quant.mode",
-    "compute-dtype": "quant.compute_dtype",
-    "r": "lora.r",
-    "alpha": "lora.alpha",
-    "dropout": "lora.dropout",
-    "target": "lora.targets",
-    "dora": "lora.use_dora",
-    "rslora": "lora.use_rslora",
-    "batch": "train.batch",
-    "grad-accum": "train.grad_accum",
-    "lr": "train.lr",
-    "scheduler": "train.scheduler",
-    "warmup": "train.warmup_steps",
-    "steps": "train.max_steps",
-    "epochs": "train.epochs",
-    "optim": "train.optim",
-    "grad-ckpt": "train.grad_ckpt",
-    "precision": "train.precision",
-    "seed": "train.seed",
-    "eval-every": "train.eval_every",
-    "save-every": "train.save_every",
-    "device": "train.device",
-    "loss": "loss.kind",
-    "output-dir": "output.dir",
-    "reports-dir": "output.reports_dir",
-    "merge": "output.merge",
-}
-_KEY_TO_FLAG = {v: k for k, v in FLAGS.items()}
-# The reused specs phrase their own errors with these flag names.
-_SPEC_FLAGS = {"lora.r": "--r", "lora.alpha": "--alpha", "lora.dropout": "--dropout"}
-
-
 def valid_keys() -> list[str]:
     keys = list(TOP_LEVEL)
     for name, cls in SECTIONS.items():
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
-
-
-def _default_label(key: str) -> str:
-    flag = _KEY_TO_FLAG.get(key)
-    return f"--{flag}" if flag else key
-
-
-def _raise_all(problems: list[tuple[str, str]]) -> None:
-    if not problems:
-        return
-    if len(problems) == 1:
-        raise LoraDoctorError(*problems[0])
-    raise LoraDoctorError(f"{len(problems)} problems in the run config: " + " ".join(m for m, _ in problems),
-                          " ".join(dict.fromkeys(h for _, h in problems)))
-
-
-def _one_of(label, value, choices, problems, example):
-    if value not in choices:
-        problems.append((f"{label} must be one of {', '.join(choices)}; got {value!r}.", f"Try: {example}"))
-
-
-def _positive_int(label, value, problems, example, allow_none=False, allow_zero=False):
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        kind = "a non-negative integer" if allow_zero else "a positive integer"
-        # "or null" is YAML; a flag (--steps) is simply left out to get the default.
-        null = " or null" if allow_none and not label.startswith("--") else ""
-        problems.append((f"{label} must be {kind}{null}; got {value!r}.", f"Try: {example}"))
-
-
-def _problems(cfg: RunConfig, label) -> list[tuple[str, str]]:
-    """Range and choice checks across sections; `label(dotted_key)` names the key as the user typed it."""
-    p: list[tuple[str, str]] = []
-    if not cfg.model or not isinstance(cfg.model, str):
-        p.append((f"{label('model')} is required (a model id or a local folder); got {cfg.model!r}.",
-                  "Try: --model examples/tiny-llama (python examples/make_tiny_model.py writes it)"))
-    d, t, lo, o = cfg.data, cfg.train, cfg.loss, cfg.output
-    _one_of(label("data.format"), d.format, DATA_FORMATS, p, "--format instruction")
-    _positive_int(label("data.max_length"), d.max_length, p, "--max-length 512")
-    _one_of(label("data.padding_side"), d.padding_side, PADDING_SIDES, p, "data.padding_side: right")
-    if not (isinstance(d.eval_fraction, (int, float)) and 0.0 <= d.eval_fraction < 1.0):
-        p.append((f"{label('data.eval_fraction')} must be in [0, 1); got {d.eval_fraction!r}.", "Try: data.eval_fraction: 0.1"))
-    _positive_int(label("data.max_examples"), d.max_examples, p, "data.max_examples: 1000", allow_none=True)
-    if d.prompt_template is not None and "{instruction}" not in d.prompt_template:
-        p.append((f"{label('data.prompt_template')} must contain {{instruction}}; got {d.prompt_template!r}.",
-                  f"Try: prompt_template: {ALPACA_PROMPT!r}"))
-    _positive_int(label("train.batch"), t.batch, p, "--batch 1")
-    _positive_int(label("train.grad_accum"), t.grad_accum, p, "--grad-accum 16")
-    if not isinstance(t.lr, (int, float)) or isinstance(t.lr, bool) or t.lr < 0:
-        p.append((f"{label('train.lr')} must be a number >= 0; got {t.lr!r}.", "Try: --lr 2e-4"))
-    if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:
-        p.append((f"{label('train.weight_decay')} must be >= 0; got {t.weight_decay!r}.", "Try: train.weight_decay: 0.0"))
-    _one_of(label("train.scheduler"), t.scheduler, SCHEDULERS, p, "--scheduler constant")
-    _positive_int(label("train.warmup_steps"), t.warmup_steps, p, "--warmup 10", allow_zero=True)
-    _positive_int(label("train.max_steps"), t.max_steps, p, "--steps 100", allow_none=True)
-    if not isinstance(t.epochs, (int, float)) or t.epochs <= 0:
-        p.append((f"{label('train.epochs')} must be > 0; got {t.epochs!r}.", "Try: --epochs 1"))
-    _one_of(label("train.optim"), t.optim, OPTIMIZERS, p, "--optim paged-adamw-8bit")
-    if t.max_grad_norm is not None and (not isinstance(t.max_grad_norm, (int, float)) or t.max_grad_norm <= 0):
-        p.append((f"{label('train.max_grad_norm')} must be > 0 or null; got {t.max_grad_norm!r}.", "Try: train.max_grad_norm: 0.3"))
-    _one_of(label("train.precision"), t.precision, COMPUTE_DTYPES, p, "--precision bf16")
-    _one_of(label("train.attn_impl"), t.attn_impl, ("sdpa", "eager", "flash_attention_2"), p, "train.attn_impl: sdpa")
-    _positive_int(label("train.seed"), t.seed, p, f"--seed {DEFAULT_SEED}", allow_zero=True)
-    _positive_int(label("train.eval_every"), t.eval_every, p, "--eval-every 50", allow_none=True)
-    _positive_int(label("train.eval_batches"), t.eval_batches, p, "train.eval_batches: 8", allow_none=True)
-    _positive_int(label("train.save_every"), t.save_every, p, "--save-every 100", allow_none=True)
-    _positive_int(label("train.log_every"), t.log_every, p, "train.log_every: 10")
-    _one_of(label("train.device"), t.device, DEVICES, p, "--device auto")
-    _one_of(label("loss.kind"), lo.kind, LOSS_KINDS, p, "--loss ce")
-    if not isinstance(lo.label_smoothing, (int, float)) or not 0.0 <= lo.label_smoothing < 1.0:
-        p.append((f"{label('loss.label_smoothing')} must be in [0, 1); got {lo.label_smoothing!r}.", "Try: loss.label_smoothing: 0.1"))
-    if not isinstance(lo.focal_gamma, (int, float)) or lo.focal_gamma < 0:
-        p.append((f"{label('loss.focal_gamma')} must be >= 0; got {lo.focal_gamma!r}.", "Try: loss.focal_gamma: 2.0"))
-    _one_of(label("output.merge_dtype"), o.merge_dtype, COMPUTE_DTYPES, p, "output.merge_dtype: bf16")
-    _positive_int(label("output.keep_checkpoints"), o.keep_checkpoints, p, "output.keep_checkpoints: 2")
-    return p
-
-
-# --- loading -------------------------------------------------------------------------------------
-
-def _normalise(key: str, value):
-    """Accept the spellings people paste from other tools: paged_adamw_8bit, 'none' quantization, 'q_proj,v_proj'."""
-    if key == "train.optim" and isinstance(value, str):
-        return value.replace("_", "-").lower()
-    if key == "quant.mode" and isinstance(value, str) and value.lower() in ("none", "null", "off", "16bit", "no"):
-        return None
-    if key == "lora.targets":
-        if isinstance(value, str) and "," in value:
-            return tuple(s.strip() for s in value.split(",") if s.strip())
-        if isinstance(value, list):
-            return tuple(value)
-    if key in ("train.precision", "quant.compute_dtype", "output.merge_dtype") and isinstance(value, str):
-        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value.lower(), value.lower())
-    return value
-
-
-def _type_ok(value, annotation) -> tuple[bool, object]:
-    """Check (and gently coerce) a value against a dataclass annotation string; returns (ok, value)."""
-    ann = annotation.replace(" ", "")
-    allowed = ann.split("|")
-    if value is None:
-        return "None" in allowed, value
-    if isinstance(value, bool):
-        return "bool" in allowed, value
-    if isinstance(value, int):
-        if "int" in allowed:
-            return True, value
-        if "float" in allowed:
-            return True, float(value)
-        return False, value
-    if isinstance(value, float):
-        if "float" in allowed:
-            return True, value
-        if "int" in allowed and value.is_integer():
-            return True, int(value)
-        return False, value
-    if isinstance(value, str) and "float" in allowed and "str" not in allowed:
-        # YAML 1.1 reads '2e-4' (no dot) as a string; people write learning rates exactly like that.
-        try:
-            return True, float(value)
-        except ValueError:
-            return False, value
-    if isinstance(value, str):
-        return ("str" in allowed or "str|tuple[str,...]" in ann), value
-    if isinstance(value, (tuple, list)):
-        return "tuple[str,...]" in ann and all(isinstance(v, str) for v in value), tuple(value)
-    return False, value
 
 
 def from_dict(raw: dict, source: str | None = None, origins: dict[str, str] | None = None) -> RunConfig:
@@ -414,12 +204,31 @@ def from_dict(raw: dict, source: str | None = None, origins: dict[str, str] | No
     def label(key: str) -> str:
         if key in origins:
             return origins[key]
-        return f"{key}{where}" if source else _default_label(key)
+        return f"{key}{where}" if source else default_label(key)
 
-    problems: list[tuple[str, str]] = []
     if not isinstance(raw, dict):
         raise LoraDoctorError(f"The run config{where} must be a mapping of sections; got {type(raw).__name__}.",
                               "See examples/tiny.yaml for the layout.")
+    problems: list[Problem] = []
+    kwargs = _split_top_level(raw, where, problems)
+    if "trust_remote_code" in kwargs and not isinstance(kwargs["trust_remote_code"], bool):
+        problems.append((f"{label('trust_remote_code')} must be true or false; got {kwargs['trust_remote_code']!r}.",
+                         "Try: trust_remote_code: false"))
+    sections = {name: _build_section(name, kwargs.pop(name, {}), where, label, problems) for name in SECTIONS}
+    model = kwargs.get("model")
+    if isinstance(model, os.PathLike):
+        model = str(model)
+    values = dict(model=model, trust_remote_code=kwargs.get("trust_remote_code", False), source=source, **sections)
+    # Range checks run with the user's labels, on whatever sections parsed, so one message lists everything.
+    unchecked = object.__new__(RunConfig)
+    for k, v in values.items():
+        object.__setattr__(unchecked, k, v)
+    raise_problems(problems + problems_in(unchecked, label), "in the run config")
+    return RunConfig(**values)
+
+
+def _split_top_level(raw: dict, where: str, problems: list[Problem]) -> dict:
+    """Top-level scalars and section mappings by name; unknown keys and non-mapping sections become problems."""
     kwargs: dict = {}
     for key, value in raw.items():
         if key in TOP_LEVEL:
@@ -435,47 +244,36 @@ def from_dict(raw: dict, source: str | None = None, origins: dict[str, str] | No
         else:
             problems.append((f"Unknown key {key!r}{where}.",
                              f"Valid top-level keys: {', '.join(TOP_LEVEL + tuple(SECTIONS))}."))
-    if "trust_remote_code" in kwargs and not isinstance(kwargs["trust_remote_code"], bool):
-        problems.append((f"{label('trust_remote_code')} must be true or false; got {kwargs['trust_remote_code']!r}.", "Try: trust_remote_code: false"))
+    return kwargs
 
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = kwargs.pop(name, {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        clean = {}
-        for key, value in values.items():
-            dotted = f"{name}.{key}"
-            if key not in fields:
-                problems.append((f"Unknown key {dotted!r}{where}.", f"Valid keys in '{name}': {', '.join(fields)}."))
-                continue
-            value = _normalise(dotted, value)
-            ok, value = _type_ok(value, str(fields[key].type))
-            if not ok:
-                problems.append((f"{label(dotted)} has the wrong type: expected {fields[key].type}, got {value!r}.",
-                                 f"Default: {name}.{key}: {_field_default(fields[key])!r}"))
-                continue
-            clean[key] = value
-        try:
-            sections[name] = cls(**clean)
-        except LoraDoctorError as e:
-            message = e.message
-            for dotted, flag in _SPEC_FLAGS.items():
+
+def _build_section(name: str, values: dict, where: str, label, problems: list[Problem]):
+    """One section's dataclass from its keys (normalised, type-checked); its defaults when a key is bad."""
+    cls = SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    clean = {}
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            problems.append((f"Unknown key {dotted!r}{where}.", f"Valid keys in '{name}': {', '.join(fields)}."))
+            continue
+        ok, value = type_ok(normalise(dotted, value), str(fields[key].type))
+        if not ok:
+            problems.append((f"{label(dotted)} has the wrong type: expected {fields[key].type}, got {value!r}.",
+                             f"Default: {name}.{key}: {_field_default(fields[key])!r}"))
+            continue
+        clean[key] = value
+    try:
+        return cls(**clean)
+    except LoraDoctorError as e:
+        # A spec lists its own problems; take them one by one so they join this list flat, each
+        # renamed from the spec's flag (--r) to the key as the user typed it.
+        for message, hint in e.problems:
+            for dotted, flag in SPEC_FLAGS.items():
                 if dotted.startswith(name + ".") and flag in message:
                     message = message.replace(flag, label(dotted))
-            problems.append((message, e.hint or ""))
-            sections[name] = cls()
-
-    model = kwargs.get("model")
-    if isinstance(model, os.PathLike):
-        model = str(model)
-    values = dict(model=model, trust_remote_code=kwargs.get("trust_remote_code", False), source=source, **sections)
-    # Range checks run with the user's labels, on whatever sections parsed, so one message lists everything.
-    unchecked = object.__new__(RunConfig)
-    for k, v in values.items():
-        object.__setattr__(unchecked, k, v)
-    _raise_all(problems + _problems(unchecked, label))
-    cfg = RunConfig(**values)
-    return cfg
+            problems.append((message, hint))
+        return cls()
 
 
 def _field_default(f: dataclasses.Field):
@@ -572,7 +370,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object]
         if value is None:
             continue
         _set_dotted(raw, key, value)
-        origins.setdefault(key, _default_label(key))
+        origins.setdefault(key, default_label(key))
     source = str(path) if path is not None else None
     # Relative data/model paths in a config file are relative to the file, like litgpt's configs.
     if path is not None:
@@ -599,83 +397,11 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object]
 
 def _missing_data_file(value: str) -> bool:
     """A relative data path that names a local file (by its suffix) and exists nowhere; datasets names pass."""
-    from .data import LOCAL_SUFFIXES
-
     p = Path(value)
     return p.suffix.lower() in LOCAL_SUFFIXES and not p.exists()
 
 
-# --- CLI options shared by probe, train and check --------------------------------------------------
-
-def run_options(f):
-    """Click decorator adding the shared override flags (--model, --r, --lr, ... and --set KEY=VALUE)."""
-    import click
-
-    options = [
-        click.option("--model", help="Model id or local folder."),
-        click.option("--data", help="Dataset file (.jsonl/.json/.csv/.parquet) or HF datasets name."),
-        click.option("--format", "format_", type=click.Choice(DATA_FORMATS), help="instruction or text."),
-        click.option("--max-length", type=int, help="Tokens per example after truncation."),
-        click.option("--quant", help="nf4, fp4 or none (plain 16-bit LoRA)."),
-        click.option("--compute-dtype", help="Dtype 4-bit weights are dequantized to: bf16, fp16, fp32."),
-        click.option("--r", type=int, help="LoRA rank."),
-        click.option("--alpha", type=int, help="lora_alpha (default 2*r)."),
-        click.option("--dropout", type=float, help="lora_dropout."),
-        click.option("--target", help="Preset (qv, attn, mlp, all-linear) or comma-separated leaf names."),
-        click.option("--dora/--no-dora", default=None, help="Weight-decomposed LoRA."),
-        click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised scaling alpha/sqrt(r)."),
-        click.option("--batch", type=int, help="Micro-batch size per device."),
-        click.option("--grad-accum", type=int, help="Micro-batches per optimizer step."),
-        click.option("--lr", type=float, help="Peak learning rate."),
-        click.option("--scheduler", type=click.Choice(SCHEDULERS), help="LR schedule after warmup."),
-        click.option("--warmup", type=int, help="Warmup optimizer steps."),
-        click.option("--epochs", type=float, help="Passes over the data when --steps is not set."),
-        click.option("--optim", help=f"{', '.join(OPTIMIZERS)}."),
-        click.option("--grad-ckpt/--no-grad-ckpt", default=None, help="Gradient checkpointing."),
-        click.option("--precision", help="bf16, fp16 or fp32."),
-        click.option("--seed", type=int, help=f"Random seed (default {DEFAULT_SEED})."),
-        click.option("--eval-every", type=int, help="Evaluate every N optimizer steps."),
-        click.option("--save-every", type=int, help="Checkpoint every N optimizer steps."),
-        click.option("--device", type=click.Choice(DEVICES), help="auto, cpu or cuda."),
-        click.option("--loss", type=click.Choice(LOSS_KINDS), help="Training loss (eval is always plain CE)."),
-        click.option("--output-dir", help="Run folder for adapter, checkpoints and logs."),
-        click.option("--reports-dir", help="Folder for JSON/Markdown reports."),
-        click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. --set train.lr=1e-4."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def config_from_cli(config_path: str | None, params: dict, extra: dict[str, object] | None = None) -> RunConfig:
-    """Turn click params from `run_options` (plus command-specific dotted overrides) into a RunConfig."""
-    overrides: dict[str, object] = {}
-    origins: dict[str, str] = {}
-    for key, value in parse_set(params.get("set_") or ()).items():
-        overrides[key] = value
-        origins[key] = f"--set {key}"
-    for flag, dotted in FLAGS.items():
-        pname = flag.replace("-", "_")
-        if flag == "format":
-            pname = "format_"
-        if flag in ("merge", "steps"):
-            continue  # command-specific, passed through `extra`
-        value = params.get(pname)
-        if value is None:
-            continue
-        overrides[dotted] = value
-        origins[dotted] = f"--{flag}"
-    for dotted, value in (extra or {}).items():
-        if value is not None:
-            overrides[dotted] = value
-            origins[dotted] = f"--{_KEY_TO_FLAG.get(dotted, dotted)}"
-    if config_path is None and "model" not in overrides:
-        raise LoraDoctorError("No config file and no --model given.",
-                              "Pass a config file (start from examples/tiny.yaml), or --model and --data.")
-    return load_run_config(config_path, overrides, origins)
-
-
 __all__ = [
     "RunConfig", "DataConfig", "TrainConfig", "LossConfig", "OutputConfig", "load_run_config", "from_dict",
-    "config_from_cli", "run_options", "parse_set", "valid_keys", "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT",
+    "parse_set", "valid_keys", "read_config_file", "DEFAULT_SEED",
 ]

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import LoraDoctorError
+from .errors import raise_problems
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "sgd")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
-
-
-def _raise_all(problems: list[tuple[str, str]]) -> None:
-    if not problems:
-        return
-    if len(problems) == 1:
-        raise LoraDoctorError(*problems[0])
-    raise LoraDoctorError("; ".join(m for m, _ in problems) + ".", " ".join(h for _, h in problems))
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,7 @@ class LoraSpec:
             problems.append((f"--alpha must be positive, got {self.alpha!r}.", "Try: --alpha 32 (2*r)"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append((f"--dropout must be in [0, 1), got {self.dropout!r}.", "Try: --dropout 0.05"))
-        _raise_all(problems)
+        raise_problems(problems)
 
     @property
     def lora_alpha(self) -> int:
@@ -70,7 +62,7 @@ class QuantSpec:
             problems.append((f"Unknown quantization {self.mode!r}.", f"Choose one of {', '.join(QUANT_TYPES)} or none."))
         if self.compute_dtype not in COMPUTE_DTYPES:
             problems.append((f"Unknown compute dtype {self.compute_dtype!r}.", f"Choose one of {', '.join(COMPUTE_DTYPES)}."))
-        _raise_all(problems)
+        raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -102,4 +94,4 @@ class TrainSpec:
             problems.append((f"Unknown attention implementation {self.attn_impl!r}.", "Choose sdpa, eager or flash_attention_2."))
         if self.dtype not in COMPUTE_DTYPES:
             problems.append((f"Unknown dtype {self.dtype!r}.", f"Choose one of {', '.join(COMPUTE_DTYPES)}."))
-        _raise_all(problems)
+        raise_problems(problems)

@@ -1,0 +1,181 @@
+"""The rules a RunConfig must satisfy: allowed values, ranges, and the spellings accepted from files.
+
+Nothing here raises: `problems_in` returns every (message, hint) it finds and runconfig raises them
+once with errors.raise_problems, so one message lists everything wrong.
+"""
+
+from __future__ import annotations
+
+import typing
+
+from .data import ALPACA_PROMPT, DATA_FORMATS
+from .specs import COMPUTE_DTYPES, OPTIMIZERS
+
+if typing.TYPE_CHECKING:
+    from .errors import Problem
+    from .runconfig import RunConfig
+
+SCHEDULERS = ("constant", "linear", "cosine")
+LOSS_KINDS = ("ce", "label_smoothing", "focal")
+PADDING_SIDES = ("right", "left")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_SEED = 3407
+
+# CLI flag -> dotted key, shared by probe, train and check (commands/options.py builds the Click
+# options from it); messages name a key by its flag when the user set it with no file.
+FLAGS: dict[str, str] = {
+    "model": "model",
+    "data": "data.path",
+    "format": "data.format",
+    "max-length": "data.max_length",
+    "quant": "quant.mode",
+    "compute-dtype": "quant.compute_dtype",
+    "r": "lora.r",
+    "alpha": "lora.alpha",
+    "dropout": "lora.dropout",
+    "target": "lora.targets",
+    "dora": "lora.use_dora",
+    "rslora": "lora.use_rslora",
+    "batch": "train.batch",
+    "grad-accum": "train.grad_accum",
+    "lr": "train.lr",
+    "scheduler": "train.scheduler",
+    "warmup": "train.warmup_steps",
+    "steps": "train.max_steps",
+    "epochs": "train.epochs",
+    "optim": "train.optim",
+    "grad-ckpt": "train.grad_ckpt",
+    "precision": "train.precision",
+    "seed": "train.seed",
+    "eval-every": "train.eval_every",
+    "save-every": "train.save_every",
+    "device": "train.device",
+    "loss": "loss.kind",
+    "output-dir": "output.dir",
+    "reports-dir": "output.reports_dir",
+    "merge": "output.merge",
+}
+KEY_TO_FLAG = {v: k for k, v in FLAGS.items()}
+# The reused specs phrase their own errors with these flag names.
+SPEC_FLAGS = {"lora.r": "--r", "lora.alpha": "--alpha", "lora.dropout": "--dropout"}
+
+
+def default_label(key: str) -> str:
+    """How a message names `key` when no file is involved: its flag (--lr), else the dotted key."""
+    flag = KEY_TO_FLAG.get(key)
+    return f"--{flag}" if flag else key
+
+
+def _one_of(label, value, choices, problems, example):
+    if value not in choices:
+        problems.append((f"{label} must be one of {', '.join(choices)}; got {value!r}.", f"Try: {example}"))
+
+
+def _positive_int(label, value, problems, example, allow_none=False, allow_zero=False):
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "a non-negative integer" if allow_zero else "a positive integer"
+        # "or null" is YAML; a flag (--steps) is simply left out to get the default.
+        null = " or null" if allow_none and not label.startswith("--") else ""
+        problems.append((f"{label} must be {kind}{null}; got {value!r}.", f"Try: {example}"))
+
+
+def problems_in(cfg: RunConfig, label) -> list[Problem]:
+    """Range and choice checks across sections; `label(dotted_key)` names the key as the user typed it."""
+    p: list[Problem] = []
+    if not cfg.model or not isinstance(cfg.model, str):
+        p.append((f"{label('model')} is required (a model id or a local folder); got {cfg.model!r}.",
+                  "Try: --model examples/tiny-llama (python examples/make_tiny_model.py writes it)"))
+    d, t, lo, o = cfg.data, cfg.train, cfg.loss, cfg.output
+    _one_of(label("data.format"), d.format, DATA_FORMATS, p, "--format instruction")
+    _positive_int(label("data.max_length"), d.max_length, p, "--max-length 512")
+    _one_of(label("data.padding_side"), d.padding_side, PADDING_SIDES, p, "data.padding_side: right")
+    if not (isinstance(d.eval_fraction, (int, float)) and 0.0 <= d.eval_fraction < 1.0):
+        p.append((f"{label('data.eval_fraction')} must be in [0, 1); got {d.eval_fraction!r}.", "Try: data.eval_fraction: 0.1"))
+    _positive_int(label("data.max_examples"), d.max_examples, p, "data.max_examples: 1000", allow_none=True)
+    if d.prompt_template is not None and "{instruction}" not in d.prompt_template:
+        p.append((f"{label('data.prompt_template')} must contain {{instruction}}; got {d.prompt_template!r}.",
+                  f"Try: prompt_template: {ALPACA_PROMPT!r}"))
+    _positive_int(label("train.batch"), t.batch, p, "--batch 1")
+    _positive_int(label("train.grad_accum"), t.grad_accum, p, "--grad-accum 16")
+    if not isinstance(t.lr, (int, float)) or isinstance(t.lr, bool) or t.lr < 0:
+        p.append((f"{label('train.lr')} must be a number >= 0; got {t.lr!r}.", "Try: --lr 2e-4"))
+    if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:
+        p.append((f"{label('train.weight_decay')} must be >= 0; got {t.weight_decay!r}.", "Try: train.weight_decay: 0.0"))
+    _one_of(label("train.scheduler"), t.scheduler, SCHEDULERS, p, "--scheduler constant")
+    _positive_int(label("train.warmup_steps"), t.warmup_steps, p, "--warmup 10", allow_zero=True)
+    _positive_int(label("train.max_steps"), t.max_steps, p, "--steps 100", allow_none=True)
+    if not isinstance(t.epochs, (int, float)) or t.epochs <= 0:
+        p.append((f"{label('train.epochs')} must be > 0; got {t.epochs!r}.", "Try: --epochs 1"))
+    _one_of(label("train.optim"), t.optim, OPTIMIZERS, p, "--optim paged-adamw-8bit")
+    if t.max_grad_norm is not None and (not isinstance(t.max_grad_norm, (int, float)) or t.max_grad_norm <= 0):
+        p.append((f"{label('train.max_grad_norm')} must be > 0 or null; got {t.max_grad_norm!r}.", "Try: train.max_grad_norm: 0.3"))
+    _one_of(label("train.precision"), t.precision, COMPUTE_DTYPES, p, "--precision bf16")
+    _one_of(label("train.attn_impl"), t.attn_impl, ("sdpa", "eager", "flash_attention_2"), p, "train.attn_impl: sdpa")
+    _positive_int(label("train.seed"), t.seed, p, f"--seed {DEFAULT_SEED}", allow_zero=True)
+    _positive_int(label("train.eval_every"), t.eval_every, p, "--eval-every 50", allow_none=True)
+    _positive_int(label("train.eval_batches"), t.eval_batches, p, "train.eval_batches: 8", allow_none=True)
+    _positive_int(label("train.save_every"), t.save_every, p, "--save-every 100", allow_none=True)
+    _positive_int(label("train.log_every"), t.log_every, p, "train.log_every: 10")
+    _one_of(label("train.device"), t.device, DEVICES, p, "--device auto")
+    _one_of(label("loss.kind"), lo.kind, LOSS_KINDS, p, "--loss ce")
+    if not isinstance(lo.label_smoothing, (int, float)) or not 0.0 <= lo.label_smoothing < 1.0:
+        p.append((f"{label('loss.label_smoothing')} must be in [0, 1); got {lo.label_smoothing!r}.", "Try: loss.label_smoothing: 0.1"))
+    if not isinstance(lo.focal_gamma, (int, float)) or lo.focal_gamma < 0:
+        p.append((f"{label('loss.focal_gamma')} must be >= 0; got {lo.focal_gamma!r}.", "Try: loss.focal_gamma: 2.0"))
+    _one_of(label("output.merge_dtype"), o.merge_dtype, COMPUTE_DTYPES, p, "output.merge_dtype: bf16")
+    _positive_int(label("output.keep_checkpoints"), o.keep_checkpoints, p, "output.keep_checkpoints: 2")
+    return p
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def normalise(key: str, value):
+    """Accept the spellings people paste from other tools: paged_adamw_8bit, 'none' quantization, 'q_proj,v_proj'."""
+    if key == "train.optim" and isinstance(value, str):
+        return value.replace("_", "-").lower()
+    if key == "quant.mode" and isinstance(value, str) and value.lower() in ("none", "null", "off", "16bit", "no"):
+        return None
+    if key == "lora.targets":
+        if isinstance(value, str) and "," in value:
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        if isinstance(value, list):
+            return tuple(value)
+    if key in ("train.precision", "quant.compute_dtype", "output.merge_dtype") and isinstance(value, str):
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value.lower(), value.lower())
+    return value
+
+
+def type_ok(value, annotation) -> tuple[bool, object]:
+    """Check (and gently coerce) a value against a dataclass annotation string; returns (ok, value)."""
+    ann = annotation.replace(" ", "")
+    allowed = ann.split("|")
+    if value is None:
+        return "None" in allowed, value
+    if isinstance(value, bool):
+        return "bool" in allowed, value
+    if isinstance(value, int):
+        if "int" in allowed:
+            return True, value
+        if "float" in allowed:
+            return True, float(value)
+        return False, value
+    if isinstance(value, float):
+        if "float" in allowed:
+            return True, value
+        if "int" in allowed and value.is_integer():
+            return True, int(value)
+        return False, value
+    if isinstance(value, str) and "float" in allowed and "str" not in allowed:
+        # YAML 1.1 reads '2e-4' (no dot) as a string; people write learning rates exactly like that.
+        try:
+            return True, float(value)
+        except ValueError:
+            return False, value
+    if isinstance(value, str):
+        return ("str" in allowed or "str|tuple[str,...]" in ann), value
+    if isinstance(value, (tuple, list)):
+        return "tuple[str,...]" in ann and all(isinstance(v, str) for v in value), tuple(value)
+    return False, value
