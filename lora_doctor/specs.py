@@ -48,7 +48,7 @@ class QuantSpec:
     """How the frozen base is stored. mode None means a plain 16-bit base (LoRA, not QLoRA)."""
 
     mode: str | None = "nf4"
-    """'nf4', 'fp4' or None."""
+    """'nf4', 'fp4', or None ('none' in a flag or file) for a plain 16-bit base: LoRA, not QLoRA."""
     double_quant: bool = True
     """Quantize the absmax constants too (QLoRA paper sec. 3, 'Double Quantization')."""
     compute_dtype: str = "bf16"

@@ -174,7 +174,7 @@ def test_does_not_fit_gives_largest_batch_and_seq(healthy):
     (f,) = [f for f in run_checks(healthy.replace(fit_verdict="does-not-fit", required_bytes=95 * 2**30,
                                                   largest_batch=2, largest_seq_len=1024)) if f.code == "does-not-fit"]
     assert "95.00 GiB of 80.00 GiB" in f.message and "A100-80GB" in f.message
-    assert "--batch 2" in f.hint and "--seq-len 1024" in f.hint
+    assert "--batch 2" in f.hint and "--max-length 1024" in f.hint and "--seq-len" not in f.hint
 
 
 def test_rank_too_large_suggests_a_rank(healthy):

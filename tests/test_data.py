@@ -4,7 +4,7 @@ import pytest
 
 from lora_doctor.data import IGNORE_INDEX, collate, epoch_order, load_data
 from lora_doctor.errors import LoraDoctorError
-from lora_doctor.runconfig import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataConfig
+from lora_doctor.data import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataConfig
 
 
 def write_jsonl(path, rows):

@@ -126,7 +126,7 @@ def test_non_utf8_config_is_one_error_naming_the_file_and_byte(tmp_path):
 
 
 def test_steps_flag_message_has_no_yaml_null():
-    from lora_doctor.runconfig import config_from_cli
+    from lora_doctor.commands.options import config_from_cli
 
     with pytest.raises(LoraDoctorError) as e:
         config_from_cli(None, {"model": "m"}, extra={"train.max_steps": 0})

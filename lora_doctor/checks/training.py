@@ -74,7 +74,8 @@ def check_memory_fit(ctx: CheckContext) -> list[Finding]:
     if ctx.largest_batch:
         options.append(f"--batch {ctx.largest_batch}")
     if ctx.largest_seq_len:
-        options.append(f"--seq-len {ctx.largest_seq_len}")
+        # The doctor runs under check/probe/train, whose length flag is --max-length (plan's is --seq-len).
+        options.append(f"--max-length {ctx.largest_seq_len}")
     levers = [lever for lever, already in (("--grad-ckpt", ctx.gradient_checkpointing), ("--quant nf4", ctx.quant_mode),
                                            ("--optim paged-adamw-8bit", ctx.optim != "adamw")) if not already]
     levers.append("a lower --r or a shorter --max-length")

@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from ..errors import LoraDoctorError
-from ..runconfig import RunConfig, config_from_cli, run_options
+from ..runconfig import RunConfig
+from .options import config_from_cli, run_options
 
 LABEL_SAMPLE = 2000
 """Tokenized examples whose labels the EOS / all-masked checks read: enough to be exhaustive for most

@@ -12,7 +12,8 @@ import click
 
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
-from ..runconfig import RunConfig, config_from_cli, run_options
+from ..runconfig import RunConfig
+from .options import config_from_cli, run_options
 
 DEFAULT_PROBE_STEPS = 10
 LABEL_SAMPLE = 64

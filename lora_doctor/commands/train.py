@@ -20,7 +20,8 @@ import click
 
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
-from ..runconfig import RunConfig, config_from_cli, run_options
+from ..runconfig import RunConfig
+from .options import config_from_cli, run_options
 
 LOSS_LOG = "loss_log.jsonl"
 LOSS_PNG = "loss_curve.png"
