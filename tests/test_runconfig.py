@@ -163,3 +163,102 @@ def test_check_output_dir_refuses_files_and_creates_nothing(tmp_path):
     assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checked, not created
     assert check_output_dir(tmp_path) == tmp_path
+
+
+# --- one collect-then-raise helper; help read from the docstrings ------------------------------------
+
+
+def test_several_problems_are_numbered_sentences_without_double_periods():
+    from lora_doctor.errors import raise_problems
+
+    with pytest.raises(LoraDoctorError) as e:
+        raise_problems([("--r must be a positive integer, got 0.", "Try: --r 16"),
+                        ("--dropout must be in [0, 1), got 2.0", "Try: --dropout 0.05."),
+                        ("Unknown optimizer 'lion'.", "Try: --r 16")], "in the run config")
+    assert e.value.message == ("3 problems in the run config: (1) --r must be a positive integer, got 0. "
+                               "(2) --dropout must be in [0, 1), got 2.0. (3) Unknown optimizer 'lion'.")
+    assert e.value.hint == "Try: --r 16; Try: --dropout 0.05"
+    assert len(e.value.problems) == 3
+    raise_problems([])  # nothing wrong: returns
+    with pytest.raises(LoraDoctorError) as e:
+        raise_problems([("Only this.", None)])
+    assert (e.value.message, e.value.hint, e.value.problems) == ("Only this.", None, (("Only this.", None),))
+
+
+def test_nested_spec_problems_join_the_run_config_list_flat():
+    """LoraSpec lists r and dropout itself; the run config re-lists them, renamed, not nested ('0.; ...2.0..')."""
+    with pytest.raises(LoraDoctorError) as e:
+        from_dict({"model": "m", "lora": {"r": 0, "dropout": 2.0}, "train": {"lr": -1}}, source="tiny.yaml")
+    msg = e.value.message
+    assert msg.startswith("3 problems in the run config: (1) lora.r (in tiny.yaml) must be a positive integer, got 0. "
+                          "(2) lora.dropout (in tiny.yaml) must be in [0, 1), got 2.0. (3) train.lr (in tiny.yaml)")
+    assert ".." not in msg and ".;" not in msg and ".." not in e.value.hint
+    from lora_doctor.specs import LoraSpec
+
+    with pytest.raises(LoraDoctorError) as e:
+        LoraSpec(r=0, dropout=2.0)
+    assert e.value.message == ("2 problems: (1) --r must be a positive integer, got 0. "
+                               "(2) --dropout must be in [0, 1), got 2.0.")
+
+
+def test_flag_help_is_the_attribute_docstring():
+    from lora_doctor.commands.options import attribute_docs, flag_help, shared_flags
+    from lora_doctor.runconfig import TrainConfig
+
+    assert attribute_docs(TrainConfig)["lr"] == "Peak learning rate (--lr). QLoRA used 2e-4 for 7B-13B models."
+    assert flag_help("lr") == ("Peak learning rate. QLoRA used 2e-4 for 7B-13B models.  "
+                               "[config key: train.lr, default 0.0002]")
+    assert flag_help("grad-ckpt").startswith("Gradient checkpointing.  [config key: train.grad_ckpt, default --grad-ckpt]")
+    assert "(--" not in flag_help("max-length") and "data.max_length, default 512" in flag_help("max-length")
+    for flag in shared_flags():  # every shared flag has a docstring to show
+        assert not flag_help(flag).startswith("["), flag
+
+
+def test_run_options_keep_every_flag_and_parse_like_before():
+    import click
+    from click.testing import CliRunner
+
+    from lora_doctor.commands.options import config_from_cli, run_options
+
+    seen = {}
+
+    @click.command()
+    @run_options
+    def cmd(**params):
+        seen.update(params)
+
+    args = ["--model", "m", "--format", "text", "--max-length", "64", "--quant", "none", "--r", "4", "--alpha", "8",
+            "--dropout", "0.1", "--target", "q_proj,v_proj", "--dora", "--no-rslora", "--batch", "2",
+            "--grad-accum", "3", "--lr", "1e-4", "--scheduler", "cosine", "--warmup", "5", "--epochs", "2",
+            "--optim", "adamw", "--no-grad-ckpt", "--precision", "fp32", "--seed", "7", "--eval-every", "10",
+            "--save-every", "20", "--device", "cpu", "--loss", "focal", "--output-dir", "o", "--reports-dir", "r",
+            "--set", "train.log_every=5"]
+    result = CliRunner().invoke(cmd, args)
+    assert result.exit_code == 0, result.output
+    cfg = config_from_cli(None, seen)
+    assert (cfg.data.format, cfg.data.max_length, cfg.quant.mode, cfg.lora.r, cfg.lora.alpha) == ("text", 64, None, 4, 8)
+    assert cfg.lora.targets == ("q_proj", "v_proj") and cfg.lora.use_dora and not cfg.lora.use_rslora
+    t = cfg.train
+    assert (t.batch, t.grad_accum, t.lr, t.scheduler, t.warmup_steps, t.epochs, t.optim, t.grad_ckpt) == (
+        2, 3, 1e-4, "cosine", 5, 2.0, "adamw", False)
+    assert (t.precision, t.seed, t.eval_every, t.save_every, t.device, t.log_every) == ("fp32", 7, 10, 20, "cpu", 5)
+    assert (cfg.loss.kind, cfg.output.dir, cfg.output.reports_dir) == ("focal", "o", "r")
+    assert "--scheduler" in CliRunner().invoke(cmd, ["--scheduler", "poly"]).output  # Click still checks choices
+    with pytest.raises(LoraDoctorError, match="No config file and no --model"):
+        config_from_cli(None, {})
+
+
+def test_runconfig_has_no_click_and_data_does_not_import_runconfig():
+    import ast
+    import inspect
+
+    import lora_doctor.data
+    import lora_doctor.runconfig
+
+    def imports(module):
+        tree = ast.parse(inspect.getsource(module))
+        return {(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imports(lora_doctor.runconfig) if m.startswith("click")}
+    assert "runconfig" not in imports(lora_doctor.data)
