@@ -16,10 +16,10 @@ import textwrap
 
 import click
 
+from ..data import DATA_FORMATS
 from ..errors import LoraDoctorError
 from ..runconfig import SECTIONS, RunConfig, load_run_config, parse_set
 from ..validate import DEVICES, FLAGS, KEY_TO_FLAG, LOSS_KINDS, SCHEDULERS
-from ..data import DATA_FORMATS
 
 # Flags whose meaning differs per command (probe's --steps has its own default; only check and train
 # merge): each command declares them itself and passes their values through `extra`.
