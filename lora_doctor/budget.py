@@ -144,6 +144,7 @@ TERMS = (
 class MemoryBudget:
     model_id: str
     targets: tuple[str, ...]
+    """Resolved target names; a targets.MatchedTargets, so re-costing (hardware.headroom) never re-matches."""
     lora: LoraSpec
     quant: QuantSpec
     train: TrainSpec
@@ -398,6 +399,6 @@ def memory_budget(
     train = attention_that_runs(shape, train)
     methods = tuple(method_budget(k, shape, lora, quant, train, targets) for k in method_keys(quant))
     return MemoryBudget(
-        model_id=shape.model_id, targets=tuple(targets), lora=lora, quant=quant, train=train,
+        model_id=shape.model_id, targets=targets, lora=lora, quant=quant, train=train,
         methods=methods, primary=primary_key(quant),
     )

@@ -126,6 +126,8 @@ def match_targets(shape: ModelShape, targets: Sequence[str]) -> MatchedTargets:
     if isinstance(targets, MatchedTargets):
         return targets
     names = tuple(targets)
+    if not names:  # full fine-tuning columns pass no targets; skip importing peft for an empty match
+        return MatchedTargets((), ())
     groups = [(g, n) for g in searchable(shape) if (n := wrapped_count(g, names))]
     return MatchedTargets(names, groups)
 
