@@ -1,4 +1,6 @@
-"""GPUs: a table of common cards, --gpu parsing, local detection (the only pynvml import), fit verdicts.
+"""GPUs: a table of common cards, --gpu parsing, local detection and the environment probe, fit verdicts.
+
+This is the only module that imports pynvml: `nvml()` opens it for everyone (measure.py included).
 
 Capacity convention. GPU memory is sold in binary units with a "GB" label (JEDEC Standard 100B.01: for
 memory capacity, giga = 2**30), so "24 GB" on an RTX 3090 is 24 GiB of DRAM. What a process can use is
@@ -12,8 +14,13 @@ pass --gpu <GiB> for an exact figure, or run on the card and let detection read 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import re
+import threading
 from dataclasses import dataclass, replace
+from importlib import metadata
 
 from .budget import MemoryBudget, MethodBudget, method_budget
 from .errors import LoraDoctorError
@@ -101,29 +108,119 @@ def lookup_gpu(spec: str) -> GPU:
     raise LoraDoctorError(f"Unknown GPU {spec!r}.", f"Known: {names}. Or give the memory in GiB: --gpu 24")
 
 
-def detect_local_gpu() -> GPU | None:
-    """The first local CUDA device with its total memory, via NVML, else torch.cuda; None without a GPU."""
+# -- NVML ------------------------------------------------------------------------------------------------------
+# nvmlInit/nvmlShutdown are reference-counted by the library, but a shutdown without its init (or one too many)
+# closes NVML under another user's feet. So every open goes through one counter: the first acquire initialises,
+# the last release shuts down, and nesting (a MemoryMonitor alive while detect_local_gpu runs) is safe.
+
+_nvml_lock = threading.Lock()
+_nvml_users = 0
+
+
+def _pynvml():
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
-        pynvml = None
-    if pynvml is not None:
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError:
-            # No NVIDIA driver (or no libnvidia-ml): CUDA cannot see a device either, so don't pay for importing torch.
-            return None
-        try:
-            if pynvml.nvmlDeviceGetCount() == 0:
+        return None
+    return pynvml
+
+
+def nvml_acquire():
+    """pynvml with NVML initialised, or None (nvidia-ml-py missing, no driver). Pair with `nvml_release()`."""
+    global _nvml_users
+    pynvml = _pynvml()
+    if pynvml is None:
+        return None
+    with _nvml_lock:
+        if _nvml_users == 0:
+            try:
+                pynvml.nvmlInit()
+            except Exception:  # NVMLError: no driver or no libnvidia-ml
                 return None
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            return GPU(name, None, int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), source="detected (NVML)")
-        except pynvml.NVMLError:
-            pass  # a driver too old for a query: ask CUDA
-        finally:
-            pynvml.nvmlShutdown()
+        _nvml_users += 1
+    return pynvml
+
+
+def nvml_release() -> None:
+    """Undo one successful `nvml_acquire()`; the last one shuts NVML down."""
+    global _nvml_users
+    with _nvml_lock:
+        if _nvml_users == 0:
+            return
+        _nvml_users -= 1
+        if _nvml_users == 0:
+            with contextlib.suppress(Exception):
+                import pynvml
+
+                pynvml.nvmlShutdown()
+
+
+@contextlib.contextmanager
+def nvml():
+    """`with nvml() as nv:` pynvml, initialised for the block, or None when NVML is unavailable."""
+    nv = nvml_acquire()
+    try:
+        yield nv
+    finally:
+        if nv is not None:
+            nvml_release()
+
+
+def nvml_handle_for_cuda_device(nv, index: int, props, visible: str | None):
+    """The NVML handle of CUDA device `index` (its torch properties `props`), or None.
+
+    NVML numbers every GPU in the machine in PCI order; CUDA only the visible ones (CUDA_VISIBLE_DEVICES, given
+    as `visible`), fastest first by default. So the device is matched by PCI address, then by UUID, and a CUDA
+    index is used as an NVML index only when no CUDA_VISIBLE_DEVICES remaps it.
+    """
+    lookups = []
+    if hasattr(props, "pci_bus_id"):
+        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        lookups.append(lambda: nv.nvmlDeviceGetHandleByPciBusId(bus_id))
+    if getattr(props, "uuid", None) is not None:
+        lookups.append(lambda: nv.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}"))
+    if visible is None:
+        lookups.append(lambda: nv.nvmlDeviceGetHandleByIndex(index))
+    else:
+        entries = [e.strip() for e in visible.split(",")]
+        if index < len(entries) and entries[index].isdigit():
+            lookups.append(lambda: nv.nvmlDeviceGetHandleByIndex(int(entries[index])))
+    for lookup in lookups:
+        try:
+            return lookup()
+        except Exception:
+            continue
+    return None
+
+
+def nvml_used_bytes(handle) -> int:
+    """Device memory in use by every process (nvidia-smi's figure). Raises whatever NVML raises."""
+    import pynvml
+
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def _nvml_first_gpu(nv) -> GPU | None:
+    """GPU 0 as NVML reports it, None when there is none; raises NVMLError when the driver cannot answer."""
+    if nv.nvmlDeviceGetCount() == 0:
+        return None
+    handle = nv.nvmlDeviceGetHandleByIndex(0)
+    name = nv.nvmlDeviceGetName(handle)
+    name = name.decode() if isinstance(name, bytes) else name
+    return GPU(name, None, int(nv.nvmlDeviceGetMemoryInfo(handle).total), source="detected (NVML)")
+
+
+def detect_local_gpu() -> GPU | None:
+    """The first local CUDA device with its total memory, via NVML, else torch.cuda; None without a GPU."""
+    if _pynvml() is not None:
+        with nvml() as nv:
+            if nv is None:
+                # No NVIDIA driver (or no libnvidia-ml): CUDA cannot see a device either, so don't pay for torch.
+                return None
+            try:
+                return _nvml_first_gpu(nv)
+            except Exception:  # NVMLError: a driver too old for a query; ask CUDA
+                pass
     try:
         import torch
 
@@ -224,3 +321,94 @@ def headroom(budget: MemoryBudget, shape, gpu: GPU, method: str | None = None) -
         gpu=gpu, method=key, verdict=verdict_status(m.total_bytes, gpu.usable_bytes), total_bytes=m.total_bytes,
         max_batch=max_batch, max_seq_len=max_seq, seq_len_cap=seq_cap if cap and max_seq == seq_cap else None,
     )
+
+
+# -- the environment a run reports (report/run.py renders it) ------------------------------------------------
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "lora-doctor")
+"""Distributions whose versions every report carries, read from package metadata (no import)."""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def bitsandbytes_status() -> dict:
+    """{'installed': bool, 'error': str|None, 'backend': str|None}. Imports bitsandbytes (it imports torch).
+
+    bitsandbytes does not fail on import when its native library is missing: it installs an
+    ErrorHandlerMockBNBNativeLibrary and raises on the first kernel call. That only matters on a GPU
+    backend; on CPU it runs without the library (bitsandbytes/cextension.py).
+    """
+    if _version("bitsandbytes") is None:
+        return {"installed": False, "error": None, "backend": None}
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes import cextension
+    except Exception as e:  # noqa: BLE001 - any import failure is the finding
+        return {"installed": True, "error": f"import failed: {type(e).__name__}: {e}", "backend": None}
+    backend = getattr(cextension, "BNB_BACKEND", None)
+    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    lib = getattr(cextension, "lib", None)
+    error = None
+    if mock is not None and isinstance(lib, mock) and backend not in ("CPU", "XPU"):
+        error = str(getattr(lib, "error_msg", "native library not loaded")).strip().splitlines()[0]
+    return {"installed": True, "error": error, "backend": backend}
+
+
+def _int_env(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _driver_version() -> str | None:
+    with nvml() as nv:
+        if nv is None:
+            return None  # NVML is optional (containers often lack it)
+        try:
+            driver = nv.nvmlSystemGetDriverVersion()
+        except Exception:  # noqa: BLE001 - an old driver without the query
+            return None
+    return driver.decode() if isinstance(driver, bytes) else driver
+
+
+def collect_environment(*, include_bnb: bool = True) -> dict:
+    """Python/library versions, CUDA and GPU facts, distributed env. Every probe is guarded.
+
+    bf16_supported is native support (compute capability >= 8.0): torch.cuda.is_bf16_supported()
+    also answers True for emulated bf16 on T4/V100.
+    """
+    env: dict = {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
+    }
+    for dist in PACKAGES:
+        env[dist] = _version(dist)
+    env.update(cuda_available=False, cuda=None, driver=None, gpus=[], cuda_capability=None, bf16_supported=None)
+    try:
+        import torch
+
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["cuda_available"] = True
+            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            # The device this process trains on (its LOCAL_RANK's under DDP), not always GPU 0.
+            cap = torch.cuda.get_device_capability(torch.cuda.current_device())
+            env["cuda_capability"] = [int(cap[0]), int(cap[1])]
+            env["bf16_supported"] = tuple(cap) >= (8, 0)
+    except Exception as e:  # noqa: BLE001 - a broken CUDA install is information, not a crash
+        env["cuda_error"] = f"{type(e).__name__}: {e}"
+    if env["cuda_available"]:
+        env["driver"] = _driver_version()
+    if include_bnb:
+        bnb = bitsandbytes_status()
+        env["bnb_error"] = bnb["error"]
+        env["bnb_backend"] = bnb["backend"]
+    env["world_size"] = _int_env("WORLD_SIZE")
+    env["local_rank"] = _int_env("LOCAL_RANK")
+    return env

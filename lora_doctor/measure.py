@@ -7,7 +7,6 @@ collectors (MemoryMonitor, GradFlowRecorder) are the only stateful pieces.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
@@ -93,10 +92,9 @@ class MemoryMonitor:
             self._peak_rss = rss
         if self._nvml is not None:
             try:
-                import pynvml
+                from .hardware import nvml_used_bytes
 
-                used = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
-                self._peak_nvml = max(self._peak_nvml or 0, int(used))
+                self._peak_nvml = max(self._peak_nvml or 0, nvml_used_bytes(self._nvml))
             except Exception:  # NVML can vanish mid-run (driver reset); the allocator numbers remain.
                 self._nvml = None
 
@@ -150,53 +148,32 @@ class MemoryMonitor:
 
 
 def _nvml_shutdown() -> None:
-    with contextlib.suppress(Exception):
-        import pynvml
+    from .hardware import nvml_release
 
-        pynvml.nvmlShutdown()
+    nvml_release()
 
 
 def _nvml_handle():
     """The NVML handle of the current CUDA device, or None when NVML is unavailable.
 
-    NVML numbers every GPU in the machine in PCI order; CUDA only the visible ones (CUDA_VISIBLE_DEVICES),
-    fastest first by default. So the device is matched by PCI address, then by UUID, and a CUDA index is
-    used as an NVML index only when no CUDA_VISIBLE_DEVICES remaps it. nvmlInit is reference-counted:
-    every successful init here is paired with an nvmlShutdown (now when no handle is found, else when the
-    caller's monitor is garbage-collected or the interpreter exits).
+    The NVML open (hardware.nvml_acquire) is held while a handle is out: released now when none is found, else
+    by `_nvml_shutdown` when the caller's monitor is garbage-collected or the interpreter exits.
     """
     if not _cuda_ok():
         return None
-    try:
-        import pynvml
-        import torch
+    import torch
 
-        pynvml.nvmlInit()
-    except Exception:
+    from .hardware import nvml_acquire, nvml_handle_for_cuda_device
+
+    nv = nvml_acquire()
+    if nv is None:
         return None
     index = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    lookups = []
-    if hasattr(props, "pci_bus_id"):
-        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByPciBusId(bus_id))
-    if getattr(props, "uuid", None) is not None:
-        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}"))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByIndex(index))
-    else:
-        entries = [e.strip() for e in visible.split(",")]
-        if index < len(entries) and entries[index].isdigit():
-            lookups.append(lambda: pynvml.nvmlDeviceGetHandleByIndex(int(entries[index])))
-    for lookup in lookups:
-        try:
-            return lookup()
-        except Exception:
-            continue
-    with contextlib.suppress(Exception):
-        pynvml.nvmlShutdown()
-    return None
+    handle = nvml_handle_for_cuda_device(nv, index, torch.cuda.get_device_properties(index),
+                                         os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if handle is None:
+        _nvml_shutdown()
+    return handle
 
 
 # --- gradient flow ---------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from lora_doctor.checks import Finding, Severity
 from lora_doctor.cli import cli
-from lora_doctor.report.env import REDACTED, collect_environment, is_secret_key, redact
+from lora_doctor.hardware import collect_environment
+from lora_doctor.report.env import REDACTED, is_secret_key, redact
 from lora_doctor.report.run import SCHEMA, build_result, load_result, render_markdown, render_text, sparkline, write_result
 
 HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import click
 
@@ -18,12 +15,6 @@ from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
 DEFAULT_REPORT_DIR = Path("reports")
 DEFAULT_SEQ_LEN = 2048
 _AUTO = "\0auto"
-
-
-class _Count(NamedTuple):
-    r: int
-    trainable: int
-    all_params: int
 
 
 def parse_ranks(value: str) -> list[int]:
@@ -43,129 +34,6 @@ def parse_ranks(value: str) -> list[int]:
         LoraSpec(r=int(item))  # the one place r is validated (r <= 0)
         ranks.append(int(item))
     return list(dict.fromkeys(ranks))
-
-
-# -- cache: a repeated plan of the same config skips torch, the meta build and peft -----------------------------
-#
-# Shape and peft counts depend only on the config file's bytes and the library versions, so they are cached
-# under that key (never the budget: that is arithmetic, recomputed every time). A changed config.json, a
-# transformers/peft/lora-doctor upgrade or a different --target/--dora/--r makes a miss, and a miss runs the
-# full path. LORA_DOCTOR_CACHE_DIR moves the cache; LORA_DOCTOR_CACHE=0 turns it off.
-
-CACHE_SCHEMA = 2  # 2: shape.extra gained supports_sdpa and norms_per_layer
-
-
-def _cache_dir() -> Path | None:
-    if os.environ.get("LORA_DOCTOR_CACHE", "1") == "0":
-        return None
-    if os.environ.get("LORA_DOCTOR_CACHE_DIR"):
-        return Path(os.environ["LORA_DOCTOR_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lora-doctor" / "plan"
-
-
-def _locate_config(model: str) -> tuple[Path, str] | None:
-    """(config.json path, source) as resolve_model_config finds it, without parsing; None for the hub, and for
-    anything resolve would refuse (the full path then raises resolve's own error)."""
-    from .. import resolve
-
-    try:
-        return resolve.locate_config(model)
-    except (OSError, LoraDoctorError):
-        return None
-
-
-def _cache_key(model: str, trust_remote_code: bool) -> tuple[Path, str] | None:
-    from importlib.metadata import version
-
-    cache = _cache_dir()
-    located = _locate_config(model) if cache is not None else None
-    if located is None:
-        return None
-    config_path, source = located
-    try:
-        blob = config_path.read_bytes()
-    except OSError:
-        return None
-    from .. import __version__
-
-    h = hashlib.sha256()
-    for part in (str(CACHE_SCHEMA), __version__, version("transformers"), version("peft"), model.strip(),
-                 str(config_path.resolve()), source, str(trust_remote_code)):
-        h.update(part.encode() + b"\0")
-    h.update(blob)
-    return cache / f"{h.hexdigest()[:32]}.json", source
-
-
-def _shape_to_dict(shape) -> dict:
-    return asdict(shape)
-
-
-def _shape_from_dict(d: dict):
-    from ..shape import LeafGroup, ModelShape, ParamGroup
-
-    def build(cls, item):
-        item = dict(item)
-        if "paths" in item:
-            item["paths"] = tuple(item["paths"])
-        return cls(**item)
-
-    d = dict(d)
-    d["leaves"] = tuple(build(LeafGroup, g) for g in d["leaves"])
-    d["embeddings"] = tuple(build(LeafGroup, g) for g in d.get("embeddings", ()))
-    d["param_groups"] = tuple(build(ParamGroup, g) for g in d.get("param_groups", ()))
-    return ModelShape(**d)
-
-
-def _counts_key(targets, dora: bool, r: int) -> str:
-    return f"{targets}|{int(dora)}|{r}"
-
-
-def _read_cache(path: Path) -> dict | None:
-    try:
-        entry = json.loads(path.read_text())
-        entry["shape_obj"] = _shape_from_dict(entry["shape"])
-        return entry
-    except (OSError, ValueError, KeyError, TypeError):  # missing, corrupt or from another schema: a miss
-        return None
-
-
-def _write_cache(path: Path, entry: dict) -> None:
-    from ..fileio import write_json_atomic
-
-    try:
-        write_json_atomic(path, {k: v for k, v in entry.items() if k != "shape_obj"})
-    except OSError:
-        pass  # a read-only home is no reason to fail a plan
-
-
-def _shape_and_counts(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bool, use_cache: bool):
-    """(ModelShape, config location, resolved targets, peft counts per rank, cache hit?): from the cache when
-    this exact config, library versions, targets and ranks were planned before, else meta build + peft."""
-    requested = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
-    key = _cache_key(model, trust_remote_code) if use_cache else None
-    entry = _read_cache(key[0]) if key else None
-    if entry is not None and requested in entry["targets"] and all(
-            _counts_key(requested, lora.use_dora, r) in entry["counts"] for r in ranks):
-        counts = [_Count(r, *entry["counts"][_counts_key(requested, lora.use_dora, r)]) for r in ranks]
-        return entry["shape_obj"], entry["location"], tuple(entry["targets"][requested]), counts, True
-
-    from ..introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
-    from ..resolve import resolve_model_config
-
-    resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
-    meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
-    shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
-    targets = resolve_targets(shape, lora.targets)
-    counts = [_Count(c.r, c.trainable, c.all_params) for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
-    if key and resolved.source == key[1]:  # only cache what resolve found where _locate_config looked
-        if entry is None or entry.get("location") != resolved.location:
-            entry = {"shape": _shape_to_dict(shape), "location": resolved.location, "targets": {}, "counts": {}}
-        entry["targets"][requested] = list(targets)
-        entry["counts"].update({_counts_key(requested, lora.use_dora, c.r): [c.trainable, c.all_params]
-                                for c in counts})
-        _write_cache(key[0], entry)
-    return shape, resolved.location, targets, counts, False
 
 
 def gather_plan(
@@ -193,69 +61,23 @@ def gather_plan(
     Raises:
         LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU.
     """
-    from .. import budget as budget_mod
     from .. import hardware
+    from ..plancache import shape_and_counts
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
-    shape, location, targets, counts, hit = _shape_and_counts(model, lora, ranks, trust_remote_code, use_cache)
+    shape, location, targets, counts, hit = shape_and_counts(model, lora, ranks, trust_remote_code=trust_remote_code,
+                                                             use_cache=use_cache)
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
-
-    # Without an explicit --seq-len, plan the default length only up to what the model can attend to.
-    max_pos = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
-    seq_len_defaulted = None
-    if seq_len_is_default and max_pos and train.seq_len > max_pos:
-        seq_len_defaulted = train.seq_len
-        train = replace(train, seq_len=int(max_pos))
-
-    notes = []
-    # transformers refuses sdpa for models whose class sets _supports_sdpa = False (Gemma-2: softcapping) and
-    # runs eager attention instead, (T, T) matrices included: cost what will run.
-    runs = budget_mod.attention_that_runs(shape, train)
-    if runs.attn_impl != train.attn_impl:
-        notes.append({"kind": "attn-eager-fallback", "requested": train.attn_impl, "used": runs.attn_impl})
-        train = runs
-    budgets = []
-    first = None
-    for count in counts:
-        spec = LoraSpec(r=count.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
-                        use_dora=lora.use_dora, use_rslora=lora.use_rslora)
-        b = budget_mod.memory_budget(shape, spec, quant, train, targets)
-        ours = b.primary_method.trainable_params
-        if ours != count.trainable:
-            notes.append({"kind": "count-mismatch", "r": count.r, "budget_params": ours, "peft_params": count.trainable})
-        first = first or b
-        row = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
-        if chosen is not None:
-            row["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
-        budgets.append(row)
-
-    notes += _shape_notes(shape, first)
-    wrapped = [g.name for g, _ in budget_mod.targeted_groups(shape, targets) if g in shape.param_groups]
-    if wrapped and lora.dropout > 0:
-        notes.append({"kind": "param-targets-dropout", "names": wrapped, "dropout": lora.dropout})
-    if lora.use_dora:
-        # 16-bit compute in every LoRA column (budget._lora_bf16, QLoRA's compute dtype): c = 2
-        notes.append({"kind": "dora-transient", "bytes": budget_mod.dora_transient_bytes(shape, targets, 2)})
-    if seq_len_defaulted is not None:
-        notes.append({"kind": "seq-len-defaulted", "seq_len": train.seq_len, "default": seq_len_defaulted})
-    elif max_pos and train.seq_len > max_pos:
-        notes.append({"kind": "seq-len-over-max", "seq_len": train.seq_len, "max_position_embeddings": int(max_pos)})
-    smallest = min((min(g.in_features, g.out_features) for g, _ in budget_mod.targeted_groups(shape, targets)),
-                   default=None)
-    too_big = [c.r for c in counts if smallest is not None and c.r > smallest]
-    if too_big:
-        # r >= min(in, out) makes B @ A full rank: no longer low-rank, just a slower full fine-tune of that layer.
-        narrow = [g.name for g, _ in budget_mod.targeted_groups(shape, targets)
-                  if min(g.in_features, g.out_features) < max(too_big)]
-        notes.append({"kind": "rank-exceeds-dim", "ranks": too_big, "min_dim": smallest,
-                      "names": list(dict.fromkeys(narrow)), "others": [t for t in targets if t not in narrow]})
+    train, seq_len_default, notes = _train_that_runs(shape, train, seq_len_is_default)
+    budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes)
+    notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
+    notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
     by_gpu: dict[str, dict] = {}
     for v in hardware.verdicts(first):
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
     gpus = [{"name": g.name, "marketed_gb": g.marketed_gb, "usable_bytes": g.usable_bytes, "verdicts": by_gpu[g.name]}
             for g in hardware.GPUS]
-
     return {
         "model": {"id": shape.model_id, "source": shape.source, "location": location,
                   "architecture": shape.architecture, "model_type": shape.model_type,
@@ -273,11 +95,99 @@ def gather_plan(
         "gpus": gpus,
         "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
                                             "marketed_gb": chosen.marketed_gb, "source": chosen.source},
-        "constants": {"cuda_context_bytes": budget_mod.CUDA_CONTEXT_BYTES,
-                      "allocator_fragmentation": budget_mod.ALLOCATOR_FRAGMENTATION,
-                      "tight_fraction": hardware.TIGHT_FRACTION},
+        "constants": _constants(),
         "notes": notes,
     }
+
+
+def _constants() -> dict:
+    from .. import budget, hardware
+
+    return {"cuda_context_bytes": budget.CUDA_CONTEXT_BYTES, "allocator_fragmentation": budget.ALLOCATOR_FRAGMENTATION,
+            "tight_fraction": hardware.TIGHT_FRACTION}
+
+
+def _max_positions(shape) -> int | None:
+    return shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")
+
+
+def _train_that_runs(shape, train: TrainSpec, seq_len_is_default: bool) -> tuple[TrainSpec, int | None, list[dict]]:
+    """(the step that will run, the default seq_len it replaced or None, notes): the default length capped at
+    the model's context, eager attention where sdpa is refused."""
+    from .. import budget
+
+    notes = []
+    max_pos = _max_positions(shape)
+    seq_len_default = None
+    # Without an explicit --seq-len, plan the default length only up to what the model can attend to.
+    if seq_len_is_default and max_pos and train.seq_len > max_pos:
+        seq_len_default = train.seq_len
+        train = replace(train, seq_len=int(max_pos))
+    # transformers refuses sdpa for models whose class sets _supports_sdpa = False (Gemma-2: softcapping) and
+    # runs eager attention instead, (T, T) matrices included: cost what will run.
+    runs = budget.attention_that_runs(shape, train)
+    if runs.attn_impl != train.attn_impl:
+        notes.append({"kind": "attn-eager-fallback", "requested": train.attn_impl, "used": runs.attn_impl})
+    return runs, seq_len_default, notes
+
+
+def _budgets(shape, lora, quant, train, targets, counts, chosen, notes) -> tuple[list[dict], object]:
+    """One budget row per rank (headroom on the chosen GPU), and the first rank's MemoryBudget."""
+    from .. import budget, hardware
+
+    rows, first = [], None
+    for count in counts:
+        spec = LoraSpec(r=count.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
+                        use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+        b = budget.memory_budget(shape, spec, quant, train, targets)
+        ours = b.primary_method.trainable_params
+        if ours != count.trainable:
+            notes.append({"kind": "count-mismatch", "r": count.r, "budget_params": ours, "peft_params": count.trainable})
+        first = first or b
+        row = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
+        if chosen is not None:
+            row["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
+        rows.append(row)
+    return rows, first
+
+
+def _adapter_notes(shape, lora, targets) -> list[dict]:
+    """Parameter targets with dropout, and DoRA's forward transient."""
+    from .. import budget
+
+    notes = []
+    wrapped = [g.name for g, _ in budget.targeted_groups(shape, targets) if g in shape.param_groups]
+    if wrapped and lora.dropout > 0:
+        notes.append({"kind": "param-targets-dropout", "names": wrapped, "dropout": lora.dropout})
+    if lora.use_dora:
+        # 16-bit compute in every LoRA column (budget._lora_bf16, QLoRA's compute dtype): c = 2
+        notes.append({"kind": "dora-transient", "bytes": budget.dora_transient_bytes(shape, targets, 2)})
+    return notes
+
+
+def _rank_notes(shape, targets, counts) -> list[dict]:
+    """Ranks that reach a wrapped layer's full rank."""
+    from .. import budget
+
+    notes = []
+    groups = budget.targeted_groups(shape, targets)
+    smallest = min((min(g.in_features, g.out_features) for g, _ in groups), default=None)
+    too_big = [c.r for c in counts if smallest is not None and c.r > smallest]
+    if too_big:
+        # r >= min(in, out) makes B @ A full rank: no longer low-rank, just a slower full fine-tune of that layer.
+        narrow = [g.name for g, _ in groups if min(g.in_features, g.out_features) < max(too_big)]
+        notes.append({"kind": "rank-exceeds-dim", "ranks": too_big, "min_dim": smallest,
+                      "names": list(dict.fromkeys(narrow)), "others": [t for t in targets if t not in narrow]})
+    return notes
+
+
+def _seq_len_notes(shape, train, seq_len_default: int | None) -> list[dict]:
+    max_pos = _max_positions(shape)
+    if seq_len_default is not None:
+        return [{"kind": "seq-len-defaulted", "seq_len": train.seq_len, "default": seq_len_default}]
+    if max_pos and train.seq_len > max_pos:
+        return [{"kind": "seq-len-over-max", "seq_len": train.seq_len, "max_position_embeddings": int(max_pos)}]
+    return []
 
 
 def _shape_notes(shape, budget) -> list[dict]:

@@ -127,7 +127,7 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
 
 def _environment() -> dict | None:
     try:
-        from ..report.env import collect_environment
+        from ..hardware import collect_environment
     except ImportError:
         return None
     return collect_environment()
@@ -137,7 +137,7 @@ def doctor_findings(cfg, engine, result, prediction, env: dict | None = None) ->
     """The doctor's catalogue (checks.run_checks) on everything this run knows; own_findings() without it."""
     try:
         from ..checks import build_context, run_checks
-        from ..report.env import collect_environment
+        from ..hardware import collect_environment
     except ImportError:
         return own_findings(result)
     shape = prediction.get("shape") if prediction and "shape" in prediction else None
@@ -260,7 +260,7 @@ def build_report(kind, cfg, engine, result, findings, extra, prediction, env: di
                    "resolved": list(result.model.target_modules),
                    "trainable_params": result.model.trainable_params, "total_params": result.model.all_params}
     try:
-        from ..report.env import collect_environment
+        from ..hardware import collect_environment
         from ..report.run import build_result
 
         return build_result(kind, findings=findings, model={k: v for k, v in model.items() if v is not None},

@@ -1,20 +1,13 @@
-"""The environment block of a report, and the redaction every report passes through.
+"""The redaction every report passes through: nothing here probes the machine (hardware.collect_environment does).
 
-`collect_environment()` reads versions from package metadata (no import) and imports torch,
-bitsandbytes and pynvml lazily and guarded, so it works on a machine without CUDA, NVML or bnb.
 `redact(obj)` removes credentials and shortens home paths in anything about to be written.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import re
-import sys
-from importlib import metadata
 from pathlib import Path
-
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "lora-doctor")
 
 REDACTED = "<redacted>"
 
@@ -108,87 +101,3 @@ def redact(obj, *, shorten_home: bool = True):
         return x
 
     return walk(obj)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def bitsandbytes_status() -> dict:
-    """{'installed': bool, 'error': str|None, 'backend': str|None}. Imports bitsandbytes (it imports torch).
-
-    bitsandbytes does not fail on import when its native library is missing: it installs an
-    ErrorHandlerMockBNBNativeLibrary and raises on the first kernel call. That only matters on a GPU
-    backend; on CPU it runs without the library (bitsandbytes/cextension.py).
-    """
-    if _version("bitsandbytes") is None:
-        return {"installed": False, "error": None, "backend": None}
-    try:
-        import bitsandbytes  # noqa: F401
-        from bitsandbytes import cextension
-    except Exception as e:  # noqa: BLE001 - any import failure is the finding
-        return {"installed": True, "error": f"import failed: {type(e).__name__}: {e}", "backend": None}
-    backend = getattr(cextension, "BNB_BACKEND", None)
-    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
-    lib = getattr(cextension, "lib", None)
-    error = None
-    if mock is not None and isinstance(lib, mock) and backend not in ("CPU", "XPU"):
-        error = str(getattr(lib, "error_msg", "native library not loaded")).strip().splitlines()[0]
-    return {"installed": True, "error": error, "backend": backend}
-
-
-def _int_env(name: str) -> int | None:
-    try:
-        return int(os.environ[name])
-    except (KeyError, ValueError):
-        return None
-
-
-def collect_environment(*, include_bnb: bool = True) -> dict:
-    """Python/library versions, CUDA and GPU facts, distributed env. Every probe is guarded.
-
-    bf16_supported is native support (compute capability >= 8.0): torch.cuda.is_bf16_supported()
-    also answers True for emulated bf16 on T4/V100.
-    """
-    env: dict = {
-        "python": platform.python_version(),
-        "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
-    }
-    for dist in PACKAGES:
-        env[dist] = _version(dist)
-    env.update(cuda_available=False, cuda=None, driver=None, gpus=[], cuda_capability=None, bf16_supported=None)
-    try:
-        import torch
-
-        env["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            env["cuda_available"] = True
-            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            # The device this process trains on (its LOCAL_RANK's under DDP), not always GPU 0.
-            cap = torch.cuda.get_device_capability(torch.cuda.current_device())
-            env["cuda_capability"] = [int(cap[0]), int(cap[1])]
-            env["bf16_supported"] = tuple(cap) >= (8, 0)
-    except Exception as e:  # noqa: BLE001 - a broken CUDA install is information, not a crash
-        env["cuda_error"] = f"{type(e).__name__}: {e}"
-    if env["cuda_available"]:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            try:
-                driver = pynvml.nvmlSystemGetDriverVersion()
-                env["driver"] = driver.decode() if isinstance(driver, bytes) else driver
-            finally:
-                pynvml.nvmlShutdown()  # nvmlInit is reference-counted: pair every init
-        except Exception:  # noqa: BLE001 - NVML is optional (containers often lack it)
-            pass
-    if include_bnb:
-        bnb = bitsandbytes_status()
-        env["bnb_error"] = bnb["error"]
-        env["bnb_backend"] = bnb["backend"]
-    env["world_size"] = _int_env("WORLD_SIZE")
-    env["local_rank"] = _int_env("LOCAL_RANK")
-    return env
