@@ -374,7 +374,7 @@ def test_skipped_optimizer_step_is_quiet(tiny_gpt2_dir, data_path, tmp_path):
 def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
     """Only the current GPU's RNG is saved and restored: get/set_rng_state_all would create a CUDA context on
     every visible GPU (the other DDP ranks' devices); a list from an older checkpoint restores its own entry."""
-    from lora_doctor import engine as engine_mod
+    from lora_doctor import checkpoint
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -383,18 +383,18 @@ def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("touches every GPU"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(int(s[0])))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("touches every GPU"))
-    state = engine_mod._rng_state()
-    engine_mod._set_rng_state(state)
+    state = checkpoint.rng_state()
+    checkpoint.set_rng_state(state)
     old = [torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)]
-    engine_mod._set_rng_state({**state, "cuda": old})
-    engine_mod._set_rng_state({**state, "cuda": old[:1]})  # saved with fewer GPUs visible: nothing to restore
+    checkpoint.set_rng_state({**state, "cuda": old})
+    checkpoint.set_rng_state({**state, "cuda": old[:1]})  # saved with fewer GPUs visible: nothing to restore
     assert restored == [7, 1]
 
 
 def test_gemma2_runs_eager_attention_when_sdpa_was_asked():
     from transformers import AutoConfig
 
-    from lora_doctor.engine import attention_implementation
+    from lora_doctor.loading import attention_implementation
 
     gemma2 = AutoConfig.for_model("gemma2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)

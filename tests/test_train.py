@@ -101,7 +101,7 @@ def test_merge_reloads_a_16bit_base(full_run, tiny_llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_doctor.engine import merge_adapter
+    from lora_doctor.checkpoint import merge_adapter
 
     engine, _, outputs, _ = full_run
     cfg = engine.cfg.replace(**{"output.merge_dtype": "fp32"})
