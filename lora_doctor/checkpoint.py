@@ -2,8 +2,8 @@
 
 Everything here writes atomically: a folder is written under a temporary name, fsync'd, then renamed
 into place (`atomic_dir`), so a crash leaves the previous folder or none, never half of one. The engine
-owns the training state; this module turns it into files and back, and checks that a checkpoint fits
-the run that resumes it (same trajectory config, same adapter names).
+owns the training state; this module turns it into files and back (`engine_state`, `restore_engine`),
+and checks that a checkpoint fits the run that resumes it (same trajectory config, same adapter names).
 
 Layout of one checkpoint, `<output.dir>/checkpoints/step-NNNNNN/`:
     adapter_weights.safetensors   every requires_grad parameter, by its peft name
@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -224,6 +225,34 @@ def restore_weights(model, weights: dict, path: str | os.PathLike) -> None:
             params[n].copy_(w.to(params[n].device, params[n].dtype))
 
 
+def engine_state(engine) -> dict:
+    """What a checkpoint stores besides the adapter: data position, optimizer, scheduler, scaler, RNG, history."""
+    return {
+        "step": engine.step, "micro": engine.micro, "world_size": engine.world_size,
+        "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
+        "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+        "rng": rng_state(),
+        "history": [asdict(s) for s in engine.history], "eval_history": list(engine.eval_history),
+    }
+
+
+def restore_engine(engine, path: str | os.PathLike) -> None:
+    """Put a checkpoint back into a set-up engine: adapter weights, optimizer, scheduler, RNG, position, history."""
+    weights, state = read_checkpoint(path, engine.cfg.to_dict(), root_hint=engine.output_dir / CHECKPOINT_DIR)
+    restore_weights(engine.peft_model, weights, path)
+    if state.get("world_size", 1) != engine.world_size:
+        raise LoraDoctorError(f"Checkpoint '{path}' was written with {state.get('world_size')} processes; this run has {engine.world_size}.",
+                              "Resume with the same number of processes (the data order depends on it).")
+    engine.optimizer.load_state_dict(state["optimizer"])
+    engine.scheduler.load_state_dict(state["scheduler"])
+    if engine.scaler is not None and state.get("scaler"):
+        engine.scaler.load_state_dict(state["scaler"])
+    engine.step, engine.micro = state["step"], state["micro"]
+    engine.history = [StepRecord(**s) for s in state["history"]]
+    engine.eval_history = [tuple(x) for x in state["eval_history"]]
+    set_rng_state(state["rng"])
+
+
 # --- the adapter, the merged model, the loss log --------------------------------------------------
 
 
@@ -268,6 +297,7 @@ def write_loss_log(path: str | os.PathLike, records: Iterable[StepRecord]) -> Pa
     return write_text_atomic(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
 
 
-__all__ = ["ADAPTER_DIR", "CHECKPOINT_DIR", "MERGED_DIR", "RESUMABLE_CHANGES", "atomic_dir", "latest_checkpoint",
+__all__ = ["ADAPTER_DIR", "CHECKPOINT_DIR", "MERGED_DIR", "RESUMABLE_CHANGES", "atomic_dir", "engine_state",
+           "latest_checkpoint", "restore_engine",
            "merge_adapter", "prune_checkpoints", "read_checkpoint", "restore_weights", "rng_state", "save_adapter",
            "save_checkpoint", "set_rng_state", "trajectory_changes", "write_loss_log"]

@@ -29,12 +29,14 @@ from typing import Callable, Iterable
 
 from . import checkpoint
 from .checkpoint import ADAPTER_DIR, CHECKPOINT_DIR
-from .data import IGNORE_INDEX, DataStats, TokenizedData, collate, epoch_order, load_data
+from .data import TokenizedData, collate, epoch_order, load_data
 from .errors import LoraDoctorError
 from .gradflow import GradFlowRecorder
-from .loading import (is_oom, load_peft_model, load_tokenizer, peft_lora_config, require_bitsandbytes,
-                      resolve_device, resolve_source, torch_dtype)
+from .distributed import place_process
+from .loading import (eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config, preload_libraries,
+                      resolve_source, torch_dtype)
 from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, throughput
+from .optim import build_optimizer, build_scheduler, label_token_count, token_loss_sum
 from .runconfig import RunConfig
 
 StepCallback = Callable[["Engine", StepRecord], None]
@@ -42,21 +44,6 @@ StepCallback = Callable[["Engine", StepRecord], None]
 
 class OutOfMemory(LoraDoctorError):
     """The run did not fit: raised with the peak memory seen and what to change."""
-
-
-def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
-    """Learning-rate multiplier after `step` optimizer steps: linear warmup, then constant, linear or cosine decay.
-
-    Step 0 uses lr * 1/warmup with warmup on, as transformers' schedules do.
-    """
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Engine:
@@ -98,22 +85,10 @@ class Engine:
     # --- setup ---------------------------------------------------------------------------------
 
     def _setup_distributed(self) -> None:
-        import torch
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.world_size, self.rank, self.local_rank = world, 0, 0
-        device = resolve_device(self.cfg.train.device)
-        if world > 1:
-            # accelerate launch / torchrun set these; PartialState initialises the process group.
-            from accelerate import PartialState
-
-            state = PartialState(cpu=device == "cpu")
-            self.rank, self.local_rank, self.world_size = state.process_index, state.local_process_index, state.num_processes
-            if device == "cuda":
-                torch.cuda.set_device(self.local_rank)
-        self.device = device
-        self.device_index = self.local_rank if device == "cuda" else None
-        self.is_main = self.rank == 0
+        self.placement = place_process(self.cfg.train.device)
+        p = self.placement
+        self.device, self.device_index, self.is_main = p.device, p.device_index, p.is_main
+        self.rank, self.local_rank, self.world_size = p.rank, p.local_rank, p.world_size
 
     def setup(self, log: Callable[[str], None] | None = None) -> Engine:
         """Resolve the model, load the tokenizer and the data, then the model (measuring the load phase),
@@ -126,13 +101,7 @@ class Engine:
         self._resolve_model()
         self._setup_tokenizer()
         self._setup_data()
-        # Import the heavy libraries before the baseline, so CPU RSS measures the run, not the imports.
-        import peft  # noqa: F401
-        import transformers.models.auto.modeling_auto  # noqa: F401
-
-        if self.cfg.quant.mode is not None or "8bit" in self.cfg.train.optim:
-            with contextlib.suppress(Exception):
-                import bitsandbytes  # noqa: F401
+        preload_libraries(self.cfg)  # before the baseline, so CPU RSS measures the run, not the imports
         if log is not None:
             log(f"loading {self.cfg.model} ({self.cfg.quant.mode or 'no quantization'}, {self.device}) ...")
         self.monitor.start("load")
@@ -153,11 +122,6 @@ class Engine:
         self.source = resolve_source(self.cfg)
 
     @property
-    def model_path(self) -> str:
-        """What every from_pretrained gets: a local folder as an absolute path, a hub id as it is."""
-        return self.source.path
-
-    @property
     def base_config(self):
         """The model's transformers config as saved (resolved once, by resolve.py)."""
         return self.source.config if self.source is not None else None
@@ -172,20 +136,11 @@ class Engine:
         self.peft_model, self.model_info = load_peft_model(
             self.cfg, self.device, source=self.source, device_index=self.device_index, world_size=self.world_size,
             model_hook=self.model_hook, note=self._note)
-        model = self.peft_model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model, device_ids=[self.device_index] if self.device == "cuda" else None)
-        self.model = model
+        self.model = self.placement.wrap(self.peft_model)
 
     def _lora_config(self, model):
         """The peft LoraConfig this engine applies (bench builds its Trainer baseline with the same)."""
         return peft_lora_config(self.cfg, self.source, model)
-
-    @property
-    def data_stats(self) -> DataStats:
-        return self.data.stats
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -202,23 +157,8 @@ class Engine:
         import torch
 
         t = self.cfg.train
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if t.optim == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        elif t.optim == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-        else:
-            require_bitsandbytes(f"--optim {t.optim}")
-            import bitsandbytes as bnb
-
-            # Paging (unified memory that spills optimizer state to the host under pressure) is CUDA-only;
-            # on CPU bitsandbytes would warn and fall back to the same non-paged update.
-            paged = t.optim == "paged-adamw-8bit" and self.device == "cuda"
-            cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
-            self.optimizer = cls(params, lr=t.lr, weight_decay=t.weight_decay)
-        total, warmup, kind = self.total_steps, t.warmup_steps, t.scheduler
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup=warmup, total=total, kind=kind))
+        self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], t, self.device)
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         if t.precision == "fp16" and self.device == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
         self.grad_flow = GradFlowRecorder(self.peft_model)
@@ -247,45 +187,15 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss_step(self, batch: dict, kind: str | None = None):
-        """Sum (not mean) of the per-token loss over this micro-batch's labelled tokens.
-
-        Summing lets the step divide by the label tokens of all its micro-batches, so gradient
-        accumulation gives the same gradient as one big batch (transformers' num_items_in_batch fix).
-        """
-        import torch
-        import torch.nn.functional as F
-
-        kind = kind or self.cfg.loss.kind
+        """One micro-batch's forward: the summed loss over its labelled tokens (optim.token_loss_sum)."""
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        # Shift so token t predicts t+1. Upcast to fp32 for a stable log-softmax: (B, T-1, V) fp32 is
-        # the largest activation of a small-model step; it is freed right after backward.
-        logits = out.logits[:, :-1, :].float()
-        labels = batch["labels"][:, 1:]
-        flat_logits, flat_labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-        if kind == "ce":
-            return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        if kind == "label_smoothing":
-            return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum",
-                                   label_smoothing=self.cfg.loss.label_smoothing)
-        # Focal loss (Lin et al. 2017, eq. 5): -(1 - p_t)^gamma * log p_t, over labelled tokens.
-        mask = flat_labels != IGNORE_INDEX
-        logp = torch.log_softmax(flat_logits[mask], dim=-1).gather(1, flat_labels[mask].unsqueeze(1)).squeeze(1)
-        return (-(1.0 - logp.exp()) ** self.cfg.loss.focal_gamma * logp).sum()
+        return token_loss_sum(out.logits, batch["labels"], self.cfg.loss, kind or self.cfg.loss.kind)
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        if self.world_size == 1:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self.placement.all_reduce_sum(values)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on one (a signal may reach ranks between different steps)."""
-        if self.world_size == 1:
-            return bool(flag)
         return self._all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
     def _backward(self, micro: list[dict], denom: float):
@@ -340,7 +250,7 @@ class Engine:
         accum = self.cfg.train.grad_accum
         micro = [collate(self._micro_batch(self.micro + i), self.data.pad_token_id, self.data.padding_side)
                  for i in range(accum)]
-        label_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+        label_tokens = sum(label_token_count(m["labels"]) for m in micro)
         tokens = sum(int(m["attention_mask"].sum()) for m in micro)
         # Normalise by the labelled tokens of the whole step on every rank; DDP averages gradients over
         # ranks, hence the world_size factor. A step with no labelled token gives loss 0 and no gradient.
@@ -420,7 +330,7 @@ class Engine:
 
         if not self.data.eval:
             raise LoraDoctorError("No evaluation data.", "Set data.eval_path or data.eval_fraction: 0.1")
-        self._eval_mode()
+        eval_mode(self.model, self.device, self.cfg.quant.mode)
         b = self.cfg.train.batch
         batches = [self.data.eval[i:i + b] for i in range(0, len(self.data.eval), b)]
         batches = batches[self.rank::self.world_size]
@@ -432,27 +342,10 @@ class Engine:
                 batch = self._to_device(collate(ex, self.data.pad_token_id, self.data.padding_side))
                 with self._autocast():
                     total += float(self._loss_step(batch, kind="ce"))
-                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                count += label_token_count(batch["labels"])
         self.model.train()
         total, count = self._all_reduce_sum([total, float(count)])
         return total / count if count else float("nan")
-
-    def _eval_mode(self) -> None:
-        """model.eval(), except bitsandbytes 4-bit layers on CPU stay in train mode.
-
-        bitsandbytes' Linear4bit.forward on CPU, in eval mode under no_grad, repacks its weight in place
-        into a CPU-only layout (`_convert_weight_packed_for_cpu`); training afterwards runs through that
-        layout (its gemv has no autograd kernel) and the loss drifts from an un-evaluated run. Linear4bit
-        has no dropout, so train mode changes nothing else for it.
-        """
-        self.model.eval()
-        if self.device != "cpu" or self.cfg.quant.mode is None:
-            return
-        import bitsandbytes as bnb
-
-        for m in self.model.modules():
-            if isinstance(m, bnb.nn.Linear4bit):
-                m.training = True
 
     # --- results -------------------------------------------------------------------------------
 
@@ -476,47 +369,20 @@ class Engine:
         return Path(self.cfg.output.dir)
 
     def save_checkpoint(self, root: str | os.PathLike | None = None) -> Path:
-        """Write a resumable checkpoint atomically (checkpoint.save_checkpoint); only the main process writes.
-
-        Contents: adapter weights, optimizer + scheduler + scaler state, RNG states, the data position
-        and the history.
-        """
+        """Write a resumable checkpoint atomically (checkpoint.py); only the main process writes."""
         root = Path(root) if root is not None else self.output_dir / CHECKPOINT_DIR
         final = root / f"step-{self.step:06d}"
         self._barrier()
         if self.is_main:
-            final = checkpoint.save_checkpoint(root, self.step, self.trainable_state(), self._trainer_state(),
+            final = checkpoint.save_checkpoint(root, self.step, self.trainable_state(), checkpoint.engine_state(self),
                                                self.cfg.to_dict(), keep=self.cfg.output.keep_checkpoints)
         self._barrier()
         return final
 
-    def _trainer_state(self) -> dict:
-        return {
-            "step": self.step, "micro": self.micro, "world_size": self.world_size,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpoint.rng_state(),
-            "history": [asdict(s) for s in self.history], "eval_history": list(self.eval_history),
-        }
-
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore adapter weights, optimizer, scheduler, RNG, data position and history from `path`."""
-        weights, state = checkpoint.read_checkpoint(path, self.cfg.to_dict(),
-                                                    root_hint=self.output_dir / CHECKPOINT_DIR)
-        checkpoint.restore_weights(self.peft_model, weights, path)
-        if state.get("world_size", 1) != self.world_size:
-            raise LoraDoctorError(f"Checkpoint '{path}' was written with {state.get('world_size')} processes; this run has {self.world_size}.",
-                                  "Resume with the same number of processes (the data order depends on it).")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.micro = state["step"], state["micro"]
-        self.history = [StepRecord(**s) for s in state["history"]]
-        self.eval_history = [tuple(x) for x in state["eval_history"]]
-        checkpoint.set_rng_state(state["rng"])
-        # Grad-flow deltas are measured from here on.
-        self.grad_flow = GradFlowRecorder(self.peft_model)
+        checkpoint.restore_engine(self, path)
+        self.grad_flow = GradFlowRecorder(self.peft_model)  # grad-flow deltas are measured from here on
 
     def latest_checkpoint(self) -> Path | None:
         return checkpoint.latest_checkpoint(self.output_dir / CHECKPOINT_DIR)
@@ -530,10 +396,7 @@ class Engine:
         return path
 
     def _barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        self.placement.barrier()
 
 
 def _merge_memory(a: MemoryStats | None, b: MemoryStats) -> MemoryStats:
@@ -557,4 +420,4 @@ def _fmt(n: int | None) -> str:
     return format_bytes(n)
 
 
-__all__ = ["Engine", "OutOfMemory", "lr_factor"]
+__all__ = ["Engine", "OutOfMemory"]

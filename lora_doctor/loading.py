@@ -49,6 +49,17 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def preload_libraries(cfg: RunConfig) -> None:
+    """Import peft, transformers' model classes and (when the run needs it) bitsandbytes now, so a memory
+    baseline taken next measures the run, not the imports."""
+    import peft  # noqa: F401
+    import transformers.models.auto.modeling_auto  # noqa: F401
+
+    if cfg.quant.mode is not None or "8bit" in cfg.train.optim:
+        with contextlib.suppress(Exception):  # a broken bitsandbytes is reported by require_bitsandbytes
+            import bitsandbytes  # noqa: F401
+
+
 def is_oom(e: BaseException) -> bool:
     import torch
 
@@ -306,6 +317,24 @@ def _model_info(model, cfg: RunConfig, device: str, dtype, world_size: int) -> M
         target_modules=tuple(leaves), n_adapted_modules=len(set(adapted)), world_size=world_size)
 
 
-__all__ = ["ModelSource", "TORCH_DTYPES", "attention_implementation", "is_oom", "load_peft_model", "load_tokenizer",
-           "pretrained_path", "quiet_transformers", "require_bitsandbytes", "resolve_device", "resolve_source",
-           "torch_dtype"]
+
+def eval_mode(model, device: str, quant_mode: str | None) -> None:
+    """model.eval(), except bitsandbytes 4-bit layers on CPU stay in train mode.
+
+    bitsandbytes' Linear4bit.forward on CPU, in eval mode under no_grad, repacks its weight in place
+    into a CPU-only layout (`_convert_weight_packed_for_cpu`); training afterwards runs through that
+    layout (its gemv has no autograd kernel) and the loss drifts from an un-evaluated run. Linear4bit
+    has no dropout, so train mode changes nothing else for it.
+    """
+    model.eval()
+    if device != "cpu" or quant_mode is None:
+        return
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.training = True
+
+__all__ = ["ModelSource", "TORCH_DTYPES", "attention_implementation", "eval_mode", "is_oom",
+           "load_peft_model", "load_tokenizer", "preload_libraries", "pretrained_path", "quiet_transformers",
+           "require_bitsandbytes", "resolve_device", "resolve_source", "torch_dtype"]

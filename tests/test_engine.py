@@ -167,7 +167,7 @@ def test_setup_resolves_the_model_config_once(tiny_llama_dir, data_path, tmp_pat
     engine = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path)).setup()
     assert calls == [str(tiny_llama_dir)]
     assert engine.base_config is engine.source.config and engine.source.shape.model_id == str(tiny_llama_dir)
-    assert engine.model_path == str(tiny_llama_dir.resolve())
+    assert engine.source.path == str(tiny_llama_dir.resolve())  # what every from_pretrained gets
 
 
 def test_loss_kinds_and_eval_is_plain_ce(tiny_llama_dir, data_path, tmp_path):
