@@ -1,18 +1,16 @@
 """The one engine behind `probe` and `train`: set up, then run optimizer steps.
 
-A readable recipe in torchtune's style: `setup()` calls `_resolve_model`, `_setup_tokenizer`,
-`_setup_data`, `_setup_model` (loading.py) and `_setup_optimizer`; `run_steps(n, callbacks)` runs
-`_one_step`s, each `_loss_step` per micro-batch then `_optimizer_step`; `evaluate()` is plain
-cross-entropy on the eval set. Checkpoint I/O lives in checkpoint.py; the engine hands it its state.
+A recipe in torchtune's style: `setup()` runs `_resolve_model`, `_setup_tokenizer`, `_setup_data`,
+`_setup_model` and `_setup_optimizer`; `run_steps(n, callbacks)` runs `_one_step`s (a `_loss_step` per
+micro-batch, then `_optimizer_step`); `evaluate()` is plain cross-entropy on the eval set. The pieces
+live beside it: loading.py (config, tokenizer, peft model), optim.py (loss, optimizer, schedule),
+distributed.py (rank, DDP, collectives), checkpoint.py (files), gradflow.py and measure.py (numbers).
 `probe` and `train` differ only in how many steps they run and which callbacks they pass.
 
 Determinism: the adapter init, LoRA dropout and data order all derive from `train.seed`. The data
 order of epoch e is a permutation seeded by (seed, e), so the data position is just a counter; a
-checkpoint stores that counter, the RNG states, the optimizer and the scheduler.
-
-Distributed: under `accelerate launch` (or torchrun) each process loads the model on its own device,
-the model is wrapped in DistributedDataParallel, each rank takes its slice of every global
-micro-batch, and only the main process writes files.
+checkpoint stores that counter, the RNG states, the optimizer and the scheduler. Under DDP each rank
+takes its slice of every global micro-batch, and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -30,9 +28,9 @@ from typing import Callable, Iterable
 from . import checkpoint
 from .checkpoint import ADAPTER_DIR, CHECKPOINT_DIR
 from .data import TokenizedData, collate, epoch_order, load_data
+from .distributed import place_process
 from .errors import LoraDoctorError
 from .gradflow import GradFlowRecorder
-from .distributed import place_process
 from .loading import (eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config, preload_libraries,
                       resolve_source, torch_dtype)
 from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, throughput
@@ -191,12 +189,9 @@ class Engine:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return token_loss_sum(out.logits, batch["labels"], self.cfg.loss, kind or self.cfg.loss.kind)
 
-    def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        return self.placement.all_reduce_sum(values)
-
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on one (a signal may reach ranks between different steps)."""
-        return self._all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+        return self.placement.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
     def _backward(self, micro: list[dict], denom: float):
         """Forward and backward over the step's micro-batches; returns the summed loss / denom, on the device."""
@@ -254,7 +249,7 @@ class Engine:
         tokens = sum(int(m["attention_mask"].sum()) for m in micro)
         # Normalise by the labelled tokens of the whole step on every rank; DDP averages gradients over
         # ranks, hence the world_size factor. A step with no labelled token gives loss 0 and no gradient.
-        global_label_tokens = self._all_reduce_sum([float(label_tokens)])[0]
+        global_label_tokens = self.placement.all_reduce_sum([float(label_tokens)])[0]
         denom = max(1.0, global_label_tokens / self.world_size)
         loss_sum = self._backward(micro, denom)
         self.micro += accum
@@ -262,7 +257,7 @@ class Engine:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.step += 1
-        loss_total = self._all_reduce_sum([float(loss_sum) * denom])[0]
+        loss_total = self.placement.all_reduce_sum([float(loss_sum) * denom])[0]
         step_loss = loss_total / global_label_tokens if global_label_tokens else 0.0
         return StepRecord(step=self.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=int(tokens),
                           label_tokens=int(label_tokens), step_time_s=time.perf_counter() - t0,
@@ -344,7 +339,7 @@ class Engine:
                     total += float(self._loss_step(batch, kind="ce"))
                 count += label_token_count(batch["labels"])
         self.model.train()
-        total, count = self._all_reduce_sum([total, float(count)])
+        total, count = self.placement.all_reduce_sum([total, float(count)])
         return total / count if count else float("nan")
 
     # --- results -------------------------------------------------------------------------------
@@ -372,11 +367,11 @@ class Engine:
         """Write a resumable checkpoint atomically (checkpoint.py); only the main process writes."""
         root = Path(root) if root is not None else self.output_dir / CHECKPOINT_DIR
         final = root / f"step-{self.step:06d}"
-        self._barrier()
+        self.placement.barrier()
         if self.is_main:
             final = checkpoint.save_checkpoint(root, self.step, self.trainable_state(), checkpoint.engine_state(self),
                                                self.cfg.to_dict(), keep=self.cfg.output.keep_checkpoints)
-        self._barrier()
+        self.placement.barrier()
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -392,11 +387,8 @@ class Engine:
         path = Path(path) if path is not None else self.output_dir / ADAPTER_DIR
         if self.is_main:
             checkpoint.save_adapter(self.peft_model, self.tokenizer, path)
-        self._barrier()
-        return path
-
-    def _barrier(self) -> None:
         self.placement.barrier()
+        return path
 
 
 def _merge_memory(a: MemoryStats | None, b: MemoryStats) -> MemoryStats:
