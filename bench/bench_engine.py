@@ -60,7 +60,7 @@ def time_trainer(cfg, engine) -> list[float]:
                               TrainingArguments)
 
     from lora_doctor.data import collate
-    from lora_doctor.engine import torch_dtype
+    from lora_doctor.loading import torch_dtype
 
     q, t = cfg.quant, cfg.train
     device = engine.device

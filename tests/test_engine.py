@@ -138,6 +138,38 @@ def test_module_off_the_loss_path_gets_no_gradient(tiny_llama_dir, data_path, tm
     assert "model.layers.0.self_attn.q_proj" not in gf.modules_without_grad
 
 
+def test_module_grad_norms_are_recorded_before_clipping(tiny_llama_dir, data_path, tmp_path):
+    """With max_grad_norm tiny, clip_grad_norm_ scales every gradient down to a total of 1e-6; the recorded
+    per-module norms must be the unclipped ones, which together make up the step's total norm."""
+    cfg = make_cfg(tiny_llama_dir, data_path, tmp_path, **{"train.max_grad_norm": 1e-6})
+    engine = Engine(cfg).setup()
+    records = engine.run_steps(2)
+    gf = engine.result("probe").grad_flow
+    for i, record in enumerate(records):
+        per_module = [m.lora_B_grad_norms[i] for m in gf.modules] + [m.lora_A_grad_norms[i] for m in gf.modules]
+        assert max(per_module) > 1000 * cfg.train.max_grad_norm
+        # Every trainable tensor is some module's lora_A or lora_B: their norms compose the pre-clip total.
+        torch.testing.assert_close(math.sqrt(sum(g * g for g in per_module)), record.grad_norm, rtol=1e-4, atol=0.0)
+
+
+def test_setup_resolves_the_model_config_once(tiny_llama_dir, data_path, tmp_path, monkeypatch):
+    """The engine's loading and its LoRA targets (introspect's ModelShape) read one resolved config."""
+    from lora_doctor import resolve
+
+    calls = []
+    real = resolve.resolve_model_config
+
+    def counting(*a, **k):
+        calls.append(a[0] if a else k.get("model"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(resolve, "resolve_model_config", counting)
+    engine = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path)).setup()
+    assert calls == [str(tiny_llama_dir)]
+    assert engine.base_config is engine.source.config and engine.source.shape.model_id == str(tiny_llama_dir)
+    assert engine.source.path == str(tiny_llama_dir.resolve())  # what every from_pretrained gets
+
+
 def test_loss_kinds_and_eval_is_plain_ce(tiny_llama_dir, data_path, tmp_path):
     engine = Engine(make_cfg(tiny_llama_dir, data_path, tmp_path)).setup()
     engine.model.eval()
@@ -374,7 +406,7 @@ def test_skipped_optimizer_step_is_quiet(tiny_gpt2_dir, data_path, tmp_path):
 def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
     """Only the current GPU's RNG is saved and restored: get/set_rng_state_all would create a CUDA context on
     every visible GPU (the other DDP ranks' devices); a list from an older checkpoint restores its own entry."""
-    from lora_doctor import engine as engine_mod
+    from lora_doctor import checkpoint
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -383,18 +415,18 @@ def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("touches every GPU"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(int(s[0])))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("touches every GPU"))
-    state = engine_mod._rng_state()
-    engine_mod._set_rng_state(state)
+    state = checkpoint.rng_state()
+    checkpoint.set_rng_state(state)
     old = [torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)]
-    engine_mod._set_rng_state({**state, "cuda": old})
-    engine_mod._set_rng_state({**state, "cuda": old[:1]})  # saved with fewer GPUs visible: nothing to restore
+    checkpoint.set_rng_state({**state, "cuda": old})
+    checkpoint.set_rng_state({**state, "cuda": old[:1]})  # saved with fewer GPUs visible: nothing to restore
     assert restored == [7, 1]
 
 
 def test_gemma2_runs_eager_attention_when_sdpa_was_asked():
     from transformers import AutoConfig
 
-    from lora_doctor.engine import attention_implementation
+    from lora_doctor.loading import attention_implementation
 
     gemma2 = AutoConfig.for_model("gemma2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)

@@ -101,7 +101,7 @@ def test_merge_reloads_a_16bit_base(full_run, tiny_llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_doctor.engine import merge_adapter
+    from lora_doctor.checkpoint import merge_adapter
 
     engine, _, outputs, _ = full_run
     cfg = engine.cfg.replace(**{"output.merge_dtype": "fp32"})
@@ -345,3 +345,30 @@ def test_resume_hint_repeats_the_options_typed():
                                    "--set train.seed=1 --steps 400 --no-merge --no-report --resume")
     bare = command.make_context("train", ["examples/tiny.yaml", "--resume"])
     assert resume_command(bare) == "lora-doctor train examples/tiny.yaml --resume"
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    """checkpoint.atomic_dir: a re-write swaps the folder in one rename; a failed write keeps the old folder."""
+    from lora_doctor.checkpoint import atomic_dir
+
+    target = tmp_path / "adapter"
+    atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("one"))
+    atomic_dir(target, lambda tmp: (tmp / "b.txt").write_text("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+    def half_then_crash(tmp):
+        (tmp / "c.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_dir(target, half_then_crash)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no .tmp-/.old- left behind
+    assert (target / "b.txt").read_text() == "two"
+
+
+def test_trajectory_changes_ignore_resumable_keys():
+    from lora_doctor.checkpoint import trajectory_changes
+
+    old = {"train": {"lr": 1e-2, "max_steps": 6, "eval_every": 3}, "output": {"dir": "a"}, "lora": {"targets": ("q",)}}
+    new = {"train": {"lr": 1e-3, "max_steps": 50, "eval_every": 5}, "output": {"dir": "b"}, "lora": {"targets": ["q"]}}
+    assert trajectory_changes(old, new) == ["train.lr 0.01 -> 0.001"]

@@ -109,7 +109,8 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
         LoraDoctorError: bad config/data/model, unwritable output folder, no checkpoint to resume,
             out of memory.
     """
-    from ..engine import Engine, merge_adapter, write_loss_log
+    from ..checkpoint import merge_adapter, write_loss_log
+    from ..engine import Engine
     from .probe import eval_loss_summary
 
     out_dir = Path(cfg.output.dir)

@@ -1,0 +1,303 @@
+"""Checkpoint I/O: resumable checkpoints, the saved adapter, the merged model, the loss log.
+
+Everything here writes atomically: a folder is written under a temporary name, fsync'd, then renamed
+into place (`atomic_dir`), so a crash leaves the previous folder or none, never half of one. The engine
+owns the training state; this module turns it into files and back (`engine_state`, `restore_engine`),
+and checks that a checkpoint fits the run that resumes it (same trajectory config, same adapter names).
+
+Layout of one checkpoint, `<output.dir>/checkpoints/step-NNNNNN/`:
+    adapter_weights.safetensors   every requires_grad parameter, by its peft name
+    trainer_state.pt              step, data position, optimizer/scheduler/scaler, RNG states, history
+    run_config.json               RunConfig.to_dict(), for the resume-time config diff
+and `checkpoints/latest` names the newest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import LoraDoctorError
+from .fileio import write_json_atomic, write_text_atomic
+from .loading import TORCH_DTYPES, pretrained_path, quiet_transformers, torch_dtype
+from .measure import StepRecord
+from .runconfig import RunConfig
+
+CHECKPOINT_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+STATE_FILE = "trainer_state.pt"
+WEIGHTS_FILE = "adapter_weights.safetensors"
+CONFIG_FILE = "run_config.json"
+LATEST_FILE = "latest"
+
+# Keys that may change between a run and its resumption without changing the trajectory so far.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
+                     "train.log_every", "train.device", "output.", "data.eval_path")
+
+
+# --- atomic folders -------------------------------------------------------------------------------
+
+
+def atomic_dir(final: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a folder via `write(tmp)`, fsync it, then swap it into place; a crash leaves the old folder or none.
+
+    Re-writing an existing folder (e.g. a signal right after a periodic save of the same step) moves the
+    old one aside first and deletes it only after the new one is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(final.parent)  # the rename itself survives a power cut only once its folder is synced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder; folders cannot be opened for fsync on every platform (Windows), so that may fail."""
+    if path.is_dir():
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# --- RNG state ------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """torch, Python and numpy RNG states, and this process's GPU's."""
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            # This process's GPU only: get_rng_state_all() would create a CUDA context (hundreds of MiB)
+            # on every visible GPU, i.e. on the other DDP ranks' devices.
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    cuda_state = state.get("cuda")
+    if cuda_state is not None and torch.cuda.is_available():
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints: one state per visible GPU
+            index = torch.cuda.current_device()
+            cuda_state = cuda_state[index] if index < len(cuda_state) else None
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)  # the current device: this process's
+
+
+# --- config diffs ---------------------------------------------------------------------------------
+
+
+def trajectory_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose value differs between two RunConfig dicts, ignoring RESUMABLE_CHANGES."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = sorted(set(a) | set(b))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys
+            if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+
+
+# --- resumable checkpoints ------------------------------------------------------------------------
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, weights: dict, state: dict, config: dict, *,
+                    keep: int) -> Path:
+    """Write `root/step-NNNNNN` atomically, point `root/latest` at it, keep the newest `keep` checkpoints.
+
+    Args:
+        weights: name -> CPU tensor (the adapter), saved as safetensors.
+        state: torch-picklable trainer state (optimizer, scheduler, RNG, data position, history).
+        config: RunConfig.to_dict(), compared on resume by trajectory_changes.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(root)
+
+    def write(tmp: Path) -> None:
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        write_json_atomic(tmp / CONFIG_FILE, config)
+
+    final = atomic_dir(root / f"step-{step:06d}", write)
+    write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    done = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `root/latest` names, else the newest complete `step-*`; None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        p = root / pointer.read_text().strip()
+        if (p / STATE_FILE).is_file():
+            return p
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def read_checkpoint(path: str | os.PathLike, config: dict, *, root_hint: str | os.PathLike) -> tuple[dict, dict]:
+    """(adapter weights, trainer state) from `path`, after checking it was written with this trajectory.
+
+    Raises:
+        LoraDoctorError: `path` is no checkpoint, or its run_config.json differs outside RESUMABLE_CHANGES.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise LoraDoctorError(f"'{path}' is not a lora-doctor checkpoint (no {STATE_FILE}).",
+                              f"Checkpoints live in {root_hint}/step-NNNNNN.")
+    saved_cfg = path / CONFIG_FILE
+    if saved_cfg.is_file():
+        changed = trajectory_changes(json.loads(saved_cfg.read_text(encoding="utf-8")), config)
+        if changed:
+            raise LoraDoctorError(
+                f"Checkpoint '{path}' was written with a different config: {', '.join(changed)}.",
+                "Resume with the same settings (only steps/epochs, eval, save, log and output keys may change), "
+                "or start a new run in another --output-dir.")
+    weights = load_file(str(path / WEIGHTS_FILE))
+    return weights, torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore_weights(model, weights: dict, path: str | os.PathLike) -> None:
+    """Copy checkpointed adapter weights into `model`'s parameters of the same peft names."""
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise LoraDoctorError(f"Checkpoint '{path}' does not match this config: unknown adapter weight {missing[0]!r}.",
+                              "Resume with the run_config.json saved next to the checkpoint.")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w.to(params[n].device, params[n].dtype))
+
+
+def engine_state(engine) -> dict:
+    """What a checkpoint stores besides the adapter: data position, optimizer, scheduler, scaler, RNG, history."""
+    return {
+        "step": engine.step, "micro": engine.micro, "world_size": engine.world_size,
+        "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
+        "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+        "rng": rng_state(),
+        "history": [asdict(s) for s in engine.history], "eval_history": list(engine.eval_history),
+    }
+
+
+def restore_engine(engine, path: str | os.PathLike) -> None:
+    """Put a checkpoint back into a set-up engine: adapter weights, optimizer, scheduler, RNG, position, history."""
+    weights, state = read_checkpoint(path, engine.cfg.to_dict(), root_hint=engine.output_dir / CHECKPOINT_DIR)
+    restore_weights(engine.peft_model, weights, path)
+    if state.get("world_size", 1) != engine.world_size:
+        raise LoraDoctorError(f"Checkpoint '{path}' was written with {state.get('world_size')} processes; this run has {engine.world_size}.",
+                              "Resume with the same number of processes (the data order depends on it).")
+    engine.optimizer.load_state_dict(state["optimizer"])
+    engine.scheduler.load_state_dict(state["scheduler"])
+    if engine.scaler is not None and state.get("scaler"):
+        engine.scaler.load_state_dict(state["scaler"])
+    engine.step, engine.micro = state["step"], state["micro"]
+    engine.history = [StepRecord(**s) for s in state["history"]]
+    engine.eval_history = [tuple(x) for x in state["eval_history"]]
+    set_rng_state(state["rng"])
+
+
+# --- the adapter, the merged model, the loss log --------------------------------------------------
+
+
+def save_adapter(peft_model, tokenizer, path: str | os.PathLike) -> Path:
+    """peft's save_pretrained (adapter_model.safetensors + adapter_config.json) and the tokenizer, atomically."""
+    return atomic_dir(path, lambda tmp: (peft_model.save_pretrained(str(tmp), safe_serialization=True),
+                                         tokenizer.save_pretrained(str(tmp))))
+
+
+def merge_adapter(cfg: RunConfig, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Merge a saved adapter into a freshly loaded 16-bit base and save it (atomically).
+
+    The base is reloaded unquantized on CPU in `output.merge_dtype`: merging into 4-bit weights would
+    requantize W + BA and silently lose the update, so this never merges into the training model.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = cfg.output.merge_dtype
+    if dtype not in TORCH_DTYPES:
+        raise LoraDoctorError(f"Cannot merge into {dtype!r}: only a 16/32-bit base can be merged.",
+                              "Set output.merge_dtype: bf16 (the base is reloaded unquantized for the merge).")
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / MERGED_DIR
+    with quiet_transformers():
+        base = AutoModelForCausalLM.from_pretrained(pretrained_path(cfg.model), dtype=torch_dtype(dtype),
+                                                    device_map={"": "cpu"}, trust_remote_code=cfg.trust_remote_code)
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        raise LoraDoctorError(f"The base {cfg.model!r} loads quantized, so merging would go into 4/8-bit weights.",
+                              "Point --model at the unquantized (16-bit) checkpoint for the merge.")
+    with quiet_transformers():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
+    with torch.no_grad(), quiet_transformers():
+        atomic_dir(out, lambda tmp: (merged.save_pretrained(str(tmp), safe_serialization=True),
+                                     tok.save_pretrained(str(tmp))))
+    return out
+
+
+def write_loss_log(path: str | os.PathLike, records: Iterable[StepRecord]) -> Path:
+    """The per-step log as JSON Lines (one StepRecord per line), written atomically."""
+    return write_text_atomic(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
+
+
+__all__ = ["ADAPTER_DIR", "CHECKPOINT_DIR", "MERGED_DIR", "RESUMABLE_CHANGES", "atomic_dir", "engine_state",
+           "latest_checkpoint", "restore_engine",
+           "merge_adapter", "prune_checkpoints", "read_checkpoint", "restore_weights", "rng_state", "save_adapter",
+           "save_checkpoint", "set_rng_state", "trajectory_changes", "write_loss_log"]

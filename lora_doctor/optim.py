@@ -1,0 +1,90 @@
+"""The step's arithmetic: the loss over labelled tokens, the optimizer, the learning-rate schedule.
+
+Pure pieces the engine composes; no state of their own. The loss is a sum, not a mean, so a step can
+divide by the labelled tokens of all its micro-batches (and ranks): gradient accumulation then gives
+the gradient of one big batch (transformers' num_items_in_batch fix).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .data import IGNORE_INDEX
+from .loading import require_bitsandbytes
+
+
+def token_loss_sum(logits, labels, loss, kind: str):
+    """Sum of the per-token loss of `kind` ('ce', 'label_smoothing', 'focal') over labelled tokens.
+
+    Args:
+        logits: (B, T, V) model output; position t predicts token t+1.
+        labels: (B, T) with IGNORE_INDEX on tokens that carry no loss.
+        loss: runconfig's loss section (label_smoothing, focal_gamma).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    # Shift so token t predicts t+1. Upcast to fp32 for a stable log-softmax: (B, T-1, V) fp32 is
+    # the largest activation of a small-model step; it is freed right after backward.
+    shifted = logits[:, :-1, :].float()
+    flat_logits, flat_labels = shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1)
+    if kind == "ce":
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if kind == "label_smoothing":
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                               label_smoothing=loss.label_smoothing)
+    # Focal loss (Lin et al. 2017, eq. 5): -(1 - p_t)^gamma * log p_t, over labelled tokens.
+    mask = flat_labels != IGNORE_INDEX
+    logp = torch.log_softmax(flat_logits[mask], dim=-1).gather(1, flat_labels[mask].unsqueeze(1)).squeeze(1)
+    return (-(1.0 - logp.exp()) ** loss.focal_gamma * logp).sum()
+
+
+def label_token_count(labels) -> int:
+    """Tokens that carry a loss: labels after the one-token shift that are not IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def build_optimizer(params, train, device: str):
+    """torch AdamW / SGD, or bitsandbytes' 8-bit AdamW (paged on CUDA) for `train.optim`."""
+    import torch
+
+    t = train
+    if t.optim == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optim == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    require_bitsandbytes(f"--optim {t.optim}")
+    import bitsandbytes as bnb
+
+    # Paging (unified memory that spills optimizer state to the host under pressure) is CUDA-only;
+    # on CPU bitsandbytes would warn and fall back to the same non-paged update.
+    paged = t.optim == "paged-adamw-8bit" and device == "cuda"
+    cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """Learning-rate multiplier after `step` optimizer steps: linear warmup, then constant, linear or cosine decay.
+
+    Step 0 uses lr * 1/warmup with warmup on, as transformers' schedules do.
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, train, total_steps: int):
+    """LambdaLR over lr_factor with `train.warmup_steps` and `train.scheduler`."""
+    import torch
+
+    warmup, kind = train.warmup_steps, train.scheduler
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup=warmup, total=total_steps, kind=kind))
+
+
+__all__ = ["build_optimizer", "build_scheduler", "label_token_count", "lr_factor", "token_loss_sum"]
