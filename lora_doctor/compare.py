@@ -28,15 +28,10 @@ BAND_REL = 0.05
 SPIKE_REL = 0.10
 """A spike: a step whose loss rises more than 10% above the previous step's loss."""
 
-# Config keys that make two runs incomparable, with the words the message uses for them.
+# What makes two runs incomparable (the words the message uses) -> the config keys that decide it.
 COMPARABILITY = {
-    "model": "model",
-    "data.path": "data",
-    "data.split": "data",
-    "data.max_examples": "data",
-    "data.eval_path": "eval set",
-    "data.eval_fraction": "eval set",
-    "train.seed": "seed",
+    "model": ("model",), "data": ("data.path", "data.split", "data.max_examples"),
+    "eval set": ("data.eval_path", "data.eval_fraction"), "seed": ("train.seed",),
 }
 # Keys that differ between any two runs by construction; never shown as a difference.
 IGNORED_KEYS = ("output.dir", "output.reports_dir")
@@ -334,7 +329,7 @@ def mismatches(runs: list[RunData]) -> list[str]:
     """One line per comparability key where a run differs from the first: 'seed: 3407 in a, 1 in b'."""
     base = flatten(runs[0].config)
     out = []
-    for key, what in COMPARABILITY.items():
+    for what, key in ((w, k) for w, keys in COMPARABILITY.items() for k in keys):
         odd = [(r, flatten(r.config).get(key)) for r in runs[1:] if flatten(r.config).get(key) != base.get(key)]
         if odd:
             others = ", ".join(f"{v!r} in {r.path.name}" for r, v in odd)

@@ -1,6 +1,8 @@
 """sweep: --sweep parsing against the real config keys, variant folders, resume by what is on disk."""
 
+import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from lora_doctor.errors import LoraDoctorError
 from lora_doctor.runconfig import from_dict
 from lora_doctor.sweep import parse_sweep, run_sweep, sweep_variants, variant_name
 
+TINY_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "tiny.jsonl"
 LOSSES = "loss.kind=ce,label_smoothing,focal"
 
 
@@ -70,7 +73,7 @@ class FakeTrain:
         self.calls, self.stop_in = [], stop_in
 
     def __call__(self, cfg, resume):
-        out = __import__("pathlib").Path(cfg.output.dir)
+        out = Path(cfg.output.dir)
         self.calls.append((out.name, resume))
         (out / "checkpoints" / "step-000001").mkdir(parents=True, exist_ok=True)
         if out.name == self.stop_in:
@@ -95,14 +98,6 @@ def test_run_sweep_stops_at_an_interruption_and_resumes_from_disk(tmp_path):
     assert [v["name"] for v in manifest["variants"]] == ["loss.kind-ce", "loss.kind-label_smoothing", "loss.kind-focal"]
 
 
-@pytest.fixture(scope="module")
-def sweep_data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
-    rows = [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(12)]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return p
-
-
 def tiny_sweep_cfg(model_dir, data, out_dir):
     return base_cfg(out_dir, model=model_dir, data=data, **{
         "quant.mode": "none", "lora.r": 4, "lora.targets": "c_attn", "data.eval_fraction": 0.2,
@@ -110,26 +105,18 @@ def tiny_sweep_cfg(model_dir, data, out_dir):
         "train.precision": "fp32", "train.grad_ckpt": False, "train.eval_every": 2, "output.plot": False})
 
 
-class StopAfter:
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def __call__(self):
-        self.calls += 1
-        return self.calls > self.n
-
-
 @pytest.mark.slow  # six short fp32 runs of a tiny GPT-2
-def test_real_three_loss_sweep_resumes_to_the_uninterrupted_result(tiny_gpt2_dir, sweep_data, tmp_path):
+def test_real_three_loss_sweep_resumes_to_the_uninterrupted_result(tiny_gpt2_dir, tmp_path):
     from lora_doctor.commands.train import train
 
-    whole = run_sweep(tiny_sweep_cfg(tiny_gpt2_dir, sweep_data, tmp_path / "whole"), [LOSSES], train)
+    whole = run_sweep(tiny_sweep_cfg(tiny_gpt2_dir, TINY_DATA, tmp_path / "whole"), [LOSSES], train)
     assert [o.status for o in whole] == ["ran", "ran", "ran"]
 
-    cfg = tiny_sweep_cfg(tiny_gpt2_dir, sweep_data, tmp_path / "cut")
+    cfg = tiny_sweep_cfg(tiny_gpt2_dir, TINY_DATA, tmp_path / "cut")
 
     def stop_in_second(variant_cfg, resume):
-        stop = StopAfter(2) if variant_cfg.loss.kind == "label_smoothing" and not resume else None
+        polls = itertools.count(1)  # should_stop is polled once per step: true from the third poll on
+        stop = (lambda: next(polls) > 2) if variant_cfg.loss.kind == "label_smoothing" and not resume else None
         return train(variant_cfg, resume=resume, should_stop=stop)
 
     assert [o.status for o in run_sweep(cfg, [LOSSES], stop_in_second)] == ["ran", "interrupted", "pending"]
