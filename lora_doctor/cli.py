@@ -24,6 +24,7 @@ COMMANDS = {
     "probe": ("lora_doctor.commands.probe", "A short real QLoRA run that measures memory, gradient flow and loss."),
     "train": ("lora_doctor.commands.train", "The full run, same engine and config as the probe."),
     "report": ("lora_doctor.commands.report", "Re-render a JSON result as Markdown."),
+    "compare": ("lora_doctor.commands.compare", "Compare training runs (or a sweep): table, curves, JSON."),
 }
 
 # Click >= 8.2 raises this for a bare group invocation; older Clicks print the help themselves.
