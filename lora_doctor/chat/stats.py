@@ -90,9 +90,12 @@ class ChatStats:
         return "".join(f"[[{text}]]" if sup else text for text, sup in self.example_segments)
 
 
-def row_shape_stats(rows: list[tuple[str, dict]], declared_format: str, messages_field: str = "messages") -> ChatStats:
-    """What the rows look like, for rows read as another data.format (or before a chat read fails)."""
-    return ChatStats(declared_format=declared_format, row_shapes=row_shapes(rows, messages_field))
+def row_shape_stats(rows: list[tuple[str, dict]], declared_format: str, messages_field: str = "messages",
+                    tokenizer=None) -> ChatStats:
+    """What the rows look like, without rendering: for rows read as another data.format, or for a
+    chat read that failed (so check can still report every finding instead of one error)."""
+    return ChatStats(declared_format=declared_format, row_shapes=row_shapes(rows, messages_field),
+                     has_template=bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else None)
 
 
 def tokenize_chat_rows(rows: list[tuple[str, dict]], tokenizer, *, messages_field: str = "messages",
