@@ -49,11 +49,10 @@ FORMAT_OF_SHAPE = {RowShape.CHAT_OPENAI: "chat", RowShape.CHAT_SHAREGPT: "chat",
 
 def row_shape(row: dict, messages_field: str = "messages") -> RowShape:
     """What one row looks like: chat (OpenAI or ShareGPT), Alpaca instruction, plain text, or unknown."""
-    value = row.get(messages_field)
-    if isinstance(value, list) and (not value or isinstance(value[0], dict) and "role" in value[0]):
+    # The field's presence decides: a malformed value is then reported as a bad chat row, precisely.
+    if messages_field in row:
         return RowShape.CHAT_OPENAI
-    value = row.get(SHAREGPT_FIELD)
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+    if SHAREGPT_FIELD in row:
         return RowShape.CHAT_SHAREGPT
     if "instruction" in row and ("output" in row or "response" in row):
         return RowShape.INSTRUCTION
