@@ -98,16 +98,18 @@ def _llama3():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
 
 
+@functools.lru_cache(maxsize=None)
 def llama3_tokenizer(template: str | None = LLAMA3):
-    """Meta's Llama 3 tokenizer as a fast HF tokenizer (a fresh copy: tests may change it)."""
+    """Meta's Llama 3 tokenizer as a fast HF tokenizer, one per template (shared: copy it before changing it)."""
     tok = copy.deepcopy(_llama3())
     tok.chat_template = template
     return tok
 
 
+@functools.lru_cache(maxsize=None)
 def chatml_tokenizer(template: str | None = CHATML):
     """Llama 3's tokenizer with ChatML's <|im_start|>/<|im_end|> added (ids 128256-7, past the embedding)."""
-    tok = llama3_tokenizer(template)
+    tok = copy.deepcopy(llama3_tokenizer(template))
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.pad_token = "<|finetune_right_pad_id|>"
     return tok
@@ -126,6 +128,7 @@ def _mistral(version: str):
     return LlamaTokenizer.from_pretrained(folder)
 
 
+@functools.lru_cache(maxsize=None)
 def mistral_tokenizer(version: str = "v3", template: str | None = MISTRAL):
     """Mistral's SentencePiece tokenizer (v1: 32,000 pieces; v3: 32,768 with [INST] as control tokens)."""
     tok = copy.deepcopy(_mistral(version))

@@ -1,5 +1,6 @@
 """Chat data with real tokenizers: rows, rendering, assistant-only labels, truncation, ChatStats."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_sharegpt_rows_render_like_openai_rows():
 
 
 def test_stats_count_planted_faults():
-    tok = chatml_tokenizer(CHATML_THINK)
+    tok = copy.deepcopy(chatml_tokenizer(CHATML_THINK))
     tok.pad_token = "<|im_end|>"
     data = rows(CONVERSATION,
                 [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"},
