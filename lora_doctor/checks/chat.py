@@ -134,42 +134,48 @@ def check_chat_empty_assistant(ctx: CheckContext) -> list[Finding]:
 
 
 @register
-def check_chat_roles(ctx: CheckContext) -> list[Finding]:
+def check_chat_roles_alternate(ctx: CheckContext) -> list[Finding]:
     s = ctx.chat
-    if s is None:
+    if s is None or not s.n_non_alternating:
         return []
-    findings = []
-    if s.n_non_alternating:
-        findings.append(Finding(Severity.WARNING, "chat-roles-alternate",
-                                f"Roles do not alternate user/assistant in {s.n_non_alternating} rows "
-                                f"({_rows(s.rows_non_alternating, s.n_non_alternating)}).",
-                                "Merge consecutive messages of one role in data.path; many templates refuse them."))
-    if s.n_no_assistant:
-        findings.append(Finding(Severity.WARNING, "chat-no-assistant-turn",
-                                f"{s.n_no_assistant} rows have no assistant turn and were left out "
-                                f"({_rows(s.rows_no_assistant, s.n_no_assistant)}).",
-                                "Add the assistant's reply to those rows in data.path, or delete them."))
-    return findings
+    return [Finding(Severity.WARNING, "chat-roles-alternate",
+                    f"Roles do not alternate user/assistant in {s.n_non_alternating} rows "
+                    f"({_rows(s.rows_non_alternating, s.n_non_alternating)}).",
+                    "Merge consecutive messages of one role in data.path; many templates refuse them.")]
 
 
 @register
-def check_chat_special_tokens(ctx: CheckContext) -> list[Finding]:
+def check_chat_no_assistant_turn(ctx: CheckContext) -> list[Finding]:
     s = ctx.chat
-    if s is None:
+    if s is None or not s.n_no_assistant:
         return []
-    findings = []
-    if s.missing_special_tokens:
-        findings.append(Finding(Severity.ERROR, "chat-special-token-missing",
-                                f"The chat template writes {', '.join(s.missing_special_tokens)}, which the tokenizer "
-                                "does not have as single tokens: they are split into pieces.",
-                                "Use the template that belongs to this tokenizer (data.chat_template)."))
-    if s.special_tokens_outside_embedding:
-        findings.append(Finding(Severity.ERROR, "chat-special-token-outside-embedding",
-                                f"{', '.join(s.special_tokens_outside_embedding)} have ids >= the embedding's "
-                                f"{s.embedding_rows} rows: the forward pass fails with an index error.",
-                                "Use the template that belongs to this tokenizer (data.chat_template), or resize the "
-                                "embeddings to len(tokenizer) before training."))
-    return findings
+    return [Finding(Severity.WARNING, "chat-no-assistant-turn",
+                    f"{s.n_no_assistant} rows have no assistant turn and were left out "
+                    f"({_rows(s.rows_no_assistant, s.n_no_assistant)}).",
+                    "Add the assistant's reply to those rows in data.path, or delete them.")]
+
+
+@register
+def check_chat_special_token_missing(ctx: CheckContext) -> list[Finding]:
+    s = ctx.chat
+    if s is None or not s.missing_special_tokens:
+        return []
+    return [Finding(Severity.ERROR, "chat-special-token-missing",
+                    f"The chat template writes {', '.join(s.missing_special_tokens)}, which the tokenizer does not "
+                    "have as single tokens: they are split into pieces.",
+                    "Use the template that belongs to this tokenizer (data.chat_template).")]
+
+
+@register
+def check_chat_special_token_outside_embedding(ctx: CheckContext) -> list[Finding]:
+    s = ctx.chat
+    if s is None or not s.special_tokens_outside_embedding:
+        return []
+    return [Finding(Severity.ERROR, "chat-special-token-outside-embedding",
+                    f"{', '.join(s.special_tokens_outside_embedding)} have ids >= the embedding's {s.embedding_rows} "
+                    "rows: the forward pass fails with an index error.",
+                    "Use the template that belongs to this tokenizer (data.chat_template), or resize the "
+                    "embeddings to len(tokenizer) before training.")]
 
 
 @register
