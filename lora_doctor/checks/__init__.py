@@ -10,3 +10,4 @@ from .context import CheckContext, build_context  # noqa: F401
 from .registry import CHECKS, register, run_checks, worst_severity  # noqa: F401
 
 from . import targets, training, precision, tokens, dataset, environment, probe  # noqa: E402,F401  (registers)
+from . import chat  # noqa: E402,F401  (registers the chat-data checks)

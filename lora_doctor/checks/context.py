@@ -91,6 +91,8 @@ class CheckContext:
     """Longest example before truncation, EOS included."""
     labels: list[list[int]] | None = None
     """Label ids of (a sample of) the tokenized examples, -100 where masked."""
+    chat: "ChatStats | None" = None
+    """What tokenizing chat rows with the chat template found (lora_doctor.chat.ChatStats); None for other formats."""
 
     # --- the plan ------------------------------------------------------------------------------
     fit_verdict: str | None = None
