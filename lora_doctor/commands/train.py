@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from ..diagnose import diagnose, eval_loss_summary, write_reports
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
 from ..runconfig import RunConfig, config_from_cli, run_options
@@ -109,7 +110,6 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
             out of memory.
     """
     from ..engine import Engine, merge_adapter, write_loss_log
-    from .probe import eval_loss_summary
 
     out_dir = Path(cfg.output.dir)
     check_output_dir(out_dir, "output folder")  # before the load, not after the run
@@ -272,12 +272,7 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
         return
     report = None
     if not no_report:
-        from .probe import _environment, build_report, doctor_findings, predict_memory, write_reports
-
-        prediction = predict_memory(cfg)
-        env = _environment()
-        findings = doctor_findings(cfg, engine, result, prediction, env)
-        report = build_report("train", cfg, engine, result, findings, {"outputs_dir": cfg.output.dir}, prediction, env)
+        report = diagnose("train", cfg, engine, result, extra={"outputs_dir": cfg.output.dir}).report
         for path in write_reports(report, cfg, "train"):
             log(f"wrote {path}")
     for key, path in outputs.items():
