@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,8 +45,6 @@ class DataStats:
     max_length: int = 0
     longest_tokens: int = 0
     """Longest example before truncation, EOS included."""
-    length_p95: int = 0
-    """95th-percentile example length before truncation, EOS included."""
     mean_tokens: float = 0.0
     """Mean example length after truncation."""
     n_tokens: int = 0
@@ -375,12 +372,6 @@ def split_examples(cfg: DataConfig, tokenizer, examples: list[Example], seed: in
     return _split_eval(examples, cfg.eval_fraction, seed)
 
 
-def _p95(values: list[int]) -> int:
-    """Nearest-rank 95th percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else 0
-
-
 def data_stats(cfg: DataConfig, tokenizer, train: list[Example], n_eval: int, counters: dict) -> DataStats:
     """What tokenization did to the training examples: the one DataStats builder (load_data and check).
 
@@ -390,14 +381,13 @@ def data_stats(cfg: DataConfig, tokenizer, train: list[Example], n_eval: int, co
     has_pad = tokenizer.pad_token_id is not None
     pad_id = tokenizer.pad_token_id if has_pad else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
     lengths = [len(e.input_ids) for e in train]
-    full = [e.full_length for e in train]
     return DataStats(
         source=str(cfg.path), format=cfg.format, n_examples=len(train),
         n_truncated=sum(1 for e in train if e.truncated),
         n_response_lost=sum(1 for e in train if all(x == IGNORE_INDEX for x in e.labels)),
         empty_fields=dict(Counter(name for e in train for name in e.empty)),
         formats_seen=dict(Counter(e.signature for e in train)), max_length=cfg.max_length,
-        longest_tokens=max(full, default=0), length_p95=_p95(full),
+        longest_tokens=max((e.full_length for e in train), default=0),
         mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
         n_tokens=sum(lengths), n_label_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
         pad_token=tokenizer.pad_token, pad_token_id=pad_id, eos_token=tokenizer.eos_token,

@@ -62,7 +62,7 @@ def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] =
     return dict(
         n_examples=stats.n_examples, n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
         empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
-        length_p95=stats.length_p95, longest_tokens=stats.longest_tokens, max_length=stats.max_length,
+        longest_tokens=stats.longest_tokens, max_length=stats.max_length,
     )
 
 

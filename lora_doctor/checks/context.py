@@ -86,8 +86,6 @@ class CheckContext:
     empty_fields: dict[str, int] | None = None
     formats: dict[str, int] | None = None
     """Examples per detected prompt format, e.g. {'alpaca': 980, 'plain': 20}."""
-    length_p95: int | None = None
-    """95th-percentile example length before truncation, EOS included."""
     longest_tokens: int | None = None
     """Longest example before truncation, EOS included."""
     labels: list[list[int]] | None = None
