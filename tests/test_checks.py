@@ -528,3 +528,50 @@ def test_dropout_and_dora_read_from_runconfig():
 
     ctx = build_context(config=from_dict({"model": "x", "lora": {"dropout": 0.1, "use_dora": True}}))
     assert ctx.lora_dropout == 0.1 and ctx.use_dora is True
+
+
+def test_context_reads_the_real_records_by_their_fields(tmp_path, tiny_tokenizer):
+    """Every fact a RunConfig, a DataStats and a RunResult carry lands in its field: a renamed record field
+    fails here, not silently in the checks."""
+    import json
+
+    from lora_doctor.checks.build import context_from_config, context_from_data_stats, context_from_run
+    from lora_doctor.data import load_data
+    from lora_doctor.measure import GradFlow, ModuleGradFlow
+    from lora_doctor.runconfig import from_dict
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Q{i}.", "output": f"A{i}."}) + "\n" for i in range(4)))
+    cfg = from_dict({"model": "tiny", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "use_dora": True, "targets": "qv"},
+                     "quant": {"mode": "nf4", "compute_dtype": "fp16"}, "data": {"path": str(path), "max_length": 48},
+                     "train": {"lr": 1e-3, "batch": 3, "optim": "adamw", "precision": "fp16", "grad_ckpt": False},
+                     "output": {"merge": True, "merge_dtype": "fp16"}})
+    assert context_from_config(cfg) == dict(
+        model_id="tiny", targets="qv", lora_r=4, lora_alpha=8, use_rslora=False, lora_dropout=0.1, use_dora=True,
+        lr=1e-3, optim="adamw", precision="fp16", quant_mode="nf4", compute_dtype="fp16", merge=True,
+        merge_reloads_16bit=True, gradient_checkpointing=False, batch_size=3, max_length=48, padding_side="right",
+        use_reentrant=False, input_require_grads=True, padding_masked_by_position=True, resize_embeddings=False,
+        modules_to_save=None, trainable_token_indices=None)
+    stats = load_data(cfg.data, tiny_tokenizer).stats
+    assert context_from_data_stats(stats) == dict(
+        n_examples=4, n_truncated=0, n_response_lost=0, empty_fields={}, formats={"instruction+output": 4},
+        longest_tokens=stats.longest_tokens, max_length=48)
+    flow = GradFlow(modules=(ModuleGradFlow(Q, (0.0, 0.2), (0.1, 0.3), 0.01, 0.02, 64),),
+                    frozen_params_with_grad=("model.embed_tokens.weight",), n_steps=2)
+    facts = context_from_run(run_result([2.0, 1.5], flow, trainable_params=128, target_modules=["q_proj"]))
+    assert facts == dict(loss_trace=[2.0, 1.5], grad_norms={Q: 0.3}, weight_deltas={Q: 0.02}, base_params_with_grad=1,
+                         trainable_params=128, resolved_targets=("q_proj",), world_size=1)
+    ctx = build_context(config=cfg, data_stats=stats, env={"local_rank": 0, "world_size": 2})
+    assert ctx.device_map == {"": 0} and "device-map-distributed" not in codes(run_checks(ctx))
+
+
+def test_merge_reloads_16bit_comes_from_the_engines_merge(healthy):
+    """lora-doctor's merge reloads the base in output.merge_dtype (engine.merge_adapter): an info note. A
+    context whose merge goes into the 4-bit weights (set by hand: another pipeline) is the error."""
+    from lora_doctor.runconfig import from_dict
+
+    ctx = build_context(config=from_dict({"model": "x", "quant": {"mode": "nf4"}, "output": {"merge": True}}))
+    assert ctx.merge_reloads_16bit is True and "merge-reloads-base" in codes(run_checks(ctx))
+    into_4bit = healthy.replace(merge=True, merge_reloads_16bit=False)
+    (f,) = [f for f in run_checks(into_4bit) if f.code.startswith("merge")]
+    assert f.code == "merge-into-4bit" and f.severity is Severity.ERROR

@@ -158,9 +158,10 @@ def test_cuda_plan_is_held_against_what_each_counter_counts():
     assert len(rows) == 3 and all(line.endswith("| +0.0% |") for line in rows), rows
     from lora_doctor.report.summary import summary_lines
 
-    text = "\n".join(summary_lines({"kind": "probe", "memory": {"measured": measured}, "extra": {
-        "measured_peak_bytes": tensors, "planned_peak_bytes": planned, "plan_error_pct": 0.0,
-        "planned_basis_kind": basis.value, "planned_with_cuda_overhead_bytes": prediction.total_bytes}}))
+    text = "\n".join(summary_lines({"kind": "probe", "memory": {"measured": measured, "planned_basis": basis.value},
+                                    "extra": {"measured_peak_bytes": tensors, "planned_peak_bytes": planned,
+                                              "plan_error_pct": 0.0,
+                                              "planned_with_cuda_overhead_bytes": prediction.total_bytes}}))
     assert "planned 6.00 GiB (tensors, as torch counts them) (+0.0% plan error)" in text
     assert "with CUDA context and allocator slack the plan is" in text and "on a GPU the plan" not in text
 

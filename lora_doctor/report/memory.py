@@ -25,6 +25,8 @@ def memory_block(c: MemoryComparison) -> dict:
     device = f"{c.device} — measured: {MEASURED_WORDS[c.measured_basis]}"
     memory = {"device": device + (f"; planned: {PLAN_WORDS[c.planned_basis]}" if c.planned_basis else ""),
               "measured": c.measured}
+    if c.planned_basis:
+        memory["planned_basis"] = c.planned_basis.value  # diagnose.PlanBasis: summary_lines picks its words
     if c.planned_bytes is not None:
         memory["planned_total_bytes"] = c.planned_bytes
         memory["planned_terms"] = c.planned_terms
@@ -46,7 +48,6 @@ def memory_extra(c: MemoryComparison, prediction: Prediction | None) -> dict:
             out["plan_error_pct"] = c.plan_error_pct
         if c.planned_basis:
             out["planned_basis"] = PLAN_WORDS[c.planned_basis]
-            out["planned_basis_kind"] = c.planned_basis.value
             out["planned_with_cuda_overhead_bytes"] = c.planned_with_overhead_bytes
     elif prediction is not None and prediction.error:
         out["plan_unavailable"] = prediction.error

@@ -28,7 +28,7 @@ def summary_lines(report: dict) -> list[str]:
         err = (f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra
                else " (no plan error: under 256 MiB, CPU RSS is mostly the runtime's own)"
                if "plan_error_note" in extra else "")
-        basis = extra.get("planned_basis_kind")
+        basis = (report.get("memory") or {}).get("planned_basis")
         cpu = (" (CPU: without the CUDA-only overhead)" if basis == PlanBasis.CPU_WITHOUT_CUDA_OVERHEAD.value
                else " (tensors, as torch counts them)" if basis else "")
         lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
