@@ -263,6 +263,33 @@ def _signature(row: dict, cfg: DataConfig) -> str:
     return "+".join(dict.fromkeys(names)) or "empty"
 
 
+def _tokenize_row(row: dict, tokenizer, cfg: DataConfig, eos_id: int | None) -> tuple[list[int], list[int], str, list[str]]:
+    """One row -> (input ids, labels, text as the model sees it, template fields that were empty), untruncated."""
+    eos = [eos_id] if eos_id is not None else []
+    row_empty: list[str] = []
+    if cfg.format != "instruction":
+        body = _text(row.get(cfg.text_field))
+        if body is None:
+            row_empty.append(cfg.text_field)
+        ids = tokenizer(body or "", add_special_tokens=True)["input_ids"] + eos
+        return ids, list(ids), body or "", row_empty
+    instruction = _text(row.get(cfg.instruction_field))
+    extra = _text(row.get(cfg.input_field)) if cfg.input_field else None
+    response = _text(row.get(cfg.response_field))
+    for name, value in ((cfg.instruction_field, instruction), (cfg.response_field, response)):
+        if value is None:
+            row_empty.append(name)
+    if cfg.prompt_template is not None:
+        prompt = cfg.prompt_template.format(instruction=instruction or "", input=extra or "")
+    elif extra is not None:
+        prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction or "", input=extra)
+    else:
+        prompt = ALPACA_PROMPT.format(instruction=instruction or "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    target = tokenizer(response or "", add_special_tokens=False)["input_ids"] + eos
+    return prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target, prompt + (response or ""), row_empty
+
+
 def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, source: str):
     """Rows -> Examples, plus the counters DataStats needs. Raises on a row without the template's fields."""
     if not rows:
@@ -295,33 +322,7 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, sour
                     f"Set data.{key} to the column holding it, or use --format {other}.")
         signature = _signature(row, cfg)
         formats[signature] += 1
-        row_empty: list[str] = []
-        if cfg.format == "instruction":
-            instruction = _text(row.get(cfg.instruction_field))
-            extra = _text(row.get(cfg.input_field)) if cfg.input_field else None
-            response = _text(row.get(cfg.response_field))
-            for name, value in ((cfg.instruction_field, instruction), (cfg.response_field, response)):
-                if value is None:
-                    row_empty.append(name)
-            if cfg.prompt_template is not None:
-                prompt = cfg.prompt_template.format(instruction=instruction or "", input=extra or "")
-            elif extra is not None:
-                prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction or "", input=extra)
-            else:
-                prompt = ALPACA_PROMPT.format(instruction=instruction or "")
-            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            response_ids = tokenizer(response or "", add_special_tokens=False)["input_ids"]
-            target = response_ids + ([eos_id] if append_eos else [])
-            ids = prompt_ids + target
-            labels = [IGNORE_INDEX] * len(prompt_ids) + target
-            text = prompt + (response or "")
-        else:
-            body = _text(row.get(cfg.text_field))
-            if body is None:
-                row_empty.append(cfg.text_field)
-            ids = tokenizer(body or "", add_special_tokens=True)["input_ids"] + ([eos_id] if append_eos else [])
-            labels = list(ids)
-            text = body or ""
+        ids, labels, text, row_empty = _tokenize_row(row, tokenizer, cfg, eos_id if append_eos else None)
         empty.update(row_empty)
         full_length = len(ids)
         longest = max(longest, full_length)

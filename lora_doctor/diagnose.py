@@ -98,10 +98,6 @@ class Diagnosis:
     memory: MemoryComparison | None = None
     prediction: Prediction | None = None
 
-    @property
-    def has_errors(self) -> bool:
-        return any(f.severity is Severity.ERROR for f in self.findings)
-
 
 def predict_memory(cfg: RunConfig) -> Prediction:
     """plan's prediction for this config (budget.py); a Prediction with `error` when the planner refuses."""
