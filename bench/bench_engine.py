@@ -137,8 +137,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from lora_doctor.commands.probe import measured_peak_bytes, planned_for_device, predict_memory
+    from lora_doctor.diagnose import measured_peak_bytes, planned_for_device, predict_memory
     from lora_doctor.report import format_bytes
+    from lora_doctor.report.memory import MEASURED_WORDS, PLAN_WORDS
     from lora_doctor.tiny import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,19 +154,20 @@ def main() -> None:
             result = result or engine.result("probe")
             engine_times.append(statistics.median(times[args.warmup:]))
             trainer_times.append(statistics.median(time_trainer(cfg, engine)[args.warmup:]))
-        measured, what = measured_peak_bytes(result)
-        prediction = predict_memory(cfg) or {}
+        measured, measured_basis = measured_peak_bytes(result)
+        what = MEASURED_WORDS[measured_basis]
+        prediction = predict_memory(cfg)
     e, t = min(engine_times), min(trainer_times)
     out = {
         "device": engine.device, "size": args.size, "quant": args.quant, "steps": args.steps,
         "batch": args.batch, "max_length": args.max_length, "trainable_params": result.model.trainable_params,
         "engine_median_step_s": e, "trainer_median_step_s": t, "ratio": e / t,
         "engine_rounds_s": engine_times, "trainer_rounds_s": trainer_times,
-        "predicted_peak_bytes": prediction.get("total_bytes"), "measured_peak_bytes": measured,
+        "predicted_peak_bytes": prediction.total_bytes, "measured_peak_bytes": measured,
         "measured_what": what,
-        "predicted_runtime_overhead_bytes": (prediction.get("terms") or {}).get("runtime_overhead_bytes"),
+        "predicted_runtime_overhead_bytes": prediction.terms.get("runtime_overhead_bytes"),
         # What probe compares with the measurement: on CPU without the CUDA-only runtime overhead.
-        "planned_for_device_bytes": planned_for_device(prediction, result)[0],
+        "planned_for_device_bytes": planned_for_device(prediction, result.model.device)[0],
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -178,9 +180,9 @@ def main() -> None:
     print(f"  ratio           {e / t:8.3f}x  (target <= 1.05x)")
     # The figure probe reports: tensors only (no CUDA context or allocator slack), held against process RSS
     # on CPU and torch.cuda.max_memory_allocated on CUDA.
-    pred, _, basis = planned_for_device(prediction, result)
+    pred, _, basis = planned_for_device(prediction, result.model.device)
     err = f"{100 * (pred - measured) / measured:+.1f}%" if pred and measured else "—"
-    label = f" ({basis})" if basis else ""
+    label = f" ({PLAN_WORDS[basis]})" if basis else ""
     print(f"  peak memory     planned {format_bytes(pred)}{label}, measured {format_bytes(measured)} ({what}); "
           f"plan error {err}")
     if basis:

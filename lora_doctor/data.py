@@ -65,7 +65,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DataStats:
-    """What tokenization did to the dataset. The doctor's data checks read these fields."""
+    """What tokenization did to the training examples (never the eval ones; see n_eval_examples).
+    The doctor's data checks read these fields."""
 
     source: str
     format: str
@@ -100,16 +101,12 @@ class DataStats:
     padding_side: str = "right"
     eos_appended: bool = True
     n_eval_examples: int = 0
+    """Held-out (or data.eval_path) examples: counted here, described by none of the fields above."""
     vocab_size: int = 0
     """len(tokenizer), added tokens included."""
     prompt_template: str | None = None
     sample: str | None = None
     """The first training example as the model sees it (prompt + response), for the report."""
-
-    @property
-    def formats(self) -> dict:
-        """Alias of formats_seen (the name the doctor's context reader looks for)."""
-        return self.formats_seen
 
     @property
     def n_empty_fields(self) -> int:
@@ -128,6 +125,12 @@ class Example:
     origin: str
     """'file:line' (or 'name[index]') for messages."""
     truncated: bool = False
+    signature: str = ""
+    """The row's fields, as DataStats.formats_seen counts them."""
+    empty: tuple[str, ...] = ()
+    """Template fields that were missing, None or blank in the row."""
+    full_length: int = 0
+    """Tokens before truncation, EOS included."""
 
 
 @dataclass
@@ -299,6 +302,33 @@ def _signature(row: dict, cfg: DataConfig) -> str:
     return "+".join(dict.fromkeys(names)) or "empty"
 
 
+def _tokenize_row(row: dict, tokenizer, cfg: DataConfig, eos_id: int | None) -> tuple[list[int], list[int], str, list[str]]:
+    """One row -> (input ids, labels, text as the model sees it, template fields that were empty), untruncated."""
+    eos = [eos_id] if eos_id is not None else []
+    row_empty: list[str] = []
+    if cfg.format != "instruction":
+        body = _text(row.get(cfg.text_field))
+        if body is None:
+            row_empty.append(cfg.text_field)
+        ids = tokenizer(body or "", add_special_tokens=True)["input_ids"] + eos
+        return ids, list(ids), body or "", row_empty
+    instruction = _text(row.get(cfg.instruction_field))
+    extra = _text(row.get(cfg.input_field)) if cfg.input_field else None
+    response = _text(row.get(cfg.response_field))
+    for name, value in ((cfg.instruction_field, instruction), (cfg.response_field, response)):
+        if value is None:
+            row_empty.append(name)
+    if cfg.prompt_template is not None:
+        prompt = cfg.prompt_template.format(instruction=instruction or "", input=extra or "")
+    elif extra is not None:
+        prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction or "", input=extra)
+    else:
+        prompt = ALPACA_PROMPT.format(instruction=instruction or "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    target = tokenizer(response or "", add_special_tokens=False)["input_ids"] + eos
+    return prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target, prompt + (response or ""), row_empty
+
+
 def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, source: str):
     """Rows -> Examples, plus the counters DataStats needs. Raises on a row without the template's fields."""
     if not rows:
@@ -329,34 +359,12 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, sour
                 raise LoraDoctorError(
                     f"Row {origin} of '{source}' has no field {name!r} (fields: {', '.join(map(str, row)) or 'none'}).",
                     f"Set data.{key} to the column holding it, or use --format {other}.")
-        formats[_signature(row, cfg)] += 1
-        if cfg.format == "instruction":
-            instruction = _text(row.get(cfg.instruction_field))
-            extra = _text(row.get(cfg.input_field)) if cfg.input_field else None
-            response = _text(row.get(cfg.response_field))
-            for name, value in ((cfg.instruction_field, instruction), (cfg.response_field, response)):
-                if value is None:
-                    empty[name] += 1
-            if cfg.prompt_template is not None:
-                prompt = cfg.prompt_template.format(instruction=instruction or "", input=extra or "")
-            elif extra is not None:
-                prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction or "", input=extra)
-            else:
-                prompt = ALPACA_PROMPT.format(instruction=instruction or "")
-            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            response_ids = tokenizer(response or "", add_special_tokens=False)["input_ids"]
-            target = response_ids + ([eos_id] if append_eos else [])
-            ids = prompt_ids + target
-            labels = [IGNORE_INDEX] * len(prompt_ids) + target
-            text = prompt + (response or "")
-        else:
-            body = _text(row.get(cfg.text_field))
-            if body is None:
-                empty[cfg.text_field] += 1
-            ids = tokenizer(body or "", add_special_tokens=True)["input_ids"] + ([eos_id] if append_eos else [])
-            labels = list(ids)
-            text = body or ""
-        longest = max(longest, len(ids))
+        signature = _signature(row, cfg)
+        formats[signature] += 1
+        ids, labels, text, row_empty = _tokenize_row(row, tokenizer, cfg, eos_id if append_eos else None)
+        empty.update(row_empty)
+        full_length = len(ids)
+        longest = max(longest, full_length)
         cut = len(ids) > cfg.max_length
         if cut:
             truncated += 1
@@ -367,7 +375,7 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, cfg: DataConfig, sour
             continue
         if sample is None:
             sample = text[:500]
-        examples.append(Example(ids, labels, origin, cut))
+        examples.append(Example(ids, labels, origin, cut, signature, tuple(row_empty), full_length))
     return examples, dict(empty=dict(empty), formats=dict(formats), truncated=truncated, lost=lost,
                           longest=longest, sample=sample, eos_appended=append_eos)
 
@@ -384,6 +392,53 @@ def _split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[li
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def read_examples(cfg: DataConfig, tokenizer) -> tuple[list[Example], dict]:
+    """data.path's rows (up to data.max_examples) tokenized and masked, with tokenize_rows' counters."""
+    rows = read_rows(cfg.path, cfg.split)
+    if cfg.max_examples is not None:
+        rows = rows[:cfg.max_examples]
+    examples, c = tokenize_rows(rows, tokenizer, cfg, cfg.path)
+    if not examples:
+        raise LoraDoctorError(f"Dataset '{cfg.path}' produced no examples: every row is empty.",
+                              f"Check the fields {cfg.instruction_field!r}/{cfg.response_field!r} (or {cfg.text_field!r}).")
+    return examples, c
+
+
+def split_examples(cfg: DataConfig, tokenizer, examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval): data.eval_path tokenized as eval, else a seeded data.eval_fraction hold-out."""
+    if cfg.eval_path:
+        eval_examples, _ = tokenize_rows(read_rows(cfg.eval_path, cfg.split), tokenizer, cfg, cfg.eval_path)
+        return examples, eval_examples
+    return _split_eval(examples, cfg.eval_fraction, seed)
+
+
+def data_stats(cfg: DataConfig, tokenizer, train: list[Example], n_eval: int, counters: dict) -> DataStats:
+    """What tokenization did to the training examples: the one DataStats builder (load_data and check).
+
+    Args:
+        counters: tokenize_rows' second result (whether EOS was appended, the sample text).
+    """
+    has_pad = tokenizer.pad_token_id is not None
+    pad_id = tokenizer.pad_token_id if has_pad else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    lengths = [len(e.input_ids) for e in train]
+    return DataStats(
+        source=str(cfg.path), format=cfg.format, n_examples=len(train),
+        n_truncated=sum(1 for e in train if e.truncated),
+        n_response_lost=sum(1 for e in train if all(x == IGNORE_INDEX for x in e.labels)),
+        empty_fields=dict(Counter(name for e in train for name in e.empty)),
+        formats_seen=dict(Counter(e.signature for e in train)), max_length=cfg.max_length,
+        longest_tokens=max((e.full_length for e in train), default=0),
+        mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
+        n_tokens=sum(lengths), n_label_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
+        pad_token=tokenizer.pad_token, pad_token_id=pad_id, eos_token=tokenizer.eos_token,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_is_eos=has_pad and tokenizer.pad_token_id == tokenizer.eos_token_id, tokenizer_has_pad=has_pad,
+        padding_side=cfg.padding_side, eos_appended=counters["eos_appended"], n_eval_examples=n_eval,
+        vocab_size=len(tokenizer),
+        prompt_template=(cfg.prompt_template or ALPACA_PROMPT) if cfg.format == "instruction" else None,
+        sample=counters["sample"])
+
+
 def load_data(cfg: DataConfig, tokenizer, seed: int = 3407) -> TokenizedData:
     """Read, tokenize and mask the training (and eval) examples.
 
@@ -394,47 +449,19 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 3407) -> TokenizedData:
     if not cfg.path:
         raise LoraDoctorError("No dataset given (data.path is empty).",
                               "Pass --data examples/data/tiny.jsonl or set data.path in the config.")
-    rows = read_rows(cfg.path, cfg.split)
-    if cfg.max_examples is not None:
-        rows = rows[:cfg.max_examples]
-    examples, c = tokenize_rows(rows, tokenizer, cfg, cfg.path)
-    if not examples:
-        raise LoraDoctorError(f"Dataset '{cfg.path}' produced no examples: every row is empty.",
-                              f"Check the fields {cfg.instruction_field!r}/{cfg.response_field!r} (or {cfg.text_field!r}).")
+    examples, c = read_examples(cfg, tokenizer)
     if c["lost"] == len(examples):
         need = min(len([x for x in e.labels if x == IGNORE_INDEX]) for e in examples) + 1
         raise LoraDoctorError(
             f"max_length {cfg.max_length} is too small for any response: all {len(examples)} examples lose their "
             f"whole response to truncation (the shortest prompt alone is {need - 1} tokens).",
             f"Try: --max-length {max(2 * need, c['longest'])}")
-    if cfg.eval_path:
-        eval_rows = read_rows(cfg.eval_path, cfg.split)
-        eval_examples, _ = tokenize_rows(eval_rows, tokenizer, cfg, cfg.eval_path)
-        train_examples = examples
-    else:
-        train_examples, eval_examples = _split_eval(examples, cfg.eval_fraction, seed)
-    train_lost = sum(1 for e in train_examples if all(x == IGNORE_INDEX for x in e.labels))
-
-    has_pad = tokenizer.pad_token_id is not None
-    pad_id = tokenizer.pad_token_id if has_pad else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
-    lengths = [len(e.input_ids) for e in train_examples]
-    stats = DataStats(
-        source=str(cfg.path), format=cfg.format, n_examples=len(train_examples),
-        n_truncated=sum(1 for e in train_examples if e.truncated),
-        n_response_lost=train_lost, empty_fields=c["empty"], formats_seen=c["formats"], max_length=cfg.max_length,
-        longest_tokens=c["longest"], mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
-        n_tokens=sum(lengths), n_label_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train_examples),
-        pad_token=tokenizer.pad_token, pad_token_id=pad_id, eos_token=tokenizer.eos_token,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_is_eos=has_pad and tokenizer.pad_token_id == tokenizer.eos_token_id, tokenizer_has_pad=has_pad,
-        padding_side=cfg.padding_side, eos_appended=c["eos_appended"], n_eval_examples=len(eval_examples),
-        vocab_size=len(tokenizer),
-        prompt_template=(cfg.prompt_template or ALPACA_PROMPT) if cfg.format == "instruction" else None,
-        sample=c["sample"])
+    train_examples, eval_examples = split_examples(cfg, tokenizer, examples, seed)
     if not train_examples:
         raise LoraDoctorError(f"Dataset '{cfg.path}' has no training examples left after the eval hold-out.",
                               "Lower data.eval_fraction.")
-    return TokenizedData(train_examples, eval_examples, stats, pad_id, cfg.padding_side)
+    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c)
+    return TokenizedData(train_examples, eval_examples, stats, stats.pad_token_id, cfg.padding_side)
 
 
 def collate(examples: list[Example], pad_token_id: int, padding_side: str = "right"):
@@ -465,5 +492,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-__all__ = ["DataStats", "Example", "TokenizedData", "load_data", "read_rows", "tokenize_rows", "collate",
+__all__ = ["DataStats", "Example", "TokenizedData", "load_data", "read_examples", "split_examples", "data_stats",
+           "read_rows", "tokenize_rows", "collate",
            "epoch_order", "IGNORE_INDEX"]

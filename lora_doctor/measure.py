@@ -212,10 +212,11 @@ class StepRecord:
         return d
 
 
-# Relative change below which a loss counts as 'not moving' over a probe (1%), and the absolute value
-# below which it counts as 'stuck at zero' (a fully masked batch gives exactly 0 in peft/transformers).
 NOT_MOVING_REL = 0.01
+"""Relative change below which a loss counts as 'not moving' (1%): LossStats and checks/probe.py."""
 ZERO_LOSS = 1e-6
+"""A loss this close to 0 on real text means nothing is scored (a fully masked batch gives exactly 0 in
+peft/transformers) or labels leak into the inputs."""
 
 
 @dataclass(frozen=True)
@@ -341,28 +342,6 @@ class RunResult:
     extra: dict = field(default_factory=dict)
     """Free-form: predicted memory from budget.py, output paths, etc."""
 
-    @property
-    def losses(self) -> list[float]:
-        return [s.loss for s in self.steps]
-
-    # Views the doctor's context reader looks for (checks/context.py: context_from_probe).
-    @property
-    def grad_norms(self) -> dict[str, list[float]]:
-        """'module.lora_A' / 'module.lora_B' -> per-step gradient norms."""
-        out = {}
-        for m in self.grad_flow.modules:
-            out[f"{m.module}.lora_A"] = list(m.lora_A_grad_norms)
-            out[f"{m.module}.lora_B"] = list(m.lora_B_grad_norms)
-        return out
-
-    @property
-    def weight_deltas(self) -> dict[str, float]:
-        return {m.module: max(m.lora_A_delta_norm, m.lora_B_delta_norm) for m in self.grad_flow.modules}
-
-    @property
-    def base_params_with_grad(self) -> int:
-        return len(self.grad_flow.frozen_params_with_grad)
-
     def to_dict(self) -> dict:
         data = self.data.to_dict() if hasattr(self.data, "to_dict") else self.data
         return {
@@ -374,5 +353,3 @@ class RunResult:
             "error": self.error, "duration_s": self.duration_s, "extra": self.extra,
         }
 
-
-ProbeResult = RunResult

@@ -124,40 +124,6 @@ class RunConfig:
     def __post_init__(self):
         raise_problems(problems_in(self, default_label), "in the run config")
 
-    # Flat views of nested keys, for readers that look facts up by their common names (checks/context.py).
-    @property
-    def lr(self) -> float:
-        return self.train.lr
-
-    @property
-    def precision(self) -> str:
-        return self.train.precision
-
-    @property
-    def grad_ckpt(self) -> bool:
-        return self.train.grad_ckpt
-
-    @property
-    def batch(self) -> int:
-        return self.train.batch
-
-    @property
-    def max_length(self) -> int:
-        return self.data.max_length
-
-    @property
-    def padding_side(self) -> str:
-        return self.data.padding_side
-
-    @property
-    def merge(self) -> bool:
-        return self.output.merge
-
-    @property
-    def merge_reloads_16bit(self) -> bool:
-        """Always True: the engine merges into a freshly loaded 16-bit base, never into 4-bit weights."""
-        return True
-
     def train_spec(self) -> TrainSpec:
         """The memory-relevant shape of one step, as `plan`/budget.py take it."""
         return TrainSpec(seq_len=self.data.max_length, batch=self.train.batch, grad_ckpt=self.train.grad_ckpt,

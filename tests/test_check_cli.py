@@ -187,3 +187,18 @@ def test_mixtral_experts_refuse_dora_and_dropout(tmp_path):
     assert "--dropout 0" in f["hint"] and "--target attn" in f["hint"]
     res = invoke(cfg, "--target", "attn")
     assert res.exit_code == 0, res.output
+
+
+def test_check_counts_the_data_with_load_datas_code(config_path, tiny_llama_dir):
+    """check's data section is the DataStats that probe/train's load_data builds, key for key."""
+    from transformers import AutoTokenizer
+
+    from lora_doctor.data import load_data
+    from lora_doctor.runconfig import load_run_config
+
+    res = invoke(config_path, "--json")
+    assert res.exit_code in (0, 1), res.output
+    cfg = load_run_config(config_path, {})
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    tok.padding_side = cfg.data.padding_side
+    assert json.loads(res.stdout)["data"] == json.loads(json.dumps(load_data(cfg.data, tok).stats.to_dict()))

@@ -53,6 +53,25 @@ def codes(findings):
     return {f.code for f in findings}
 
 
+def run_result(losses, flow=None, trainable_params=1024, target_modules=("q_proj",)):
+    """A real measure.RunResult with just a loss trace and gradient flow planted."""
+    from lora_doctor import measure
+
+    info = measure.ModelInfo("tiny", "llama", "cpu", None, "float32", trainable_params, 10 * trainable_params,
+                             tuple(target_modules), len(target_modules))
+    steps = tuple(measure.StepRecord(i + 1, x, 1e-4, None, 16, 8, 0.1, 0.0) for i, x in enumerate(losses))
+    flow = flow if flow is not None else measure.GradFlow(modules=(), n_steps=len(losses))
+    return measure.RunResult("probe", {}, info, None, {}, steps, flow, measure.loss_stats(list(losses)),
+                             measure.throughput(list(steps)))
+
+
+def data_stats(**fields):
+    from lora_doctor.data import DataStats
+
+    return DataStats(**{"source": "d.jsonl", "format": "instruction", "n_examples": 1, "n_truncated": 0,
+                        "n_response_lost": 0, **fields})
+
+
 def test_healthy_config_has_nothing_above_info(healthy):
     findings = run_checks(healthy)
     assert worst_severity(findings) in (None, Severity.INFO), [f.code for f in findings]
@@ -208,7 +227,7 @@ def test_no_pad_token_is_info_when_padding_masked_by_position(healthy):
 
 
 def test_small_truncation_is_info(healthy):
-    found = {f.code: f for f in run_checks(healthy.replace(n_truncated=20, n_response_lost=2, length_p95=700))}
+    found = {f.code: f for f in run_checks(healthy.replace(n_truncated=20, n_response_lost=2, longest_tokens=700))}
     assert found["examples-truncated"].severity is Severity.INFO
     assert found["response-truncated"].severity is Severity.INFO
     assert "700 tokens" in found["examples-truncated"].hint
@@ -237,31 +256,30 @@ def test_merge_in_yaml_reaches_probes_findings(tmp_path, tiny_tokenizer):
     """QA #8: probe (doctor_findings, with everything a run knows) keeps output.merge from the YAML."""
     from types import SimpleNamespace
 
-    from lora_doctor.commands.probe import doctor_findings
+    from lora_doctor.diagnose import doctor_findings
     from lora_doctor.runconfig import from_dict
 
     cfg = from_dict({"model": "tiny", "quant": {"mode": "nf4"}, "output": {"merge": True}})
     example = SimpleNamespace(labels=[-100, 17, 18, tiny_tokenizer.eos_token_id])
-    engine = SimpleNamespace(tokenizer=tiny_tokenizer, peft_model=None, world_size=1, base_config=None,
-                             data=SimpleNamespace(stats={"n_examples": 1, "n_truncated": 0, "n_response_lost": 0},
-                                                  train=[example]))
-    result = SimpleNamespace(losses=[2.0, 1.8, 1.6], model=SimpleNamespace(trainable_params=1024,
-                                                                           target_modules=["q_proj"]))
+    engine = SimpleNamespace(tokenizer=tiny_tokenizer, peft_model=None, base_config=None,
+                             data=SimpleNamespace(stats=data_stats(), train=[example]))
+    result = run_result([2.0, 1.8, 1.6])
     found = doctor_findings(cfg, engine, result, prediction=None, env={})
     (f,) = [f for f in found if f.code.startswith("merge")]
     assert f.code == "merge-reloads-base" and f.severity is Severity.INFO and "nf4" in f.message
 
 
-def test_probe_dict_grad_norms_collapse_to_modules():
-    ctx = build_context(probe={"losses": [2.0, 1.9], "grad_norms": {"m.q.lora_A": [0.0, 0.1], "m.q.lora_B.default": [0.3]},
-                               "weight_deltas": {"m.q": 0.01}})
+def test_probe_grad_norms_collapse_to_modules():
+    from lora_doctor.measure import GradFlow, ModuleGradFlow
+
+    flow = GradFlow(modules=(ModuleGradFlow("m.q", (0.0, 0.1), (0.3,), 0.01, 0.0, 8),), n_steps=2)
+    ctx = build_context(run=run_result([2.0, 1.9], flow))
     assert ctx.grad_norms == {"m.q": 0.3} and ctx.weight_deltas == {"m.q": 0.01} and ctx.loss_trace == [2.0, 1.9]
 
 
 def test_all_masked_by_max_length_leads_with_the_length_fix(healthy):
     """QA #5: the cause identified is max_length, so the fix is max_length, not the response marker."""
-    ctx = healthy.replace(n_examples=48, n_truncated=48, n_response_lost=48, max_length=4, longest_tokens=42,
-                          length_p95=None)
+    ctx = healthy.replace(n_examples=48, n_truncated=48, n_response_lost=48, max_length=4, longest_tokens=42)
     (f,) = [f for f in run_checks(ctx) if f.code == "all-labels-masked"]
     assert "max_length=4 cuts every response away" in f.message
     assert f.hint.startswith("Raise max_length (now 4; the longest example is 42 tokens: --max-length 42)")
@@ -344,7 +362,7 @@ def test_real_peft_model_facts_grad_ckpt_and_fp16():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora_doctor.checks.context import context_from_model
+    from lora_doctor.checks.build import context_from_model
     from lora_doctor.tiny import build_tiny_model
 
     model = get_peft_model(build_tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -372,8 +390,7 @@ def test_context_from_probe_result():
         ModuleGradFlow("model.layers.0.self_attn.q_proj", (0.0, 0.1), (0.2, 0.3), 0.01, 0.02, 64),
         ModuleGradFlow("model.layers.1.self_attn.q_proj", (0.0, 0.0), (0.0, 0.0), 0.0, 0.0, 64),
     ), frozen_params_with_grad=(), n_steps=2)
-    probe = {"losses": [2.0, 1.5], "grad_flow": flow, "model": {"trainable_params": 128, "target_modules": ["q_proj"]}}
-    ctx = build_context(probe=probe)
+    ctx = build_context(run=run_result([2.0, 1.5], flow, trainable_params=128, target_modules=["q_proj"]))
     assert ctx.grad_norms == {"model.layers.0.self_attn.q_proj": 0.3, "model.layers.1.self_attn.q_proj": 0.0}
     assert ctx.trainable_params == 128 and ctx.resolved_targets == ("q_proj",)
     found = {f.code: f for f in run_checks(ctx)}
@@ -393,7 +410,7 @@ def test_bf16_hint_moves_the_4bit_compute_dtype_too(healthy):
 
 
 def test_plan_hints_name_the_model_and_length(healthy):
-    ctx = healthy.replace(n_examples=48, n_truncated=10, max_length=32, longest_tokens=42, length_p95=None,
+    ctx = healthy.replace(n_examples=48, n_truncated=10, max_length=32, longest_tokens=42,
                           fit_verdict="does-not-fit")
     found = {f.code: f for f in run_checks(ctx)}
     assert "lora-doctor plan tiny-llama --seq-len 42)" in found["examples-truncated"].hint
@@ -409,12 +426,12 @@ def test_fp16_skipped_step_is_not_a_dead_adapter():
         ModuleGradFlow(Q, (nan, 0.0, 0.1), (inf, 0.2, 0.3), 0.01, 0.02, 64),
         ModuleGradFlow("model.layers.1.self_attn.q_proj", (nan, nan), (inf, inf), 0.0, 0.0, 64),
     ), n_steps=3)
-    ctx = build_context(probe={"losses": [2.0, 1.9, 1.8], "grad_flow": flow})
+    ctx = build_context(run=run_result([2.0, 1.9, 1.8], flow))
     assert ctx.grad_norms[Q] == 0.3
     (f,) = [f for f in run_checks(ctx) if f.code == "adapter-no-grad"]
     assert "1 of 2" in f.message and Q not in f.message
-    dict_ctx = build_context(probe={"grad_norms": {f"{Q}.lora_B": [inf, 0.5]}})
-    assert dict_ctx.grad_norms == {Q: 0.5}
+    b_only = build_context(run=run_result([2.0], GradFlow(modules=(ModuleGradFlow(Q, (), (inf, 0.5), 0.0, 0.1, 8),))))
+    assert b_only.grad_norms == {Q: 0.5}
 
 
 def test_real_training_steps_with_a_detached_adapter():
@@ -441,7 +458,7 @@ def test_real_training_steps_with_a_detached_adapter():
         opt.zero_grad()
         losses.append(loss.item())
     flow = recorder.finish()
-    ctx = build_context(probe={"losses": losses, "grad_flow": flow}, model=model)
+    ctx = build_context(run=run_result(losses, flow), model=model)
     found = {f.code: f for f in run_checks(ctx)}
     assert "model.layers.1.self_attn.v_proj" in found["adapter-no-grad"].message
     assert "1 of 4" in found["adapter-no-grad"].message
@@ -511,3 +528,50 @@ def test_dropout_and_dora_read_from_runconfig():
 
     ctx = build_context(config=from_dict({"model": "x", "lora": {"dropout": 0.1, "use_dora": True}}))
     assert ctx.lora_dropout == 0.1 and ctx.use_dora is True
+
+
+def test_context_reads_the_real_records_by_their_fields(tmp_path, tiny_tokenizer):
+    """Every fact a RunConfig, a DataStats and a RunResult carry lands in its field: a renamed record field
+    fails here, not silently in the checks."""
+    import json
+
+    from lora_doctor.checks.build import context_from_config, context_from_data_stats, context_from_run
+    from lora_doctor.data import load_data
+    from lora_doctor.measure import GradFlow, ModuleGradFlow
+    from lora_doctor.runconfig import from_dict
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Q{i}.", "output": f"A{i}."}) + "\n" for i in range(4)))
+    cfg = from_dict({"model": "tiny", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "use_dora": True, "targets": "qv"},
+                     "quant": {"mode": "nf4", "compute_dtype": "fp16"}, "data": {"path": str(path), "max_length": 48},
+                     "train": {"lr": 1e-3, "batch": 3, "optim": "adamw", "precision": "fp16", "grad_ckpt": False},
+                     "output": {"merge": True, "merge_dtype": "fp16"}})
+    assert context_from_config(cfg) == dict(
+        model_id="tiny", targets="qv", lora_r=4, lora_alpha=8, use_rslora=False, lora_dropout=0.1, use_dora=True,
+        lr=1e-3, optim="adamw", precision="fp16", quant_mode="nf4", compute_dtype="fp16", merge=True,
+        merge_reloads_16bit=True, gradient_checkpointing=False, batch_size=3, max_length=48, padding_side="right",
+        use_reentrant=False, input_require_grads=True, padding_masked_by_position=True, resize_embeddings=False,
+        modules_to_save=None, trainable_token_indices=None)
+    stats = load_data(cfg.data, tiny_tokenizer).stats
+    assert context_from_data_stats(stats) == dict(
+        n_examples=4, n_truncated=0, n_response_lost=0, empty_fields={}, formats={"instruction+output": 4},
+        longest_tokens=stats.longest_tokens, max_length=48)
+    flow = GradFlow(modules=(ModuleGradFlow(Q, (0.0, 0.2), (0.1, 0.3), 0.01, 0.02, 64),),
+                    frozen_params_with_grad=("model.embed_tokens.weight",), n_steps=2)
+    facts = context_from_run(run_result([2.0, 1.5], flow, trainable_params=128, target_modules=["q_proj"]))
+    assert facts == dict(loss_trace=[2.0, 1.5], grad_norms={Q: 0.3}, weight_deltas={Q: 0.02}, base_params_with_grad=1,
+                         trainable_params=128, resolved_targets=("q_proj",), world_size=1)
+    ctx = build_context(config=cfg, data_stats=stats, env={"local_rank": 0, "world_size": 2})
+    assert ctx.device_map == {"": 0} and "device-map-distributed" not in codes(run_checks(ctx))
+
+
+def test_merge_reloads_16bit_comes_from_the_engines_merge(healthy):
+    """lora-doctor's merge reloads the base in output.merge_dtype (engine.merge_adapter): an info note. A
+    context whose merge goes into the 4-bit weights (set by hand: another pipeline) is the error."""
+    from lora_doctor.runconfig import from_dict
+
+    ctx = build_context(config=from_dict({"model": "x", "quant": {"mode": "nf4"}, "output": {"merge": True}}))
+    assert ctx.merge_reloads_16bit is True and "merge-reloads-base" in codes(run_checks(ctx))
+    into_4bit = healthy.replace(merge=True, merge_reloads_16bit=False)
+    (f,) = [f for f in run_checks(into_4bit) if f.code.startswith("merge")]
+    assert f.code == "merge-into-4bit" and f.severity is Severity.ERROR

@@ -187,3 +187,24 @@ def test_missing_relative_file_names_the_absolute_path(tmp_path, tiny_tokenizer,
     with pytest.raises(LoraDoctorError) as e:
         load_data(DataConfig(path="nope.jsonl"), tiny_tokenizer)
     assert e.value.message == f"Dataset file 'nope.jsonl' not found (looked for '{tmp_path / 'nope.jsonl'}')."
+
+
+def test_stats_describe_the_training_population_only(tmp_path, tiny_tokenizer):
+    """Held-out rows (data.eval_fraction or data.eval_path) never reach the counts the doctor's data checks read."""
+    rows = [{"instruction": f"Q{i}.", "output": f"A{i}."} for i in range(8)]
+    rows += [{"instruction": "Say hi.", "input": "now", "output": ""}]  # an empty output, a third format
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = load_data(DataConfig(path=str(path), eval_fraction=0.5, max_length=128), tiny_tokenizer)
+    train_origins = {e.origin for e in data.train}
+    assert data.stats.n_examples == len(data.train) and data.stats.n_eval_examples == len(data.eval) > 0
+    assert sum(data.stats.formats_seen.values()) == data.stats.n_examples
+    odd_in_train = f"{path.name}:9" in train_origins
+    assert data.stats.empty_fields == ({"output": 1} if odd_in_train else {})
+    assert data.stats.longest_tokens == max(len(e.input_ids) for e in data.train)
+
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "Long " * 80, "output": ""}] * 3)
+    held = load_data(DataConfig(path=str(write_jsonl(tmp_path / "t.jsonl", rows[:8])), eval_path=str(eval_path),
+                                max_length=64), tiny_tokenizer)
+    assert held.stats.n_eval_examples == 3 and held.stats.n_examples == 8
+    assert held.stats.empty_fields == {} and held.stats.n_truncated == 0 and held.stats.n_response_lost == 0
+    assert held.stats.formats_seen == {"instruction+output": 8}

@@ -56,8 +56,9 @@ def test_qlora_nf4_loss_decreases(qlora):
     # paged-adamw-8bit pages only on CUDA; on CPU the same 8-bit AdamW, without bnb's fallback warning.
     assert type(engine.optimizer) is bnb.optim.AdamW8bit
     assert result.loss.finite and result.loss.decreasing
-    assert result.loss.last < 0.9 * result.loss.first, result.losses
-    assert max(result.losses[4:]) < min(result.losses[:2]), result.losses
+    losses = [s.loss for s in result.steps]
+    assert result.loss.last < 0.9 * result.loss.first, losses
+    assert max(losses[4:]) < min(losses[:2]), losses
     assert len(result.steps) == 8 and all(s.label_tokens > 0 for s in result.steps)
 
 
@@ -88,9 +89,12 @@ def test_measurements_recorded(qlora):
     d = result.to_dict()
     json.dumps(d)  # JSON-serialisable as is
     assert d["grad_flow"]["healthy"] and d["loss"]["decreasing"]
-    # The views the doctor's context reader uses.
-    assert set(result.weight_deltas) == {m.module for m in result.grad_flow.modules}
-    assert result.base_params_with_grad == 0
+    # What the doctor's context reads off this RunResult.
+    from lora_doctor.checks.build import context_from_run
+
+    facts = context_from_run(result)
+    assert set(facts["weight_deltas"]) == {m.module for m in result.grad_flow.modules}
+    assert facts["base_params_with_grad"] == 0
 
 
 def test_saved_adapter_reloads_with_same_logits(qlora, tiny_llama_dir, tmp_path):
@@ -399,7 +403,7 @@ def test_skipped_optimizer_step_is_quiet(tiny_gpt2_dir, data_path, tmp_path):
     assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in seen]
     result = engine.result("probe")
     assert not math.isfinite(result.steps[0].grad_norm) and engine.scaler.get_scale() < 1e38
-    codes = {f.code for f in run_checks(build_context(probe=result))}
+    codes = {f.code for f in run_checks(build_context(run=result))}
     assert "adapter-no-grad" not in codes and "adapter-unchanged" not in codes, codes
 
 

@@ -119,7 +119,7 @@ def test_cpu_plan_error_leaves_out_the_cuda_overhead(run_yaml):
     assert extra["planned_peak_bytes"] < extra["planned_with_cuda_overhead_bytes"]
     # A tiny model's plan is KiB against ~100 MiB of runtime RSS: no plan error is made of that.
     assert extra["planned_peak_bytes"] < 256 * 2**20 and "plan_error_pct" not in extra
-    from lora_doctor.commands.probe import summary_lines
+    from lora_doctor.report.summary import summary_lines
 
     assert extra["plan_error_note"].startswith("not computed")
     assert "(no plan error: under 256 MiB" in "\n".join(summary_lines(result))
@@ -139,36 +139,36 @@ def test_cpu_plan_error_leaves_out_the_cuda_overhead(run_yaml):
 def test_cuda_plan_is_held_against_what_each_counter_counts():
     """max_memory_allocated has no CUDA context and no allocator slack: an exact tensor plan reads +0.0%,
     not +(512 MiB + 5%)/allocated; the reserved and NVML rows get the slack and the context back."""
-    from types import SimpleNamespace
-
     from lora_doctor.budget import CUDA_CONTEXT_BYTES, runtime_overhead_bytes
-    from lora_doctor.commands.probe import CUDA_PLAN_BASIS, planned_by_measure, planned_for_device
+    from lora_doctor.diagnose import PlanBasis, Prediction, planned_by_measure, planned_for_device
     from lora_doctor.report.run import SCHEMA, render_markdown
 
     tensors = 6 * 2**30
     overhead = runtime_overhead_bytes(tensors)
-    prediction = {"total_bytes": tensors + overhead,
-                  "terms": {"base_weights_bytes": tensors, "runtime_overhead_bytes": overhead}}
-    planned, terms, basis = planned_for_device(prediction, SimpleNamespace(model=SimpleNamespace(device="cuda")))
-    assert (planned, basis, terms) == (tensors, CUDA_PLAN_BASIS, {"base_weights_bytes": tensors})
-    by = planned_by_measure(prediction, planned)
+    prediction = Prediction(total_bytes=tensors + overhead,
+                            terms={"base_weights_bytes": tensors, "runtime_overhead_bytes": overhead})
+    planned, terms, basis = planned_for_device(prediction, "cuda")
+    assert (planned, basis, terms) == (tensors, PlanBasis.CUDA_TENSORS_ONLY, {"base_weights_bytes": tensors})
+    by = planned_by_measure(prediction.total_bytes, planned)
     measured = {"peak_allocated_bytes": tensors, "peak_reserved_bytes": tensors + overhead - CUDA_CONTEXT_BYTES,
                 "nvml_peak_used_bytes": tensors + overhead}
     md = render_markdown({"schema": SCHEMA, "kind": "probe", "findings": [], "memory": {
         "device": "cuda", "measured": measured, "planned_total_bytes": planned, "planned_by_measure": by}})
     rows = [line for line in md.splitlines() if line.startswith("| peak")]
     assert len(rows) == 3 and all(line.endswith("| +0.0% |") for line in rows), rows
-    from lora_doctor.commands.probe import summary_lines
+    from lora_doctor.report.summary import summary_lines
 
-    text = "\n".join(summary_lines({"kind": "probe", "memory": {"measured": measured}, "extra": {
-        "measured_peak_bytes": tensors, "planned_peak_bytes": planned, "plan_error_pct": 0.0, "planned_basis": basis,
-        "planned_with_cuda_overhead_bytes": prediction["total_bytes"]}}))
+    text = "\n".join(summary_lines({"kind": "probe", "memory": {"measured": measured, "planned_basis": basis.value},
+                                    "extra": {"measured_peak_bytes": tensors, "planned_peak_bytes": planned,
+                                              "plan_error_pct": 0.0,
+                                              "planned_with_cuda_overhead_bytes": prediction.total_bytes}}))
     assert "planned 6.00 GiB (tensors, as torch counts them) (+0.0% plan error)" in text
     assert "with CUDA context and allocator slack the plan is" in text and "on a GPU the plan" not in text
 
 
 def test_summary_wording_and_eval_summary():
-    from lora_doctor.commands.probe import eval_loss_summary, summary_lines
+    from lora_doctor.diagnose import eval_loss_summary
+    from lora_doctor.report.summary import summary_lines
 
     assert eval_loss_summary([]) == {}
     ev = eval_loss_summary([(2, 3.0), (4, 2.5), (6, 2.7)])

@@ -11,7 +11,8 @@ from lora_doctor.checks import Finding, Severity
 from lora_doctor.cli import cli
 from lora_doctor.hardware import collect_environment
 from lora_doctor.report.env import REDACTED, is_secret_key, redact
-from lora_doctor.report.run import SCHEMA, build_result, load_result, render_markdown, render_text, sparkline, write_result
+from lora_doctor.report.run import SCHEMA, build_result, load_result, render_markdown, render_text, write_result
+from lora_doctor.report.tables import sparkline
 
 HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
 
@@ -104,7 +105,7 @@ def test_run_details_have_labels_and_units_not_raw_keys():
 
 
 def test_unknown_extra_keys_get_derived_labels_and_units():
-    from lora_doctor.report.run import extra_row
+    from lora_doctor.report.tables import extra_row
 
     assert extra_row("cache_bytes", 3 * 2**30) == ("Cache", "3.00 GiB")
     assert extra_row("load_time_s", 150.0) == ("Load time", "2.5 min")

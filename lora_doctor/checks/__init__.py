@@ -6,7 +6,8 @@ environment, probe (after a real run).
 """
 
 from .base import Finding, Severity  # noqa: F401
-from .context import CheckContext, build_context  # noqa: F401
+from .build import build_context  # noqa: F401
+from .context import CheckContext  # noqa: F401
 from .registry import CHECKS, register, run_checks, worst_severity  # noqa: F401
 
 from . import targets, training, precision, tokens, dataset, environment, probe  # noqa: E402,F401  (registers)

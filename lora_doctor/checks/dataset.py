@@ -18,8 +18,6 @@ def _cap(text: str) -> str:
 
 
 def _length_hint(ctx: CheckContext) -> str:
-    if ctx.length_p95:
-        return f"raise max_length to at least the 95th-percentile length ({ctx.length_p95} tokens)"
     if ctx.max_length and ctx.longest_tokens and ctx.longest_tokens > ctx.max_length:
         return f"raise max_length (now {ctx.max_length}; the longest example is {ctx.longest_tokens} tokens: " \
                f"--max-length {ctx.longest_tokens})"
@@ -33,7 +31,7 @@ def _model(ctx: CheckContext) -> str:
 
 
 def _target_len(ctx: CheckContext) -> str:
-    n = ctx.length_p95 or (ctx.longest_tokens if ctx.max_length and (ctx.longest_tokens or 0) > ctx.max_length else None)
+    n = ctx.longest_tokens if ctx.max_length and (ctx.longest_tokens or 0) > ctx.max_length else None
     return str(n) if n else "N"
 
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import math
 
+from ..measure import NOT_MOVING_REL, ZERO_LOSS
 from .base import Finding, Severity
 from .context import CheckContext
 from .registry import register
 
-ZERO_LOSS = 1e-6
-"""A cross-entropy this close to 0 on real text means labels leak into inputs or nothing is scored."""
 MIN_STEPS_FOR_TREND = 5
 """Fewer steps than this and a flat loss says nothing."""
-FLAT_LOSS_REL = 0.01
-"""Mean of the last third within 1% of the first third: the loss is not moving."""
 _SHOW = 5
 
 
@@ -93,7 +90,7 @@ def check_loss_moving(ctx: CheckContext) -> list[Finding]:
     k = max(1, len(trace) // 3)
     first, last = sum(trace[:k]) / k, sum(trace[-k:]) / k
     rel = (first - last) / abs(first) if first else 0.0
-    if abs(rel) >= FLAT_LOSS_REL:
+    if abs(rel) >= NOT_MOVING_REL:  # mean of the last third vs the first third
         return []
     return [Finding(
         Severity.WARNING, "loss-flat",

@@ -36,9 +36,11 @@ class StaticFacts:
     trainable_params: int | None = None
     total_params: int | None = None
     tokenizer: object = None
-    data: dict | None = None
+    data: object = None
+    """data.DataStats of the training examples."""
     labels: list[list[int]] | None = None
-    plan: dict | None = None
+    plan: object = None
+    """diagnose.Prediction for the resolved targets."""
     headroom: object = None
     notes: list[str] = field(default_factory=list)
 
@@ -74,15 +76,8 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
         facts.notes.append("trainable-param count skipped: peft refuses this adapter on the parameter targets")
     else:
         facts.trainable_params, facts.total_params = count.trainable, count.all_params
-    try:
-        from ..budget import TERMS, memory_budget
-
-        budget = memory_budget(facts.shape, cfg.lora, cfg.quant, cfg.train_spec(), names)
-        method = budget.primary_method
-        facts.plan = {"budget": budget, "total_bytes": method.total_bytes,
-                      "terms": {name: getattr(method, name) for name, _ in TERMS}}
-    except (ImportError, AttributeError, LoraDoctorError) as e:
-        facts.notes.append(f"memory plan unavailable: {getattr(e, 'message', e)}")
+    budget = _plan(cfg, facts, names)
+    if budget is None:
         return
     from ..hardware import detect_local_gpu, headroom, lookup_gpu
 
@@ -131,9 +126,10 @@ def _load_tokenizer(cfg: RunConfig):
 
 
 def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
-    """Tokenize the dataset exactly as the engine does (data.tokenize_rows), but keep going where the
-    engine would stop: a dataset whose every response is truncated away is a finding here, not a crash."""
-    from ..data import IGNORE_INDEX, read_rows, tokenize_rows
+    """Tokenize the dataset and count it exactly as the engine does (data.read_examples, split_examples,
+    data_stats), but keep going where the engine would stop: a dataset whose every response is truncated
+    away is a finding here, not a crash."""
+    from ..data import data_stats, read_examples, split_examples
 
     tok = facts.tokenizer
     if not cfg.data.path:
@@ -142,23 +138,10 @@ def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
     if tok is None:
         facts.notes.append(f"no tokenizer files for '{cfg.model}' offline: dataset checks skipped")
         return
-    rows = read_rows(cfg.data.path, cfg.data.split)
-    if cfg.data.max_examples is not None:
-        rows = rows[:cfg.data.max_examples]
-    examples, c = tokenize_rows(rows, tok, cfg.data, cfg.data.path)
-    if not examples:
-        raise LoraDoctorError(f"Dataset '{cfg.data.path}' produced no examples: every row is empty.",
-                              f"Check the fields {cfg.data.instruction_field!r}/{cfg.data.response_field!r}.")
-    facts.labels = [e.labels for e in examples[:LABEL_SAMPLE]]
-    facts.data = {
-        "source": str(cfg.data.path), "format": cfg.data.format, "n_examples": len(examples),
-        "n_truncated": sum(1 for e in examples if e.truncated),
-        "n_response_lost": sum(1 for e in examples if all(x == IGNORE_INDEX for x in e.labels)),
-        "empty_fields": c["empty"], "formats_seen": c["formats"], "max_length": cfg.data.max_length,
-        "longest_tokens": c["longest"], "n_label_tokens": sum(sum(1 for x in e.labels if x != IGNORE_INDEX)
-                                                              for e in examples),
-        "pad_token": tok.pad_token, "eos_token": tok.eos_token,
-    }
+    examples, counters = read_examples(cfg.data, tok)
+    train, held_out = split_examples(cfg.data, tok, examples, cfg.train.seed)
+    facts.labels = [e.labels for e in train[:LABEL_SAMPLE]]
+    facts.data = data_stats(cfg.data, tok, train, len(held_out), counters)
 
 
 def gather(cfg: RunConfig, gpu: str | None = None) -> StaticFacts:
@@ -169,10 +152,24 @@ def gather(cfg: RunConfig, gpu: str | None = None) -> StaticFacts:
     return facts
 
 
+def _plan(cfg: RunConfig, facts: StaticFacts, names) -> object:
+    """The memory budget for the resolved targets, or None with a note when the planner refuses."""
+    from ..budget import memory_budget
+    from ..diagnose import Prediction
+
+    try:
+        budget = memory_budget(facts.shape, cfg.lora, cfg.quant, cfg.train_spec(), names)
+    except LoraDoctorError as e:
+        facts.notes.append(f"memory plan unavailable: {e.message}")
+        return None
+    facts.plan = Prediction.from_budget(facts.shape, budget)
+    return budget
+
+
 def _memory_section(facts: StaticFacts) -> dict | None:
     if not facts.plan:
         return None
-    memory = {"planned_total_bytes": facts.plan["total_bytes"], "planned_terms": facts.plan["terms"]}
+    memory = {"planned_total_bytes": facts.plan.total_bytes, "planned_terms": facts.plan.terms}
     h = facts.headroom
     if h is not None:
         memory.update(device=f"{h.gpu.name} ({h.gpu.source})", gpu_usable_bytes=h.gpu.usable_bytes,
@@ -182,13 +179,14 @@ def _memory_section(facts: StaticFacts) -> dict | None:
 
 def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, list]:
     from ..checks import build_context, run_checks
+    from ..checks.build import dtype_name
     from ..report.run import build_result
 
     ctx = build_context(
         config=cfg, shape=facts.shape, tokenizer=facts.tokenizer, data_stats=facts.data, labels=facts.labels,
-        budget=(facts.plan or {}).get("budget"), verdict=facts.headroom, env=env, trainable_params=facts.trainable_params,
-        resolved_targets=facts.resolved_targets,
-        model_config={"dtype": str(facts.model_dtype)} if facts.model_dtype is not None else None,
+        budget=facts.plan.budget if facts.plan else None, verdict=facts.headroom, env=env,
+        trainable_params=facts.trainable_params, resolved_targets=facts.resolved_targets,
+        model_dtype=dtype_name(facts.model_dtype),
     )
     findings = run_checks(ctx)
     shape = facts.shape
@@ -201,7 +199,7 @@ def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, 
                  "resolved": list(facts.resolved_targets or []), "trainable_params": facts.trainable_params,
                  "total_params": facts.total_params},
         memory=_memory_section(facts),
-        data=facts.data, config=cfg.to_dict(), environment=env,
+        data=facts.data.to_dict() if facts.data else None, config=cfg.to_dict(), environment=env,
         extra={"notes": "; ".join(facts.notes)} if facts.notes else None,
     )
     return result, findings

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from ..diagnose import diagnose, eval_loss_summary, write_reports
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
 from ..runconfig import RunConfig
@@ -98,6 +99,92 @@ def progress_bar(total: int, initial: int, enabled: bool | None = None):
     return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, desc="train")
 
 
+class TrainProgress:
+    """The loss log (loss_log.jsonl), the tqdm bar and the progress lines of one run: the engine's callback."""
+
+    def __init__(self, engine, log_path: Path, say, show_progress: bool | None):
+        self.engine, self.log_path, self.say = engine, log_path, say
+        self.cfg, self.total = engine.cfg, engine.total_steps
+        self.bar = progress_bar(self.total, engine.step, show_progress) if engine.is_main else None
+        self.t0, self.start_step, self.log_started = time.perf_counter(), engine.step, False
+
+    def log(self, msg: str) -> None:
+        """One voice under torchrun / accelerate launch, above the bar rather than through it."""
+        if not self.engine.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            self.say(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _append(self, e, rec) -> None:
+        from ..checkpoint import write_loss_log
+
+        if not self.log_started:
+            # Written at the first finished step, not before: a run that dies in step 1 (OOM) leaves no
+            # empty log. The history holds a resumed run's steps up to its checkpoint, then this one.
+            write_loss_log(self.log_path, e.history)
+            self.log_started = True
+        else:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec.to_dict()) + "\n")
+
+    def __call__(self, e, rec) -> None:
+        if not e.is_main:
+            return
+        self._append(e, rec)
+        total = self.total
+        if self.bar is not None:
+            self.bar.update(rec.step - self.bar.n)
+            post = {"loss": f"{rec.loss:.4f}", "lr": f"{rec.lr:.1e}"}
+            if rec.eval_loss is not None:
+                post["eval"] = f"{rec.eval_loss:.4f}"
+            self.bar.set_postfix(post, refresh=False)
+            if rec.eval_loss is not None:
+                self.log(f"step {rec.step}/{total}: eval loss {rec.eval_loss:.4f}")
+            return
+        if rec.step % self.cfg.train.log_every == 0 or rec.step == total:
+            rate = (time.perf_counter() - self.t0) / max(1, rec.step - self.start_step)
+            ev = f"  eval {rec.eval_loss:.4f}" if rec.eval_loss is not None else ""
+            self.log(f"step {rec.step}/{total} ({100 * rec.step // total}%)  loss {rec.loss:.4f}{ev}  lr {rec.lr:.2e}  "
+                     f"{rec.step_time_s:.2f} s/step  eta {rate * (total - rec.step):.0f} s")
+
+
+def _resume(engine, resume: bool, checkpoint: str | None, log) -> None:
+    if not (resume or checkpoint):
+        return
+    path = Path(checkpoint) if checkpoint else engine.latest_checkpoint()
+    if path is None:
+        raise LoraDoctorError(f"No checkpoint to resume in '{Path(engine.cfg.output.dir) / 'checkpoints'}'.",
+                              "Start without --resume, or pass --checkpoint PATH to a step-NNNNNN folder.")
+    engine.load_checkpoint(path)
+    log(f"resumed from {path} at step {engine.step}")
+
+
+def _finish(engine, outputs: dict, log_path: Path, log) -> None:
+    """The finished run's artifacts: adapter, full loss log, curve, optional merge (main process only)."""
+    from ..checkpoint import merge_adapter, write_loss_log
+
+    cfg, out_dir = engine.cfg, Path(engine.cfg.output.dir)
+    outputs["adapter"] = str(engine.save_adapter())
+    outputs["loss_log"] = str(log_path)
+    if not engine.is_main:
+        return
+    write_loss_log(log_path, engine.history)
+    if cfg.output.plot:
+        png = plot_loss_curve(out_dir / LOSS_PNG, engine.history, engine.eval_history)
+        if png is not None:
+            outputs["loss_curve"] = str(png)
+    if cfg.output.merge:
+        log("merging the adapter into a 16-bit copy of the base (reloaded unquantized) ...")
+        outputs["merged"] = str(merge_adapter(cfg, outputs["adapter"]))
+
+
 def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None, should_stop=None,
           log=None, model_hook=None, write_report: bool = True, show_progress: bool | None = None):
     """Run (or resume) a training run. Returns (engine, RunResult, outputs dict).
@@ -109,103 +196,42 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
         LoraDoctorError: bad config/data/model, unwritable output folder, no checkpoint to resume,
             out of memory.
     """
-    from ..checkpoint import merge_adapter, write_loss_log
     from ..engine import Engine
-    from .probe import eval_loss_summary
 
     out_dir = Path(cfg.output.dir)
     check_output_dir(out_dir, "output folder")  # before the load, not after the run
     engine = Engine(cfg, model_hook=model_hook)
     say = log or (lambda msg: None)
-    bar = None
 
-    def log(msg):  # one voice under torchrun / accelerate launch
+    def main_log(msg):  # one voice under torchrun / accelerate launch; TrainProgress.log while the bar is up
         if engine.is_main:
-            if bar is not None:
-                bar.write(msg, file=sys.stderr)  # above the bar, not through it
-            else:
-                say(msg)
+            say(msg)
 
-    engine.setup(log=log)
+    engine.setup(log=main_log)
     outputs: dict[str, str] = {}
-    if resume or checkpoint:
-        path = Path(checkpoint) if checkpoint else engine.latest_checkpoint()
-        if path is None:
-            raise LoraDoctorError(f"No checkpoint to resume in '{out_dir / 'checkpoints'}'.",
-                                  "Start without --resume, or pass --checkpoint PATH to a step-NNNNNN folder.")
-        engine.load_checkpoint(path)
-        log(f"resumed from {path} at step {engine.step}")
+    _resume(engine, resume, checkpoint, main_log)
     total = engine.total_steps
-    log(f"{engine.model_info.trainable_params:,} trainable params; {engine.data.stats.n_examples} examples; "
-        f"{total} steps of {cfg.train.batch}x{cfg.train.grad_accum}x{engine.world_size} examples")
-
-    log_path = out_dir / LOSS_LOG
-    t0 = time.perf_counter()
-    start_step = engine.step
-    log_started = False
-
-    def progress(e, rec):
-        nonlocal log_started
-        if not e.is_main:
-            return
-        if not log_started:
-            # Written at the first finished step, not before: a run that dies in step 1 (OOM) leaves no
-            # empty log. The history holds a resumed run's steps up to its checkpoint, then this one.
-            write_loss_log(log_path, e.history)
-            log_started = True
-        else:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec.to_dict()) + "\n")
-        if bar is not None:
-            bar.update(rec.step - bar.n)
-            post = {"loss": f"{rec.loss:.4f}", "lr": f"{rec.lr:.1e}"}
-            if rec.eval_loss is not None:
-                post["eval"] = f"{rec.eval_loss:.4f}"
-            bar.set_postfix(post, refresh=False)
-            if rec.eval_loss is not None:
-                log(f"step {rec.step}/{total}: eval loss {rec.eval_loss:.4f}")
-            return
-        if rec.step % cfg.train.log_every == 0 or rec.step == total:
-            done = rec.step - start_step
-            rate = (time.perf_counter() - t0) / max(1, done)
-            ev = f"  eval {rec.eval_loss:.4f}" if rec.eval_loss is not None else ""
-            log(f"step {rec.step}/{total} ({100 * rec.step // total}%)  loss {rec.loss:.4f}{ev}  lr {rec.lr:.2e}  "
-                f"{rec.step_time_s:.2f} s/step  eta {rate * (total - rec.step):.0f} s")
+    main_log(f"{engine.model_info.trainable_params:,} trainable params; {engine.data.stats.n_examples} examples; "
+             f"{total} steps of {cfg.train.batch}x{cfg.train.grad_accum}x{engine.world_size} examples")
 
     def periodic_save(e, rec):
         every = cfg.train.save_every
         if every and rec.step % every == 0 and rec.step < total:
             e.save_checkpoint()
 
-    if engine.is_main:
-        bar = progress_bar(total, engine.step, show_progress)
+    progress = TrainProgress(engine, out_dir / LOSS_LOG, say, show_progress)
     try:
         engine.run_steps(None, callbacks=[progress, periodic_save], should_stop=should_stop)
     finally:
-        if bar is not None:
-            bar.close()
-            bar = None
-
+        progress.close()
     stopped = should_stop is not None and should_stop() and engine.step < total
-    ckpt = engine.save_checkpoint()
-    outputs["checkpoint"] = str(ckpt)
+    outputs["checkpoint"] = str(engine.save_checkpoint())
     if stopped:
-        log(f"stopped at step {engine.step}/{total}; checkpoint {ckpt}")
+        main_log(f"stopped at step {engine.step}/{total}; checkpoint {outputs['checkpoint']}")
         result = engine.result("train", stopped_early="signal",
                                extra={"outputs": outputs, **eval_loss_summary(engine.eval_history)})
         return engine, result, outputs
-
-    outputs["adapter"] = str(engine.save_adapter())
-    outputs["loss_log"] = str(log_path)
-    if engine.is_main:
-        write_loss_log(log_path, engine.history)
-        if cfg.output.plot:
-            png = plot_loss_curve(out_dir / LOSS_PNG, engine.history, engine.eval_history)
-            if png is not None:
-                outputs["loss_curve"] = str(png)
-        if cfg.output.merge:
-            log("merging the adapter into a 16-bit copy of the base (reloaded unquantized) ...")
-            outputs["merged"] = str(merge_adapter(cfg, outputs["adapter"]))
+    _finish(engine, outputs, out_dir / LOSS_LOG, main_log)
     result = engine.result("train", extra={"outputs": outputs, **eval_loss_summary(engine.eval_history)})
     if engine.is_main:
         from ..fileio import write_json_atomic
@@ -274,12 +300,7 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
         return
     report = None
     if not no_report:
-        from .probe import _environment, build_report, doctor_findings, predict_memory, write_reports
-
-        prediction = predict_memory(cfg)
-        env = _environment()
-        findings = doctor_findings(cfg, engine, result, prediction, env)
-        report = build_report("train", cfg, engine, result, findings, {"outputs_dir": cfg.output.dir}, prediction, env)
+        report = diagnose("train", cfg, engine, result, extra={"outputs_dir": cfg.output.dir}).report
         for path in write_reports(report, cfg, "train"):
             log(f"wrote {path}")
     for key, path in outputs.items():

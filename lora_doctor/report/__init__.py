@@ -25,6 +25,3 @@ def format_bytes(n_bytes: int | float | None) -> str:
 def format_count(n: int | None) -> str:
     return "—" if n is None else f"{n:,}"
 
-
-def format_percent(fraction: float | None, digits: int = 3) -> str:
-    return "—" if fraction is None else f"{100 * fraction:.{digits}f}%"

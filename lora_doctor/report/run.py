@@ -11,7 +11,8 @@ Schema (`schema: "lora-doctor.result/1"`), every section optional except kind, v
     model       {'id', 'source', 'architecture', 'model_type'}
     targets     {'requested', 'resolved': [...], 'trainable_params', 'total_params'}
     memory      {'device', 'planned_total_bytes', 'planned_terms': {term: bytes},
-                 'measured': {'peak_allocated_bytes', 'peak_reserved_bytes', 'peak_rss_bytes', ...}}
+                 'measured': {'peak_allocated_bytes', 'peak_reserved_bytes', 'peak_rss_bytes', ...},
+                 'planned_basis': a diagnose.PlanBasis value}
     loss        [float, ...] one per optimizer step
     data        DataStats.to_dict()
     config      RunConfig.to_dict()
@@ -32,11 +33,9 @@ from ..errors import LoraDoctorError
 from ..fileio import write_json_atomic, write_text_atomic
 from . import format_bytes, format_count
 from .env import redact
+from .tables import EVAL_KEYS, fmt_loss, md_cell, section_extra, sparkline, table
 
 SCHEMA = "lora-doctor.result/1"
-SPARK_CHARS = "▁▂▃▄▅▆▇█"
-"""Unicode block elements: plain text, so the curve survives a paste into an issue or a terminal."""
-NONFINITE_CHAR = "×"
 SEVERITY_ICON = {"error": "✗", "warning": "⚠", "info": "ℹ"}
 SEVERITY_ORDER = ("error", "warning", "info")
 
@@ -137,43 +136,6 @@ def write_result(result: dict, *, json_path: str | Path | None = None,
 # --- rendering pieces -----------------------------------------------------------------------------
 
 
-def sparkline(values: list[float], width: int = 60) -> str:
-    """A loss curve in block characters, min to max; non-finite values show as '×'.
-
-    Longer traces are averaged into `width` buckets so the line fits an issue comment.
-    """
-    vals = [float(v) for v in values]
-    if not vals:
-        return ""
-    if len(vals) > width:
-        buckets = []
-        for i in range(width):
-            chunk = vals[i * len(vals) // width:(i + 1) * len(vals) // width]
-            buckets.append(math.nan if any(not math.isfinite(v) for v in chunk) else sum(chunk) / len(chunk))
-        vals = buckets
-    finite = [v for v in vals if math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
-    out = []
-    for v in vals:
-        if not math.isfinite(v):
-            out.append(NONFINITE_CHAR)
-        elif hi == lo:
-            out.append(SPARK_CHARS[0])
-        else:
-            out.append(SPARK_CHARS[round((v - lo) / (hi - lo) * (len(SPARK_CHARS) - 1))])
-    return "".join(out)
-
-
-def _md_cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(rows: list[tuple], header: tuple) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def verdict_line(verdict: dict) -> str:
     e, w, i = verdict.get("errors", 0), verdict.get("warnings", 0), verdict.get("infos", 0)
     if e:
@@ -183,10 +145,6 @@ def verdict_line(verdict: dict) -> str:
     else:
         head = "✓ healthy"
     return head + (f" ({i} note{'s' * (i != 1)})" if i else "")
-
-
-def _fmt_loss(x: float) -> str:
-    return f"{x:.4f}" if math.isfinite(x) else str(x)
 
 
 def _section_summary(result: dict) -> list[str]:
@@ -208,7 +166,7 @@ def _section_summary(result: dict) -> list[str]:
         rows.append(("Trainable params", f"{format_count(t['trainable_params'])}{share}"))
     if not rows:
         return []
-    return [_table(rows, ("", "")), ""]
+    return [table(rows, ("", "")), ""]
 
 
 def _section_findings(findings: list[dict]) -> list[str]:
@@ -260,14 +218,14 @@ def _section_memory(memory: dict) -> list[str]:
             rows.append((label, format_bytes(plan), format_bytes(measured[key]), err))
     if planned is not None and not rows:
         # Nothing measured (check): the plan alone, without empty measured/error columns.
-        out += [_table([("total", format_bytes(planned))], ("", "planned")), ""]
+        out += [table([("total", format_bytes(planned))], ("", "planned")), ""]
     if rows:
-        out += [_table(rows, ("", "planned", "measured", "plan error")), ""]
+        out += [table(rows, ("", "planned", "measured", "plan error")), ""]
         if memory.get("plan_error_note"):
             out += [f"Plan error {memory['plan_error_note']}.", ""]
     if terms:
         out += ["<details><summary>Planned breakdown</summary>", "",
-                _table([(k.removesuffix("_bytes").replace("_", " "), format_bytes(v)) for k, v in terms.items()],
+                table([(k.removesuffix("_bytes").replace("_", " "), format_bytes(v)) for k, v in terms.items()],
                        ("term", "bytes")), "", "</details>", ""]
     return out if len(out) > 2 else []
 
@@ -288,9 +246,9 @@ def eval_losses(result: dict) -> list[tuple[int, float]]:
 def eval_summary(pairs: list[tuple[int, float]]) -> str:
     """'first 5.9090 (step 2), last 5.8012 (step 4), best 5.8012 (step 4)'; the best ignores non-finite values."""
     (s0, l0), (s1, l1) = pairs[0], pairs[-1]
-    text = f"first {_fmt_loss(l0)} (step {s0})"
+    text = f"first {fmt_loss(l0)} (step {s0})"
     if len(pairs) > 1:
-        text += f", last {_fmt_loss(l1)} (step {s1})"
+        text += f", last {fmt_loss(l1)} (step {s1})"
         finite = [(loss, step) for step, loss in pairs if math.isfinite(loss)]
         if finite:
             best, step = min(finite)
@@ -304,7 +262,7 @@ def _section_loss(loss: list[float], evals: list[tuple[int, float]] = ()) -> lis
     finite = [x for x in loss if math.isfinite(x)]
     summary = f"{len(loss)} steps"
     if finite:
-        summary += f", first {_fmt_loss(loss[0])}, last {_fmt_loss(loss[-1])}, min {min(finite):.4f}"
+        summary += f", first {fmt_loss(loss[0])}, last {fmt_loss(loss[-1])}, min {min(finite):.4f}"
     bad = len(loss) - len(finite)
     if bad:
         summary += f", {bad} non-finite (×)"
@@ -327,7 +285,7 @@ def _section_data(data: dict) -> list[str]:
         rows.append(("Row formats", ", ".join(f"{k}: {v}" for k, v in formats.items())))
     if not rows:
         return []
-    return ["## Data", "", _table(rows, ("", "")), ""]
+    return ["## Data", "", table(rows, ("", "")), ""]
 
 
 def _details(summary: str, body: list[str]) -> list[str]:
@@ -349,92 +307,7 @@ def _section_environment(env: dict) -> list[str]:
         if isinstance(value, list):
             value = ", ".join(map(str, value))
         rows.append((key, value))
-    return _details("Environment", [_table(rows, ("", ""))])
-
-
-EXTRA_LABELS = {
-    "steps": "Optimizer steps",
-    "first_loss": "First loss",
-    "last_loss": "Last loss",
-    "loss_slope_per_step": "Loss slope per step",
-    "median_step_time_s": "Median step time",
-    "step_time_s": "Step time",
-    "tokens_per_s": "Throughput",
-    "adapter_modules": "Adapter modules",
-    "modules_without_grad": "Adapter modules without a gradient",
-    "modules_unchanged": "Adapter modules left unchanged",
-    "measured_peak_bytes": "Measured peak memory",
-    "planned_peak_bytes": "Planned peak memory",
-    "plan_error_pct": "Plan error (planned vs measured)",
-    "plan_error_note": "Plan error",
-    "planned_without_cuda_overhead_bytes": "Planned peak without the CUDA runtime overhead",
-    "plan_unavailable": "Memory plan unavailable",
-    "planned_basis": "Plan compared as",
-    "planned_with_cuda_overhead_bytes": "Planned peak on a GPU (CUDA overhead included)",
-    "eval_loss_first": "Eval loss, first",
-    "eval_loss_last": "Eval loss, last",
-    "eval_loss_last_step": "Eval loss, last at step",
-    "eval_loss_best": "Eval loss, best",
-    "eval_loss_best_step": "Eval loss, best at step",
-    "eval_points": "Evaluations",
-    "outputs_dir": "Output folder",
-    "error": "Error",
-    "notes": "Notes",
-    "stopped_early": "Stopped early",
-}
-"""Human labels for the keys probe/train/check put in `extra`; other keys get a label derived from the key."""
-
-
-def _format_seconds(s: float) -> str:
-    if s < 1:
-        return f"{1000 * s:.0f} ms"
-    if s < 120:
-        return f"{s:.2f} s"
-    return f"{s / 60:.1f} min"
-
-
-def extra_row(key: str, value) -> tuple[str, str]:
-    """One `extra` entry as (label, formatted value): bytes in binary units, seconds with units, tokens/s.
-
-    The JSON keeps the raw integers; only this rendering formats them.
-    """
-    label = EXTRA_LABELS.get(key)
-    if label is None:
-        base = key
-        for suffix in ("_bytes", "_pct", "_per_s", "_s"):
-            base = base.removesuffix(suffix)
-        label = base.replace("_", " ").strip().capitalize() or key
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return label, str(value)
-    if key.endswith("_bytes"):
-        return label, format_bytes(value)
-    if key == "loss_slope_per_step":
-        return label, f"{value:+.4f} per step"
-    if key.endswith("_pct"):
-        return label, f"{value:+.1f}%"
-    if key == "tokens_per_s":
-        return label, f"{value:,.0f} tokens/s" if value >= 10 else f"{value:.2f} tokens/s"
-    if key.endswith("_per_s"):
-        return label, f"{value:,.1f} /s"
-    if key.endswith("_s"):
-        return label, _format_seconds(float(value))
-    if "loss" in key and isinstance(value, float):
-        return label, _fmt_loss(value)
-    if isinstance(value, int):
-        return label, format_count(value)
-    return label, f"{value:.4g}"
-
-
-EVAL_KEYS = ("eval_loss_first", "eval_loss_last", "eval_loss_last_step", "eval_loss_best", "eval_loss_best_step",
-             "eval_points")
-
-
-def _section_extra(extra: dict, skip: tuple[str, ...] = ()) -> list[str]:
-    rows = [extra_row(k, v) for k, v in extra.items()
-            if isinstance(v, (str, int, float, bool)) and v is not None and k not in skip]
-    if not rows:
-        return []
-    return ["## Run details", "", _table(rows, ("", "")), ""]
+    return _details("Environment", [table(rows, ("", ""))])
 
 
 def render_markdown(result: dict) -> str:
@@ -448,7 +321,7 @@ def render_markdown(result: dict) -> str:
     stopped = (result.get("extra") or {}).get("stopped_early")
     if stopped:
         # A partial run reads as healthy otherwise: say so before any figure.
-        out += [f"**Stopped early:** {_md_cell(str(stopped))}", ""]
+        out += [f"**Stopped early:** {md_cell(str(stopped))}", ""]
     out += _section_summary(result)
     out += _section_findings(result.get("findings") or [])
     if result.get("memory"):
@@ -458,7 +331,7 @@ def render_markdown(result: dict) -> str:
     if result.get("extra"):
         # The Loss section already shows the eval losses when it has the per-step trace.
         skip = ("stopped_early",) + (EVAL_KEYS if result.get("loss") and eval_losses(result) else ())
-        out += _section_extra(result["extra"], skip)
+        out += section_extra(result["extra"], skip)
     if result.get("data"):
         out += _section_data(result["data"])
     if result.get("config"):

@@ -1,0 +1,254 @@
+"""CheckContext from the real records, by their real fields: RunConfig, DataStats, RunResult, ModelShape,
+a tokenizer, hardware's Headroom/Verdict, the environment dict and a live (or meta) model.
+
+Each `context_from_*` returns only the fields it knows; `build_context` layers them. A renamed field in
+any record raises AttributeError here, and test_checks builds a context from each real record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..data import DataStats
+from ..hardware import Headroom, Verdict
+from ..measure import GradFlow, RunResult
+from ..runconfig import RunConfig
+from ..shape import ModelShape
+from .context import CheckContext
+
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def dtype_name(value: Any) -> str | None:
+    """torch.bfloat16 / 'bfloat16' / 'bf16' -> 'bf16'."""
+    if value is None:
+        return None
+    s = str(value).replace("torch.", "")
+    return DTYPE_NAMES.get(s, s)
+
+
+def context_from_config(cfg: RunConfig) -> dict:
+    """What the user asked for, plus what lora-doctor's engine does with it (engine.py, data.py)."""
+    lora = cfg.lora
+    return dict(
+        model_id=cfg.model, targets=lora.targets if isinstance(lora.targets, str) else tuple(lora.targets),
+        lora_r=lora.r, lora_alpha=lora.lora_alpha, use_rslora=lora.use_rslora, lora_dropout=lora.dropout,
+        use_dora=lora.use_dora, lr=cfg.train.lr, optim=cfg.train.optim, precision=dtype_name(cfg.train.precision),
+        quant_mode=cfg.quant.mode, compute_dtype=dtype_name(cfg.quant.compute_dtype), merge=cfg.output.merge,
+        # engine.merge_adapter reloads the base unquantized in output.merge_dtype and refuses any other dtype.
+        merge_reloads_16bit=cfg.output.merge_dtype in DTYPE_NAMES.values(),
+        gradient_checkpointing=cfg.train.grad_ckpt, batch_size=cfg.train.batch, max_length=cfg.data.max_length,
+        padding_side=cfg.data.padding_side,
+        # The engine: non-reentrant checkpointing with input grads enabled; collate pads labels with -100 by
+        # position whatever the pad id is; no embedding resize, no modules_to_save, no trainable tokens.
+        use_reentrant=False, input_require_grads=True, padding_masked_by_position=True, resize_embeddings=False,
+        modules_to_save=None, trainable_token_indices=None,
+    )
+
+
+def _collapse_formats(formats: dict, optional: tuple[str, ...]) -> dict[str, int]:
+    """Row signatures ('instruction+input+output') with optional fields dropped: Alpaca rows with and
+    without an input are one format, not two."""
+    out: dict[str, int] = {}
+    for sig, n in formats.items():
+        key = "+".join(p for p in sig.split("+") if p not in optional) or sig
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] = ("input",)) -> dict:
+    """The training population's facts (DataStats never counts the eval examples)."""
+    return dict(
+        n_examples=stats.n_examples, n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
+        empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
+        longest_tokens=stats.longest_tokens, max_length=stats.max_length,
+    )
+
+
+def context_from_tokenizer(tok: Any) -> dict:
+    """A transformers tokenizer's pad/EOS and length (len() counts added tokens)."""
+    out = dict(vocab_len=len(tok), pad_token=tok.pad_token, pad_token_id=tok.pad_token_id,
+               eos_token=tok.eos_token, eos_token_id=tok.eos_token_id, padding_side=tok.padding_side)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def context_from_plan(budget: Any = None, verdict: Headroom | Verdict | None = None) -> dict:
+    """Plan facts for the chosen GPU from hardware.headroom() (a Headroom) or a hardware.Verdict."""
+    out: dict[str, Any] = {}
+    if budget is not None:
+        out["required_bytes"] = budget.primary_method.total_bytes
+    if isinstance(verdict, Headroom):
+        out.update(fit_verdict=verdict.verdict, gpu_name=verdict.gpu.name, gpu_bytes=verdict.gpu.usable_bytes,
+                   required_bytes=verdict.total_bytes, largest_batch=verdict.max_batch,
+                   largest_seq_len=verdict.max_seq_len)
+    elif isinstance(verdict, Verdict):
+        out.update(fit_verdict=verdict.status, gpu_name=verdict.gpu, gpu_bytes=verdict.usable_bytes,
+                   required_bytes=verdict.total_bytes)
+    if "fit_verdict" in out:
+        out["fit_verdict"] = out["fit_verdict"].lower().replace(" ", "-").replace("_", "-")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def context_from_env(env: dict | None) -> dict:
+    """Environment facts from hardware.collect_environment()."""
+    if not env:
+        return {}
+    cap = env.get("cuda_capability")
+    out = dict(
+        cuda_available=env.get("cuda_available"), cuda_capability=tuple(cap) if cap else None,
+        bf16_supported=env.get("bf16_supported"),
+        bnb_installed=env.get("bitsandbytes") is not None if "bitsandbytes" in env else None,
+        bnb_error=env.get("bnb_error"), world_size=env.get("world_size"), local_rank=env.get("local_rank"),
+    )
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _largest_grad(norms: list[float]) -> float:
+    """The largest finite gradient norm, else the first non-finite one (NaN/inf at every step), else 0.
+
+    With fp16 and a GradScaler, the first steps usually overflow (scale 2**16) and are skipped: their
+    norms are inf/NaN, yet the module trains from the next step on, so one bad step must not hide it.
+    """
+    finite = [g for g in norms if math.isfinite(g)]
+    if finite:
+        return max([0.0, *finite])
+    return norms[0] if norms else 0.0
+
+
+def context_from_grad_flow(flow: GradFlow) -> dict:
+    """Per adapter module: its largest gradient norm and weight change (lora_A or lora_B)."""
+    # lora_A's gradient is 0 at step 1 by construction (B starts at 0): a module is alive if A or B moved.
+    return dict(
+        grad_norms={m.module: _largest_grad([*m.lora_A_grad_norms, *m.lora_B_grad_norms]) for m in flow.modules},
+        weight_deltas={m.module: max(m.lora_A_delta_norm, m.lora_B_delta_norm) for m in flow.modules},
+        base_params_with_grad=len(flow.frozen_params_with_grad),
+    )
+
+
+def context_from_run(run: RunResult) -> dict:
+    """Facts a probe/train run measured."""
+    out: dict[str, Any] = {"loss_trace": [float(s.loss) for s in run.steps]}
+    if run.grad_flow is not None:
+        out.update(context_from_grad_flow(run.grad_flow))
+    out.update(trainable_params=run.model.trainable_params, resolved_targets=tuple(run.model.target_modules),
+               world_size=run.model.world_size)
+    return out
+
+
+def _module_name(root: Any, module: Any) -> str | None:
+    for name, m in root.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def context_from_model(model: Any) -> dict:
+    """Facts read off a live (or meta) model, peft-wrapped or not."""
+    out: dict[str, Any] = {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    out["trainable_dtypes"] = tuple(sorted({dtype_name(p.dtype) for p in trainable}))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ckpt_funcs = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    out["gradient_checkpointing"] = bool(ckpt_funcs)
+    if ckpt_funcs:
+        func = getattr(ckpt_funcs[0], "_gradient_checkpointing_func", None)
+        keywords = getattr(func, "keywords", None) or {}
+        # torch.utils.checkpoint without an explicit use_reentrant uses the reentrant variant.
+        out["use_reentrant"] = bool(keywords.get("use_reentrant", True))
+    # transformers' enable_input_require_grads stores its hook under one of these names (4.x / 5.x).
+    hooks = [getattr(m, "_require_grads_hooks", None) or getattr(m, "_require_grads_hook", None)
+             for m in (model, base)]
+    emb = base.get_input_embeddings()
+    out["input_require_grads"] = any(hooks) or bool(emb is not None and emb._forward_hooks)
+    if emb is not None:
+        out["embeddings_trainable"] = any(p.requires_grad for p in emb.parameters())
+        out["input_embedding_name"] = _module_name(base, emb)
+    head = base.get_output_embeddings()
+    if head is not None:
+        out["output_embedding_name"] = _module_name(base, head)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+UNTRAINED_NORM_FRACTION = 0.01
+"""An embedding row below 1% of the median row norm was never trained: initialisers and training give
+rows of similar norm, while reserved tokens of some bases (Llama-3's special tokens) are ~0."""
+
+
+def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[int, float] | None:
+    """{token id: row norm / median row norm} for label tokens whose input embedding looks untrained.
+
+    Needs real weights: None on a meta model, without labels, or without an input embedding.
+    """
+    if model is None or not labels or not hasattr(model, "get_input_embeddings"):
+        return None
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if weight is None or weight.is_meta or weight.dim() != 2:
+        return None
+    import torch
+
+    with torch.no_grad():
+        norms = weight.detach().float().norm(dim=-1)
+        median = float(norms.median())
+        if median <= 0:
+            return None
+        ids = sorted({t for seq in labels for t in seq if 0 <= t < norms.numel()})
+        ratios = (norms[ids] / median).tolist() if ids else []
+    return {i: r for i, r in zip(ids, ratios) if r < UNTRAINED_NORM_FRACTION}
+
+
+def build_context(
+    *,
+    config: RunConfig | None = None,
+    shape: ModelShape | None = None,
+    model_config: Any = None,
+    tokenizer: Any = None,
+    data_stats: DataStats | None = None,
+    labels: list[list[int]] | None = None,
+    budget: Any = None,
+    verdict: Headroom | Verdict | None = None,
+    env: dict | None = None,
+    run: RunResult | None = None,
+    model: Any = None,
+    **overrides: Any,
+) -> CheckContext:
+    """One CheckContext from whatever records the caller has; later sources refine earlier ones.
+
+    Order: tokenizer, config (its padding side wins), data, plan, environment, model, run, then explicit
+    keyword overrides (any CheckContext field: trainable_params, resolved_targets, ...).
+
+    Args:
+        model_config: the checkpoint's transformers config; its dtype is the checkpoint dtype.
+    """
+    values: dict[str, Any] = {}
+    if tokenizer is not None:
+        values.update(context_from_tokenizer(tokenizer))
+    if config is not None:
+        values.update(context_from_config(config))
+        input_field = config.data.input_field
+        optional = (input_field,) if input_field else ("input",)
+    else:
+        optional = ("input",)
+    if data_stats is not None:
+        values.update(context_from_data_stats(data_stats, optional))
+    values.update(context_from_plan(budget, verdict))
+    values.update(context_from_env(env))
+    if config is not None:
+        # engine.py loads one copy per process: device_map={'': local_rank} (or 'cpu').
+        values["device_map"] = {"": values.get("local_rank", 0)}
+    if model is not None:
+        values.update(context_from_model(model))
+    if run is not None:
+        values.update(context_from_run(run))
+    if shape is not None:
+        values["shape"] = shape
+        values.setdefault("model_id", shape.model_id)
+    if model_config is not None and getattr(model_config, "dtype", None) is not None:
+        values["model_dtype"] = dtype_name(model_config.dtype)
+    if labels is not None:
+        values["labels"] = [list(x) for x in labels]
+        untrained = untrained_label_tokens(model, values["labels"])
+        if untrained is not None:
+            values["untrained_label_tokens"] = untrained
+    values.update(overrides)
+    return CheckContext(**values)
