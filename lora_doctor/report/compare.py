@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..compare import BAND_REL, SPIKE_REL, Comparison, RunFigures
 from . import format_bytes
-from .run import _format_seconds, _table
+from .tables import format_seconds, table
 
 HEADER = ("run", "differs from first", f"steps to ±{BAND_REL:.0%} band", "time to band", "Δloss std (last half)",
           "spikes", "best eval CE (ppl)", "final eval CE (ppl)", "tokens/s", "peak memory", "findings")
@@ -55,7 +55,7 @@ def table_row(r: RunFigures, first: bool) -> tuple:
     return (
         name, _differs(r, first),
         "—" if r.steps_to_band is None else f"{r.steps_to_band} / {r.n_steps}",
-        "—" if r.time_to_band_s is None else _format_seconds(r.time_to_band_s),
+        "—" if r.time_to_band_s is None else format_seconds(r.time_to_band_s),
         "—" if r.step_change_std is None else f"{r.step_change_std:.4f}",
         str(r.n_spikes) + (f" (+{r.n_nonfinite} non-finite)" if r.n_nonfinite else ""),
         _ce(r.best_eval_ce, r.best_eval_ppl, r.best_eval_step),
@@ -72,7 +72,7 @@ def render_compare_markdown(comparison: Comparison, plot_path: str | None = None
     if comparison.mismatches:
         lines += [f"⚠ Not comparable, compared anyway (--force): {'; '.join(comparison.mismatches)}.", ""]
     rows = [table_row(r, i == 0) for i, r in enumerate(comparison.runs)]
-    lines += [_table(rows, HEADER), ""]
+    lines += [table(rows, HEADER), ""]
     if plot_path:
         lines += [f"![training loss (dashed) and eval CE (solid)]({plot_path})", ""]
     lines += [

@@ -58,7 +58,7 @@ EXTRA_LABELS = {
 """Human labels for the keys probe/train/check put in `extra`; other keys get a label derived from the key."""
 
 
-def _format_seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
     if s < 1:
         return f"{1000 * s:.0f} ms"
     if s < 120:
@@ -90,7 +90,7 @@ def extra_row(key: str, value) -> tuple[str, str]:
     if key.endswith("_per_s"):
         return label, f"{value:,.1f} /s"
     if key.endswith("_s"):
-        return label, _format_seconds(float(value))
+        return label, format_seconds(float(value))
     if "loss" in key and isinstance(value, float):
         return label, fmt_loss(value)
     if isinstance(value, int):
