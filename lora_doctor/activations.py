@@ -58,7 +58,6 @@ def _per_token_layer_bytes(
     h = shape.hidden_size
     heads = shape.num_attention_heads
     qd = heads * shape.head_dim
-    kvd = shape.num_kv_heads * shape.head_dim
     inter = shape.intermediate_size or 4 * h
     if shape.num_experts and shape.extra.get("moe_intermediate_size"):
         inter = shape.extra["moe_intermediate_size"]  # Qwen-MoE style: experts narrower than intermediate_size
@@ -71,15 +70,7 @@ def _per_token_layer_bytes(
     if base_trains:
         total += norms * c * h  # normalised outputs, needed for the norm weights' gradient
 
-    if eager:
-        total += c * (qd + 2 * qd)  # q, KV repeated to H heads (repeat_kv before the matmuls)
-        total += (4 + c) * heads * seq_len  # fp32 softmax output + its cast, one row of (T, T) per head
-        if shape.extra.get("attn_logit_softcapping"):
-            # Gemma-2 eager_attention_forward: tanh(scores / cap) * cap before the softmax; autograd keeps two
-            # more c-byte (T, T) tensors (measured with saved-tensor hooks, tests/test_budget.py).
-            total += 2 * c * heads * seq_len
-    else:
-        total += c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
+    total += _attention_per_token_bytes(shape, c, eager, seq_len)
 
     act = str(shape.extra.get("activation_function") or shape.extra.get("hidden_act") or "")
     # transformers' NewGELUActivation (GPT-2 "gelu_new") is composed of pointwise ops that save x, 0.5*x,
@@ -94,6 +85,23 @@ def _per_token_layer_bytes(
     if base_trains:
         total += c * (h + qd + h)  # qkv input, o_proj input, MLP (router/gate/up) input
         total += c * inter * k  # down projection input
+    return total
+
+
+def _attention_per_token_bytes(shape: ModelShape, c: int, eager: bool, seq_len: int) -> int:
+    """What attention saves per token (see `_per_token_layer_bytes`): sdpa/flash keep q, k, v, output and a fp32
+    log-sum-exp; eager keeps KV repeated to H heads and one (T, T) row per head of softmax output and its cast."""
+    heads = shape.num_attention_heads
+    qd = heads * shape.head_dim
+    if not eager:
+        kvd = shape.num_kv_heads * shape.head_dim
+        return c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
+    total = c * (qd + 2 * qd)  # q, KV repeated to H heads (repeat_kv before the matmuls)
+    total += (4 + c) * heads * seq_len  # fp32 softmax output + its cast, one row of (T, T) per head
+    if shape.extra.get("attn_logit_softcapping"):
+        # Gemma-2 eager_attention_forward: tanh(scores / cap) * cap before the softmax; autograd keeps two
+        # more c-byte (T, T) tensors (measured with saved-tensor hooks, tests/test_budget.py).
+        total += 2 * c * heads * seq_len
     return total
 
 

@@ -38,10 +38,9 @@ from .specs import LoraSpec, QuantSpec, TrainSpec
 from .targets import match_targets, targeted_groups
 from .units import BYTES_PER_MIB, DTYPE_BYTES
 
-__all__ = [  # the arithmetic split across activations.py and inventory.py stays importable from here
-    "activation_bytes", "base_param_tensors", "dora_transient_bytes", "logits_bytes", "lora_param_count",
-    "lora_param_tensors", "memory_budget", "method_budget", "numel", "targeted_groups",
-]
+# Re-exported: the arithmetic split into activations.py and inventory.py stays importable from here.
+__all__ = ["activation_bytes", "base_param_tensors", "dora_transient_bytes", "logits_bytes", "lora_param_count",
+           "lora_param_tensors", "memory_budget", "method_budget", "numel", "targeted_groups"]
 
 # --- bitsandbytes 4-bit storage -------------------------------------------------------------------
 # bitsandbytes/functional.py quantize_4bit(): the packed weight is a uint8 tensor of

@@ -484,3 +484,18 @@ def test_norms_per_layer_and_sdpa_support_read_off_the_model(arch, norms):
     shape = model_shape(model, model.config, model_id=arch, source="test")
     assert shape.extra["norms_per_layer"] == norms
     assert shape.extra["supports_sdpa"] is True
+
+
+def test_matched_targets_round_trip_through_counts():
+    """The plan cache stores per-group counts; rebuilding from them gives the groups peft's rule matched."""
+    from lora_doctor.targets import MatchedTargets, match_targets, matches
+
+    _, shape = meta_and_shape("gpt2")
+    names = resolve_targets(shape, "attn")
+    matched = match_targets(shape, names)
+    assert [g.name for g, _ in matched.groups] and all(n > 0 for _, n in matched.groups)
+    rebuilt = MatchedTargets.from_counts(shape, names, matched.counts(shape))
+    assert tuple(rebuilt) == tuple(matched) and rebuilt.groups == matched.groups
+    assert match_targets(shape, rebuilt) is rebuilt  # already matched: peft is not asked again
+    assert matches("transformer.h.0.attn.c_attn", ["c_attn"]) and not matches("transformer.h.0.attn.c_attnx", ["c_attn"])
+    assert match_targets(shape, ()).groups == ()

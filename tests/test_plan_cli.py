@@ -369,3 +369,28 @@ def test_markdown_folder_is_not_created_when_the_plan_fails(tmp_path):
     result = plan("no-such-org/no-such-model", "--markdown", str(tmp_path / "new" / "x.md"))
     assert result.exit_code == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_nvml_opens_once_and_closes_with_the_last_user(monkeypatch):
+    """Nested nvml() blocks share one nvmlInit; the outermost exit shuts down; no NVML is None, not an error."""
+    import sys
+    from types import SimpleNamespace
+
+    from lora_doctor import hardware
+
+    calls = []
+    fake = SimpleNamespace(nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with hardware.nvml() as outer:
+        with hardware.nvml() as inner:
+            assert outer is inner is fake
+        assert calls == ["init"]
+    assert calls == ["init", "shutdown"]
+
+    def refuse():
+        raise RuntimeError("no driver")
+
+    monkeypatch.setitem(sys.modules, "pynvml", SimpleNamespace(nvmlInit=refuse))
+    with hardware.nvml() as nv:
+        assert nv is None
+    assert detect_local_gpu() is None  # installed but no driver: no torch import, no guess

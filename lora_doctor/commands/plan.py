@@ -73,11 +73,6 @@ def gather_plan(
     budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes)
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
-    by_gpu: dict[str, dict] = {}
-    for v in hardware.verdicts(first):
-        by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
-    gpus = [{"name": g.name, "marketed_gb": g.marketed_gb, "usable_bytes": g.usable_bytes, "verdicts": by_gpu[g.name]}
-            for g in hardware.GPUS]
     return {
         "model": {"id": shape.model_id, "source": shape.source, "location": location,
                   "architecture": shape.architecture, "model_type": shape.model_type,
@@ -92,12 +87,23 @@ def gather_plan(
                        "trainable_fraction": c.trainable / c.all_params} for c in counts],
         "cached": hit,
         "budgets": budgets,
-        "gpus": gpus,
+        "gpus": _gpu_table(first),
         "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
                                             "marketed_gb": chosen.marketed_gb, "source": chosen.source},
         "constants": _constants(),
         "notes": notes,
     }
+
+
+def _gpu_table(budget) -> list[dict]:
+    """Every card of the GPU table with each method's verdict for this budget."""
+    from .. import hardware
+
+    by_gpu: dict[str, dict] = {}
+    for v in hardware.verdicts(budget):
+        by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
+    return [{"name": g.name, "marketed_gb": g.marketed_gb, "usable_bytes": g.usable_bytes, "verdicts": by_gpu[g.name]}
+            for g in hardware.GPUS]
 
 
 def _constants() -> dict:
