@@ -194,11 +194,21 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert r.exit_code == 2 and "--lr must be" in r.output
 
 
+def _free_port() -> int:
+    """A port nothing listens on now: a fixed one collides with another suite running on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 LAUNCHERS = {
-    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+    "torchrun": lambda: ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())],
     # What users type for multi-GPU; on a CPU-only machine it starts the same 2 processes over gloo.
-    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519"],
+    "accelerate": lambda: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                           str(_free_port())],
 }
 
 
@@ -220,7 +230,7 @@ train: {{batch: 2, max_steps: 3, lr: 1.0e-2, optim: adamw, precision: fp32, grad
 output: {{dir: {tmp_path / 'ddp'}, plot: false}}
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "lora_doctor.cli", "train", str(cfg_path),
+    proc = subprocess.run([sys.executable, *LAUNCHERS[launcher](), "-m", "lora_doctor.cli", "train", str(cfg_path),
                            "--no-report"],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
