@@ -211,7 +211,7 @@ def diagnose(kind: str, cfg: RunConfig, engine, result: RunResult | None, *, ext
         result: its RunResult, None when nothing was measured (OOM while loading).
         findings_first: findings the run itself raised (out-of-memory), reported before the doctor's.
     """
-    from .hardware import collect_environment
+    from .environment import collect_environment
     from .report.memory import run_report
 
     env = env if env is not None else collect_environment()

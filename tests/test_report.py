@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from lora_doctor.checks import Finding, Severity
 from lora_doctor.cli import cli
-from lora_doctor.hardware import collect_environment
+from lora_doctor.environment import collect_environment
 from lora_doctor.report.env import REDACTED, is_secret_key, redact
 from lora_doctor.report.run import SCHEMA, build_result, load_result, render_markdown, render_text, write_result
 from lora_doctor.report.tables import sparkline

@@ -91,7 +91,7 @@ def context_from_plan(budget: Any = None, verdict: Headroom | Verdict | None = N
 
 
 def context_from_env(env: dict | None) -> dict:
-    """Environment facts from hardware.collect_environment()."""
+    """Environment facts from environment.collect_environment()."""
     if not env:
         return {}
     cap = env.get("cuda_capability")

@@ -233,7 +233,7 @@ def command(config, merge, gpu, as_json, markdown, **params):
       lora-doctor check examples/tiny.yaml --json > check.json
       lora-doctor check examples/tiny.yaml --markdown
     """
-    from ..hardware import collect_environment
+    from ..environment import collect_environment
     from ..report.run import default_report_path, render_text, write_result
 
     cfg = config_from_cli(config, params, extra={"output.merge": merge})

@@ -1,4 +1,4 @@
-"""The redaction every report passes through: nothing here probes the machine (hardware.collect_environment does).
+"""The redaction every report passes through: nothing here probes the machine (environment.collect_environment does).
 
 `redact(obj)` removes credentials and shortens home paths in anything about to be written.
 """
