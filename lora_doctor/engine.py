@@ -33,8 +33,9 @@ from .errors import LoraDoctorError
 from .gradflow import GradFlowRecorder
 from .loading import (eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config, preload_libraries,
                       resolve_source, torch_dtype)
-from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, throughput
+from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, merged_memory, throughput
 from .optim import build_optimizer, build_scheduler, label_token_count, token_loss_sum
+from .report import format_bytes  # no torch, no I/O: the one place bytes become text
 from .runconfig import RunConfig
 
 StepCallback = Callable[["Engine", StepRecord], None]
@@ -109,7 +110,7 @@ class Engine:
             peak = self.monitor.current_peak()
             self.monitor.stop()
             if is_oom(e):
-                raise OutOfMemory(f"Out of memory while loading {self.cfg.model!r} (peak {_fmt(peak)}).",
+                raise OutOfMemory(f"Out of memory while loading {self.cfg.model!r} (peak {format_bytes(peak)}).",
                                   "Use --quant nf4, a smaller model, or a GPU with more memory.") from None
             raise
         self.memory["load"] = self.monitor.stop()
@@ -300,7 +301,7 @@ class Engine:
             if not is_oom(e):
                 raise
             raise self._step_oom() from None
-        self.memory["train"] = _merge_memory(self.memory.get("train"), self.monitor.stop())
+        self.memory["train"] = merged_memory(self.memory.get("train"), self.monitor.stop())
         return done
 
     def _step_oom(self) -> OutOfMemory:
@@ -315,7 +316,7 @@ class Engine:
         t = self.cfg.train
         return OutOfMemory(
             f"Out of memory at step {self.step + 1} with batch {t.batch} x max_length {self.cfg.data.max_length} "
-            f"(peak {_fmt(peak)}{', gradient checkpointing off' if not t.grad_ckpt else ''}).",
+            f"(peak {format_bytes(peak)}{', gradient checkpointing off' if not t.grad_ckpt else ''}).",
             f"Try: --batch {max(1, t.batch // 2)} --grad-accum {t.grad_accum * 2}"
             + ("" if t.grad_ckpt else " --grad-ckpt") + ", or a shorter --max-length.")
 
@@ -389,27 +390,6 @@ class Engine:
             checkpoint.save_adapter(self.peft_model, self.tokenizer, path)
         self.placement.barrier()
         return path
-
-
-def _merge_memory(a: MemoryStats | None, b: MemoryStats) -> MemoryStats:
-    """One 'train' phase over several run_steps calls: the larger peaks, the first start, summed time."""
-    if a is None:
-        return b
-
-    def top(x, y):
-        return y if x is None else x if y is None else max(x, y)
-
-    return MemoryStats(phase=b.phase, device=b.device, peak_allocated_bytes=top(a.peak_allocated_bytes, b.peak_allocated_bytes),
-                       peak_reserved_bytes=top(a.peak_reserved_bytes, b.peak_reserved_bytes),
-                       nvml_peak_used_bytes=top(a.nvml_peak_used_bytes, b.nvml_peak_used_bytes),
-                       peak_rss_bytes=top(a.peak_rss_bytes, b.peak_rss_bytes), start_rss_bytes=a.start_rss_bytes,
-                       duration_s=(a.duration_s or 0) + (b.duration_s or 0))
-
-
-def _fmt(n: int | None) -> str:
-    from .report import format_bytes
-
-    return format_bytes(n)
 
 
 __all__ = ["Engine", "OutOfMemory"]

@@ -57,6 +57,20 @@ class MemoryStats:
         return d
 
 
+_PEAK_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_peak_used_bytes", "peak_rss_bytes")
+
+
+def merged_memory(earlier: MemoryStats | None, later: MemoryStats) -> MemoryStats:
+    """One phase measured over several windows (train's run_steps calls): the larger peaks, the first start,
+    the summed time. A peak one window did not see (None) does not hide the other's."""
+    if earlier is None:
+        return later
+    peaks = {f: max((v for v in (getattr(earlier, f), getattr(later, f)) if v is not None), default=None)
+             for f in _PEAK_FIELDS}
+    return MemoryStats(phase=later.phase, device=later.device, start_rss_bytes=earlier.start_rss_bytes,
+                       duration_s=(earlier.duration_s or 0) + (later.duration_s or 0), **peaks)
+
+
 def _cuda_ok() -> bool:
     import torch
 
