@@ -214,25 +214,20 @@ def _download_config(model: str) -> tuple[Path | None, str]:
     unreachable = _unreachable(constants.ENDPOINT)
     if unreachable:
         return None, f"the hub could not be reached ({unreachable})"
-    try:
-        path = huggingface_hub.hf_hub_download(
-            model, "config.json", cache_dir=_hub_cache_dir(), etag_timeout=_HUB_TIMEOUT_S
-        )
     # Most specific first: LocalEntryNotFoundError and GatedRepoError subclass the broader ones.
-    except errors.HFValidationError:
-        return None, "it is not a valid hub repo id"
-    except errors.LocalEntryNotFoundError:
-        return None, "the hub could not be reached"
-    except errors.GatedRepoError:
-        return None, "its hub repo is gated (accept the licence on the hub and run `hf auth login`)"
-    except errors.RepositoryNotFoundError:
-        return None, "the hub has no such repo (or it is private: run `hf auth login`)"
-    except errors.EntryNotFoundError:
-        return None, "its hub repo has no config.json"
-    except errors.OfflineModeIsEnabled:
-        return None, "the hub is disabled (HF_HUB_OFFLINE is set)"
-    except (errors.HfHubHTTPError, OSError, ValueError) as e:
-        return None, f"the hub failed ({type(e).__name__}: {_one_line(e)})"
+    reasons = (
+        (errors.HFValidationError, "it is not a valid hub repo id"),
+        (errors.LocalEntryNotFoundError, "the hub could not be reached"),
+        (errors.GatedRepoError, "its hub repo is gated (accept the licence on the hub and run `hf auth login`)"),
+        (errors.RepositoryNotFoundError, "the hub has no such repo (or it is private: run `hf auth login`)"),
+        (errors.EntryNotFoundError, "its hub repo has no config.json"),
+        (errors.OfflineModeIsEnabled, "the hub is disabled (HF_HUB_OFFLINE is set)"),
+    )
+    try:
+        path = huggingface_hub.hf_hub_download(model, "config.json", cache_dir=_hub_cache_dir(), etag_timeout=_HUB_TIMEOUT_S)
+    except (*(kind for kind, _ in reasons), errors.HfHubHTTPError, OSError, ValueError) as e:
+        why = next((reason for kind, reason in reasons if isinstance(e, kind)), None)
+        return None, why or f"the hub failed ({type(e).__name__}: {_one_line(e)})"
     return Path(path), ""
 
 

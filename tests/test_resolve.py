@@ -201,6 +201,21 @@ def test_hub_errors_become_one_line(monkeypatch, empty_hub_cache):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("error, why", [
+    (lambda: huggingface_hub.errors.EntryNotFoundError("404"), "its hub repo has no config.json"),
+    (lambda: huggingface_hub.errors.OfflineModeIsEnabled("offline"), "the hub is disabled (HF_HUB_OFFLINE is set)"),
+    (lambda: huggingface_hub.errors.HFValidationError("bad id"), "it is not a valid hub repo id"),
+    (lambda: ConnectionResetError("reset by peer"), "the hub failed (ConnectionResetError: reset by peer)"),
+])
+def test_each_hub_error_names_its_reason(monkeypatch, empty_hub_cache, error, why):
+    def fail(repo_id, filename, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    monkeypatch.setattr(resolve, "_unreachable", lambda endpoint: "")
+    assert resolve._download_config("someorg/unknown-model") == (None, why)
+
+
 # --- remote code ------------------------------------------------------------------------------
 
 CUSTOM_CONFIG_PY = '''
