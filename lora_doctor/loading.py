@@ -288,19 +288,18 @@ def peft_lora_config(cfg: RunConfig, source: ModelSource, model):
     """peft LoraConfig: presets resolved per architecture by introspect.lora_config (plan uses the same);
     explicit names that only the live model has (e.g. modules added by a hook) go to peft as they are."""
     from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
 
     from .introspect import lora_config
+    from .targets import matches, split_targets
 
     lora = cfg.lora
-    names = [t.strip() for t in lora.targets.split(",")] if isinstance(lora.targets, str) else list(lora.targets)
+    names = split_targets(lora.targets)
     try:
         return lora_config(source.shape, lora)
     except LoraDoctorError:
         live = [n for n, _ in model.named_modules()]
-        # peft's own matching rule, one name at a time: every name must exist in the live model.
-        each = [LoraConfig(target_modules=[t]) for t in names]
-        if not all(any(check_target_module_exists(c, p) for p in live) for c in each):
+        # targets.matches is peft's own rule; one name at a time, because every name must exist in the live model.
+        if not all(any(matches(p, [t]) for p in live) for t in names):
             raise
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                       use_rslora=lora.use_rslora, target_modules=names, task_type="CAUSAL_LM")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ..data import IGNORE_INDEX
 from .base import Finding, Severity
 from .context import CheckContext
 from .registry import register
-from .tokens import IGNORE_INDEX
 
 RESPONSE_LOST_WARN_SHARE = 0.05
 """Above 5% of examples contributing no label, the effective dataset is visibly smaller than planned."""

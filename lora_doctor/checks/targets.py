@@ -6,6 +6,7 @@ equals the target or ends with '.' + target), on the meta model's real module pa
 
 from __future__ import annotations
 
+from ..targets import FUSED, ROLE_OF_NAME
 from .base import Finding, Severity
 from .context import CheckContext
 from .registry import register
@@ -20,13 +21,14 @@ FUSED_LAYOUT = {
 }
 """Leaves that compute several projections in one matmul; one adapter on them is shared by all."""
 _ATTN_ROLES = {"q", "k", "v", "o"}
+_MLP_ROLES = {"gate", "up", "down"}
 _ROLE = {
-    **dict.fromkeys(("q_proj", "q", "query", "wq", "q_lin"), "q"),
-    **dict.fromkeys(("k_proj", "k", "key", "wk", "k_lin"), "k"),
-    **dict.fromkeys(("v_proj", "v", "value", "wv", "v_lin"), "v"),
-    **dict.fromkeys(("o_proj", "out_proj", "wo", "out_lin", "dense"), "o"),
-    **dict.fromkeys(("gate_proj", "w1", "up_proj", "w3", "down_proj", "w2", "fc1", "fc2", "c_fc",
-                     "dense_h_to_4h", "dense_4h_to_h", "gate_up_proj"), "mlp"),
+    **{name: "mlp" if role in _MLP_ROLES else role for name, role in ROLE_OF_NAME.items()},
+    **{name: "mlp" for name, roles in FUSED.items() if set(roles) <= _MLP_ROLES},  # gate_up_proj
+    # Names targets.ROLE_OF_NAME leaves out (they do not say which projection they are in every family), close
+    # enough to pick which preset to suggest: 'dense' is BLOOM/Falcon's attention output, the rest MLP layers.
+    "dense": "o",
+    **dict.fromkeys(("fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h"), "mlp"),
 }
 """Leaf name -> the projection it computes, to pick the preset the user meant."""
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from ..data import IGNORE_INDEX
 from .base import Finding, Severity
 from .context import CheckContext
 from .registry import register
-
-IGNORE_INDEX = -100
-"""torch.nn.CrossEntropyLoss default ignore_index; transformers' causal-LM loss uses it too."""
 
 EMBED_NAMES = {"gpt2": "wte", "falcon": "word_embeddings", "gpt_neox": "embed_in", "bloom": "word_embeddings",
                "opt": "embed_tokens", "phi": "embed_tokens"}
