@@ -105,54 +105,59 @@ def _headroom_lines(data: dict) -> list[str]:
     return lines
 
 
+def _rank_note(n: dict) -> str:
+    names = n.get("names") or []
+    where = f" of {', '.join(names)}" if names else ""
+    # A narrow odd-one-out (a MoE router) is better dropped from the targets than the rank cut for all.
+    hint = (f"--target {','.join(n['others'])}" if names and n.get("others") and n["min_dim"] < 64
+            else f"--r {min(64, n['min_dim'])}")
+    return (f"r={', '.join(map(str, n['ranks']))} is larger than the smallest targeted dimension "
+            f"({n['min_dim']:,}){where}: the update B@A is then no longer low-rank, only a costlier full "
+            f"update of that layer. Try: {hint}")
+
+
+_NOTES = {
+    "linears-not-quantized": lambda n: (
+        f"{', '.join(n['names'])} ({format_count(n['params'])} weights) stay 16-bit under bitsandbytes "
+        "4-bit (transformers swaps only exact nn.Linear / Conv1D), and prepare_model_for_kbit_training "
+        f"then upcasts them to fp32: {format_bytes(n['fp32_bytes'])} in the QLoRA columns."),
+    "experts-not-quantized": lambda n: (
+        f"Fused expert tensors {', '.join(n['names'])} ({format_count(n['params'])} params) are bare "
+        "Parameters bitsandbytes does not quantize; after prepare_model_for_kbit_training they are "
+        f"fp32: {format_bytes(n['fp32_bytes'])}, which is why QLoRA can cost more than LoRA bf16 here."),
+    "fp32-upcast": lambda n: (
+        f"QLoRA base weights include {format_bytes(n['fp32_bytes'])} of fp32 parameters "
+        f"({format_count(n['params'])}: embeddings, norms, lm_head, biases, anything not 4-bit) that "
+        "prepare_model_for_kbit_training upcasts from 16 bit."),
+    "seq-len-over-max": lambda n: (
+        f"--seq-len {n['seq_len']} is longer than the model's max_position_embeddings "
+        f"({n['max_position_embeddings']:,}); the budget is computed as asked, but the model "
+        f"was not trained past that length (it needs RoPE scaling, or fails for learned positions). "
+        f"Try: --seq-len {n['max_position_embeddings']}"),
+    "attn-eager-fallback": lambda n: (
+        f"{n['requested']} attention is not supported by this model class in transformers (it sets "
+        f"_supports_sdpa = False), so it runs {n['used']} attention and the budget costs that, (T, T) "
+        "matrices included. Try: --attn flash_attention_2 on CUDA"),
+    "dora-transient": lambda n: (
+        f"DoRA: peft computes each module's weight norm from lora_B(lora_A(eye(in_features))), "
+        f"{format_bytes(n['bytes'])} of scratch at the widest module, included in activations."),
+    "seq-len-defaulted": lambda n: (
+        f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
+        f"{n['default']:,}; pass --seq-len to choose."),
+    "rank-exceeds-dim": _rank_note,
+    "param-targets-dropout": lambda n: (
+        f"peft adapts {', '.join(n['names'])} through target_parameters, which refuses lora_dropout "
+        f"> 0 (got {n['dropout']}): training with these flags fails. Try: --dropout 0, or --target attn"),
+    "count-mismatch": lambda n: (
+        f"r={n['r']}: budget arithmetic counts {format_count(n['budget_params'])} adapter parameters, "
+        f"peft {format_count(n['peft_params'])}; the memory table uses the arithmetic."),
+}
+"""Note kind (gather_plan's notes) -> its sentence; a kind this table does not know is not shown."""
+
+
 def render_notes(data: dict) -> list[str]:
     """One sentence per note from gather_plan, numbers included."""
-    out = []
-    for n in data.get("notes", []):
-        kind = n["kind"]
-        if kind == "linears-not-quantized":
-            out.append(f"{', '.join(n['names'])} ({format_count(n['params'])} weights) stay 16-bit under bitsandbytes "
-                       "4-bit (transformers swaps only exact nn.Linear / Conv1D), and prepare_model_for_kbit_training "
-                       f"then upcasts them to fp32: {format_bytes(n['fp32_bytes'])} in the QLoRA columns.")
-        elif kind == "experts-not-quantized":
-            out.append(f"Fused expert tensors {', '.join(n['names'])} ({format_count(n['params'])} params) are bare "
-                       "Parameters bitsandbytes does not quantize; after prepare_model_for_kbit_training they are "
-                       f"fp32: {format_bytes(n['fp32_bytes'])}, which is why QLoRA can cost more than LoRA bf16 here.")
-        elif kind == "fp32-upcast":
-            out.append(f"QLoRA base weights include {format_bytes(n['fp32_bytes'])} of fp32 parameters "
-                       f"({format_count(n['params'])}: embeddings, norms, lm_head, biases, anything not 4-bit) that "
-                       "prepare_model_for_kbit_training upcasts from 16 bit.")
-        elif kind == "seq-len-over-max":
-            out.append(f"--seq-len {n['seq_len']} is longer than the model's max_position_embeddings "
-                       f"({n['max_position_embeddings']:,}); the budget is computed as asked, but the model "
-                       f"was not trained past that length (it needs RoPE scaling, or fails for learned positions). "
-                       f"Try: --seq-len {n['max_position_embeddings']}")
-        elif kind == "attn-eager-fallback":
-            out.append(f"{n['requested']} attention is not supported by this model class in transformers (it sets "
-                       f"_supports_sdpa = False), so it runs {n['used']} attention and the budget costs that, (T, T) "
-                       "matrices included. Try: --attn flash_attention_2 on CUDA")
-        elif kind == "dora-transient":
-            out.append(f"DoRA: peft computes each module's weight norm from lora_B(lora_A(eye(in_features))), "
-                       f"{format_bytes(n['bytes'])} of scratch at the widest module, included in activations.")
-        elif kind == "seq-len-defaulted":
-            out.append(f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
-                       f"{n['default']:,}; pass --seq-len to choose.")
-        elif kind == "rank-exceeds-dim":
-            names = n.get("names") or []
-            where = f" of {', '.join(names)}" if names else ""
-            # A narrow odd-one-out (a MoE router) is better dropped from the targets than the rank cut for all.
-            hint = (f"--target {','.join(n['others'])}" if names and n.get("others") and n["min_dim"] < 64
-                    else f"--r {min(64, n['min_dim'])}")
-            out.append(f"r={', '.join(map(str, n['ranks']))} is larger than the smallest targeted dimension "
-                       f"({n['min_dim']:,}){where}: the update B@A is then no longer low-rank, only a costlier full "
-                       f"update of that layer. Try: {hint}")
-        elif kind == "param-targets-dropout":
-            out.append(f"peft adapts {', '.join(n['names'])} through target_parameters, which refuses lora_dropout "
-                       f"> 0 (got {n['dropout']}): training with these flags fails. Try: --dropout 0, or --target attn")
-        elif kind == "count-mismatch":
-            out.append(f"r={n['r']}: budget arithmetic counts {format_count(n['budget_params'])} adapter parameters, "
-                       f"peft {format_count(n['peft_params'])}; the memory table uses the arithmetic.")
-    return out
+    return [_NOTES[n["kind"]](n) for n in data.get("notes", []) if n["kind"] in _NOTES]
 
 
 def render_plan(data: dict) -> str:
