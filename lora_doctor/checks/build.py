@@ -63,8 +63,6 @@ def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] =
         n_examples=stats.n_examples, n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
         empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
         longest_tokens=stats.longest_tokens, max_length=stats.max_length,
-        # Chat data: every ChatStats fact; other formats: the rows' shapes, for chat-format-mismatch.
-        chat=stats.chat,
     )
 
 
@@ -233,6 +231,8 @@ def build_context(
         optional = ("input",)
     if data_stats is not None:
         values.update(context_from_data_stats(data_stats, optional))
+        # Chat data: every ChatStats fact; other formats: the rows' shapes, for chat-format-mismatch.
+        values["chat"] = data_stats.chat
     values.update(context_from_plan(budget, verdict))
     values.update(context_from_env(env))
     if config is not None:
