@@ -133,3 +133,18 @@ def test_bad_row_is_one_line_with_file_and_line(tmp_path):
         error = [line for line in res.output.splitlines() if line.startswith("Error:")]
         assert len(error) == 1 and "bad.jsonl:2, message 1" in error[0] and "'robot'" in error[0]
         assert "Traceback" not in res.output
+
+
+def test_check_counts_chat_data_with_load_datas_code(tmp_path):
+    """check's data section is the DataStats probe/train's load_data builds, chat facts included."""
+    from transformers import AutoTokenizer
+
+    from lora_doctor.data import load_data
+    from lora_doctor.runconfig import load_run_config
+
+    cfg_path = write_config(tmp_path, tiny_chat_model_dir())
+    res = invoke("check", cfg_path, "--json")
+    cfg = load_run_config(cfg_path, {})
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model_dir())
+    stats = load_data(cfg.data, tok, model_id=cfg.model, embedding_rows=len(tok)).stats
+    assert json.loads(res.stdout)["data"] == json.loads(json.dumps(stats.to_dict()))
