@@ -13,20 +13,10 @@ ChatML's <|im_start|>/<|im_end|> as special tokens (inside the embedding) and a 
 import argparse
 from pathlib import Path
 
+from lora_doctor.chat.templates import CHATML_TAGGED
 from lora_doctor.tiny import TINY_CONFIGS, build_tiny_model, save_tiny_model, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
-
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
-    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-"""ChatML with the assistant's content and its <|im_end|> (plus the newline after it, which the
-turn-by-turn rendering also assigns to the turn) inside {% generation %}."""
 
 
 def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
@@ -34,7 +24,7 @@ def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token = "<|im_end|>"
-    tok.chat_template = CHATML_TEMPLATE
+    tok.chat_template = CHATML_TAGGED
     model = build_tiny_model("llama", vocab_size=len(tok), seed=seed)
     model.config.update(dict(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                              pad_token_id=tok.pad_token_id))
