@@ -129,7 +129,8 @@ class Engine:
         self.tokenizer = load_tokenizer(self.cfg, self.source)
 
     def _setup_data(self) -> None:
-        self.data = load_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed)
+        self.data = load_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, model_id=self.cfg.model,
+                              embedding_rows=getattr(self.base_config, "vocab_size", None))
 
     def _setup_model(self) -> None:
         self.peft_model, self.model_info = load_peft_model(

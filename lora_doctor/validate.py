@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 
-from .data import ALPACA_PROMPT, DATA_FORMATS
+from .data import ALPACA_PROMPT, DATA_FORMATS, TRAIN_ON
 from .specs import COMPUTE_DTYPES, OPTIMIZERS
 
 if typing.TYPE_CHECKING:
@@ -28,6 +28,7 @@ FLAGS: dict[str, str] = {
     "data": "data.path",
     "format": "data.format",
     "max-length": "data.max_length",
+    "chat-template": "data.chat_template",
     "quant": "quant.mode",
     "compute-dtype": "quant.compute_dtype",
     "r": "lora.r",
@@ -95,6 +96,10 @@ def problems_in(cfg: RunConfig, label) -> list[Problem]:
     if not (isinstance(d.eval_fraction, (int, float)) and 0.0 <= d.eval_fraction < 1.0):
         p.append((f"{label('data.eval_fraction')} must be in [0, 1); got {d.eval_fraction!r}.", "Try: data.eval_fraction: 0.1"))
     _positive_int(label("data.max_examples"), d.max_examples, p, "data.max_examples: 1000", allow_none=True)
+    _one_of(label("data.train_on"), d.train_on, TRAIN_ON, p, "data.train_on: all_assistant")
+    if not isinstance(d.messages_field, str) or not d.messages_field:
+        p.append((f"{label('data.messages_field')} must name a column; got {d.messages_field!r}.",
+                  "Try: data.messages_field: messages"))
     if d.prompt_template is not None and "{instruction}" not in d.prompt_template:
         p.append((f"{label('data.prompt_template')} must contain {{instruction}}; got {d.prompt_template!r}.",
                   f"Try: prompt_template: {ALPACA_PROMPT!r}"))

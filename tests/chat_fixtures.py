@@ -14,17 +14,11 @@ import tempfile
 
 import pytest
 
+from lora_doctor.chat.templates import CHATML_TAGGED
+
 CHATML = (
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-CHATML_TAGGED = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
-    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -150,3 +144,26 @@ CONVERSATION = [
 def rows(*conversations, field: str = "messages", source: str = "chat.jsonl") -> list[tuple[str, dict]]:
     """(origin, row) pairs as data.read_rows returns them."""
     return [(f"{source}:{i}", {field: c}) for i, c in enumerate(conversations, start=1)]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_chat_model_dir() -> str:
+    """examples/make_tiny_model.py's tiny-llama-chat (ChatML template with generation tags, <|im_end|> as
+    EOS, the special tokens inside the embedding), written once per process to a temporary folder."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = Path(tempfile.mkdtemp(prefix="tiny-llama-chat-"))
+    return str(module.save_tiny_chat_model(folder))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_chat_tokenizer():
+    """The tokenizer of tiny_chat_model_dir() (shared: copy it before changing it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_model_dir())

@@ -77,3 +77,18 @@ def test_checks_are_registered():
     from lora_doctor.checks import CHECKS
 
     assert {fn.__name__.removeprefix("check_") for fn in ALL_CHECKS} <= set(CHECKS)
+
+
+def test_every_data_key_a_chat_finding_names_exists():
+    """Hints and messages name config keys (data.chat_template, data.train_on, ...): each must be a real
+    DataConfig field, so `--set data.KEY=...` and the config file accept it."""
+    import re
+
+    from lora_doctor.data import DataConfig
+
+    named = set()
+    for _, _, planted, _ in FAULTS:
+        for f in _run(CheckContext(chat=dataclasses.replace(HEALTHY, **planted), model_id="m")):
+            named |= set(re.findall(r"\bdata\.([a-z_]+)", f.hint + " " + f.message))
+    assert {"chat_template", "train_on", "max_length", "path", "format"} <= named
+    assert named <= {f.name for f in dataclasses.fields(DataConfig)}, named - {f.name for f in dataclasses.fields(DataConfig)}

@@ -208,3 +208,83 @@ def test_stats_describe_the_training_population_only(tmp_path, tiny_tokenizer):
     assert held.stats.n_eval_examples == 3 and held.stats.n_examples == 8
     assert held.stats.empty_fields == {} and held.stats.n_truncated == 0 and held.stats.n_response_lost == 0
     assert held.stats.formats_seen == {"instruction+output": 8}
+
+
+# --- format: chat ----------------------------------------------------------------------------------
+
+CHAT_ROWS = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                           {"role": "assistant", "content": f"{i + 1}."},
+                           {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]}
+             for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    from chat_fixtures import tiny_chat_tokenizer
+
+    return tiny_chat_tokenizer()
+
+
+def test_chat_examples_are_the_chat_cores_pairs(tmp_path, chat_tok):
+    """load_data's Examples are tokenize_chat_rows' (input_ids, labels), with the same eval split and
+    DataStats fields as the other formats, plus the chat facts."""
+    from lora_doctor.chat import tokenize_chat_rows
+    from lora_doctor.readers import read_rows
+
+    path = write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS)
+    cfg = DataConfig(path=str(path), format="chat", max_length=64)
+    data = load_data(cfg, chat_tok)
+    pairs, chat = tokenize_chat_rows(read_rows(str(path)), chat_tok, max_length=64)
+    assert [(e.input_ids, e.labels) for e in data.train] == pairs
+    assert [e.origin for e in data.train[:2]] == ["c.jsonl:1", "c.jsonl:2"]
+    s = data.stats
+    assert (s.format, s.n_examples, s.formats_seen, s.eos_appended) == ("chat", 10, {"chat/openai": 10}, False)
+    assert s.n_label_tokens == chat.n_label_tokens == sum(sum(x != IGNORE_INDEX for x in lab) for _, lab in pairs)
+    assert s.role_tokens == chat.role_tokens and set(s.role_tokens) == {"user", "assistant"}
+    assert s.example_marked.startswith("<|im_start|>user\nWhat is 0 plus one?<|im_end|>\n<|im_start|>assistant\n[[1.<|im_end|>")
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["n_label_tokens"] == s.n_label_tokens and d["chat"]["mask_method"] == "generation-tags"
+    held = load_data(DataConfig(path=str(path), format="chat", max_length=64, eval_fraction=0.2), chat_tok)
+    assert (len(held.train), len(held.eval), held.stats.n_eval_examples) == (8, 2, 2)
+
+
+def test_chat_truncation_and_train_on_last(tmp_path, chat_tok):
+    path = write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS)
+    short = load_data(DataConfig(path=str(path), format="chat", max_length=40), chat_tok).stats
+    assert short.n_truncated == 10 and short.chat.n_truncated_assistant == 10
+    full = load_data(DataConfig(path=str(path), format="chat"), chat_tok).stats
+    last = load_data(DataConfig(path=str(path), format="chat", train_on="last_assistant"), chat_tok).stats
+    assert 0 < last.n_label_tokens < full.n_label_tokens and last.chat.train_on == "last_assistant"
+    with pytest.raises(LoraDoctorError, match="too small for any response"):
+        load_data(DataConfig(path=str(path), format="chat", max_length=20), chat_tok)
+
+
+def test_chat_rows_from_json_and_parquet(tmp_path, chat_tok):
+    import datasets
+
+    (tmp_path / "c.json").write_text(json.dumps(CHAT_ROWS), encoding="utf-8")
+    datasets.Dataset.from_list(CHAT_ROWS).to_parquet(str(tmp_path / "c.parquet"))
+    for name in ("c.json", "c.parquet"):
+        assert load_data(DataConfig(path=str(tmp_path / name), format="chat"), chat_tok).stats.n_examples == 10
+
+
+def test_chat_bad_input_names_the_row_and_the_fix(tmp_path, chat_tok, tiny_tokenizer):
+    bad = write_jsonl(tmp_path / "bad.jsonl", CHAT_ROWS[:2] + [{"messages": "hello"}])
+    with pytest.raises(LoraDoctorError, match=r"bad\.jsonl:3: 'messages' is a str"):
+        load_data(DataConfig(path=str(bad), format="chat"), chat_tok)
+    alpaca = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(alpaca), format="chat"), chat_tok)
+    assert "looks like alpaca instruction" in e.value.message and "data.format: instruction" in e.value.hint
+    chat = write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS)
+    with pytest.raises(LoraDoctorError) as e:
+        load_data(DataConfig(path=str(chat)), chat_tok)
+    assert "data.format: chat" in e.value.hint
+    with pytest.raises(LoraDoctorError, match="no chat template"):
+        load_data(DataConfig(path=str(chat), format="chat"), tiny_tokenizer)
+
+
+def test_other_formats_record_the_row_shapes(tmp_path, tiny_tokenizer):
+    stats = load_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS))), tiny_tokenizer).stats
+    assert stats.chat.row_shapes == {"alpaca instruction": 3} and stats.chat.declared_format == "instruction"
+    assert stats.role_tokens == {} and stats.example_marked is None

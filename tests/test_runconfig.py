@@ -70,7 +70,7 @@ def test_every_problem_reported_once_with_the_users_names():
 
 
 def test_range_checks():
-    for raw, needle in [({"train": {"eval_every": 0}}, "train.eval_every"), ({"data": {"format": "chat"}}, "data.format"),
+    for raw, needle in [({"train": {"eval_every": 0}}, "train.eval_every"), ({"data": {"format": "sharegpt"}}, "data.format"),
                         ({"loss": {"kind": "mse"}}, "loss.kind"), ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
                         ({"train": {"scheduler": "poly"}}, "scheduler"), ({"quant": {"mode": "int3"}}, "int3")]:
         with pytest.raises(LoraDoctorError) as e:

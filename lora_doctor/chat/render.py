@@ -56,7 +56,9 @@ def resolve_chat_template(tokenizer, chat_template: str | None = None, model_id:
     if own:
         return own
     model = model_id or getattr(tokenizer, "name_or_path", None) or "this model"
-    instruct = f" (e.g. '{model}-Instruct')" if model_id and "instruct" not in model_id.lower() else ""
+    # A hub id suggests its instruct sibling; a local folder has no such naming to lean on.
+    hub_id = model_id and "instruct" not in model_id.lower() and not Path(model_id).expanduser().exists()
+    instruct = f" (e.g. '{model}-Instruct')" if hub_id else ""
     raise LoraDoctorError(
         f"The tokenizer of '{model}' has no chat template (a base model?), so chat rows cannot be rendered.",
         f"Fine-tune the instruct model{instruct}, whose tokenizer ships one, or set data.chat_template "

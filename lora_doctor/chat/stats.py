@@ -1,6 +1,7 @@
 """ChatStats: what tokenizing a chat dataset found, as plain counts for the doctor's checks.
 
-`tokenize_chat_rows` is the batch entry point data loading calls for `data.format: chat`;
+`tokenize_chat_examples` is the batch entry point data loading calls for `data.format: chat`
+(`tokenize_chat_rows` the same as plain (input_ids, labels) pairs);
 `row_shape_stats` is the cheap look at rows fed to another format, so the doctor can say
 "these rows look like chat".
 """
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import LoraDoctorError
 from .example import ChatExample, TrainOn, tokenize_conversation
@@ -89,6 +90,14 @@ class ChatStats:
         """The first example with supervised text between [[ and ]]."""
         return "".join(f"[[{text}]]" if sup else text for text, sup in self.example_segments)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: enums as their values, the example as `example_marked` instead of its segments."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "example_segments"}
+        d["mask_method"] = self.mask_method.value if self.mask_method else None
+        d.update({k: list(v) for k, v in d.items() if isinstance(v, tuple)})
+        d["example_marked"] = self.example_marked if self.example_segments else None
+        return d
+
 
 def row_shape_stats(rows: list[tuple[str, dict]], declared_format: str, messages_field: str = "messages",
                     tokenizer=None) -> ChatStats:
@@ -98,11 +107,19 @@ def row_shape_stats(rows: list[tuple[str, dict]], declared_format: str, messages
                      has_template=bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else None)
 
 
-def tokenize_chat_rows(rows: list[tuple[str, dict]], tokenizer, *, messages_field: str = "messages",
-                       chat_template: str | None = None, train_on: str | TrainOn = TrainOn.ALL_ASSISTANT,
-                       max_length: int | None = None, embedding_rows: int | None = None, model_id: str | None = None,
-                       source: str = "the dataset") -> tuple[list[tuple[list[int], list[int]]], ChatStats]:
-    """Tokenize every chat row; (input_ids, labels) per conversation with an assistant turn, and the stats.
+def tokenize_chat_rows(rows: list[tuple[str, dict]], tokenizer, **options) -> tuple[list[tuple[list[int], list[int]]],
+                                                                                 ChatStats]:
+    """(input_ids, labels) per conversation with an assistant turn, and the stats; options as tokenize_chat_examples."""
+    examples, stats = tokenize_chat_examples(rows, tokenizer, **options)
+    return [(ex.input_ids, ex.labels) for _, ex in examples], stats
+
+
+def tokenize_chat_examples(rows: list[tuple[str, dict]], tokenizer, *, messages_field: str = "messages",
+                           chat_template: str | None = None, train_on: str | TrainOn = TrainOn.ALL_ASSISTANT,
+                           max_length: int | None = None, embedding_rows: int | None = None,
+                           model_id: str | None = None, source: str = "the dataset",
+                           ) -> tuple[list[tuple[str, ChatExample]], ChatStats]:
+    """Tokenize every chat row; (origin, ChatExample) per conversation with an assistant turn, and the stats.
 
     Rows without an assistant turn would train on nothing, so they are left out and listed in the
     stats (a finding), unless no row has one, which is an error.
@@ -114,7 +131,7 @@ def tokenize_chat_rows(rows: list[tuple[str, dict]], tokenizer, *, messages_fiel
     style = detect_chat_style(rows, messages_field, source)
     own_template = bool(getattr(tokenizer, "chat_template", None))
     template = resolve_chat_template(tokenizer, chat_template, model_id)
-    pairs, examples, convs = [], [], []
+    origins, examples, convs = [], [], []
     no_assistant, non_alternating = [], []
     for origin, row in rows:
         messages = normalize_messages(row, origin, style, messages_field)
@@ -125,7 +142,7 @@ def tokenize_chat_rows(rows: list[tuple[str, dict]], tokenizer, *, messages_fiel
             continue
         ex = tokenize_conversation(messages, tokenizer, chat_template=template, train_on=train_on,
                                    max_length=max_length, origin=origin)
-        pairs.append((ex.input_ids, ex.labels))
+        origins.append(origin)
         examples.append(ex)
         convs.append(messages)
     if not examples:
@@ -139,7 +156,7 @@ def tokenize_chat_rows(rows: list[tuple[str, dict]], tokenizer, *, messages_fiel
         has_template=own_template, has_generation_tags=has_generation_tags(template),
         train_on=TrainOn(train_on).value, max_length=max_length, embedding_rows=embedding_rows,
         **_example_counts(examples, convs), **_token_facts(tokenizer, template, examples, embedding_rows))
-    return pairs, stats
+    return list(zip(origins, examples)), stats
 
 
 def _example_counts(examples: list[ChatExample], convs: list[list[dict]]) -> dict:

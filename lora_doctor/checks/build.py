@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..data import DataStats
+from ..datastats import DataStats
 from ..hardware import Headroom, Verdict
 from ..measure import GradFlow, RunResult
 from ..runconfig import RunConfig
@@ -231,6 +231,8 @@ def build_context(
         optional = ("input",)
     if data_stats is not None:
         values.update(context_from_data_stats(data_stats, optional))
+        # Chat data: every ChatStats fact; other formats: the rows' shapes, for chat-format-mismatch.
+        values["chat"] = data_stats.chat
     values.update(context_from_plan(budget, verdict))
     values.update(context_from_env(env))
     if config is not None:

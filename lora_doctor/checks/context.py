@@ -9,9 +9,12 @@ by their real fields, so a renamed field fails loudly in a test.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..shape import ModelShape
+
+if TYPE_CHECKING:
+    from ..chat import ChatStats
 
 
 @dataclass
@@ -91,7 +94,8 @@ class CheckContext:
     labels: list[list[int]] | None = None
     """Label ids of (a sample of) the tokenized examples, -100 where masked."""
     chat: "ChatStats | None" = None
-    """What tokenizing chat rows with the chat template found (lora_doctor.chat.ChatStats); None for other formats."""
+    """What tokenizing chat rows with the chat template found (lora_doctor.chat.ChatStats); for other
+    formats, or a chat read that failed, only the rows' shapes (row_shape_stats)."""
 
     # --- the plan ------------------------------------------------------------------------------
     fit_verdict: str | None = None

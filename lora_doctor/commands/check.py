@@ -38,6 +38,8 @@ class StaticFacts:
     tokenizer: object = None
     data: object = None
     """data.DataStats of the training examples."""
+    chat: object = None
+    """chat.ChatStats of rows the engine refuses to read (only their shapes), when data is None."""
     labels: list[list[int]] | None = None
     plan: object = None
     """diagnose.Prediction for the resolved targets."""
@@ -128,7 +130,7 @@ def _load_tokenizer(cfg: RunConfig):
 def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
     """Tokenize the dataset and count it exactly as the engine does (data.read_examples, split_examples,
     data_stats), but keep going where the engine would stop: a dataset whose every response is truncated
-    away is a finding here, not a crash."""
+    away, rows in another format, or chat rows without a template are findings here, not a crash."""
     from ..data import data_stats, read_examples, split_examples
 
     tok = facts.tokenizer
@@ -138,10 +140,32 @@ def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
     if tok is None:
         facts.notes.append(f"no tokenizer files for '{cfg.model}' offline: dataset checks skipped")
         return
-    examples, counters = read_examples(cfg.data, tok)
+    embedding_rows = facts.shape.vocab_size if facts.shape is not None else None
+    try:
+        examples, counters = read_examples(cfg.data, tok, model_id=cfg.model, embedding_rows=embedding_rows)
+    except LoraDoctorError:
+        facts.chat = _explained_read_failure(cfg, tok)
+        if facts.chat is None:
+            raise
+        return
     train, held_out = split_examples(cfg.data, tok, examples, cfg.train.seed)
     facts.labels = [e.labels for e in train[:LABEL_SAMPLE]]
     facts.data = data_stats(cfg.data, tok, train, len(held_out), counters)
+
+
+def _explained_read_failure(cfg: RunConfig, tok):
+    """The rows' shapes (chat.ChatStats) when a finding explains why the engine refuses to read them
+    (chat-format-mismatch, chat-no-template), else None: the error is bad input, exit 2 as in train."""
+    from ..checks import CheckContext
+    from ..checks.chat import check_chat_format_mismatch, check_chat_no_template
+    from ..chat import row_shape_stats
+    from ..data import read_data_rows
+
+    # A data.chat_template of the user's own replaces the missing one, so no-template cannot explain it.
+    shapes = row_shape_stats(read_data_rows(cfg.data), cfg.data.format, cfg.data.messages_field,
+                             None if cfg.data.chat_template else tok)
+    ctx = CheckContext(model_id=cfg.model, chat=shapes)
+    return shapes if check_chat_format_mismatch(ctx) or check_chat_no_template(ctx) else None
 
 
 def gather(cfg: RunConfig, gpu: str | None = None) -> StaticFacts:
@@ -186,7 +210,7 @@ def static_result(cfg: RunConfig, facts: StaticFacts, env: dict) -> tuple[dict, 
         config=cfg, shape=facts.shape, tokenizer=facts.tokenizer, data_stats=facts.data, labels=facts.labels,
         budget=facts.plan.budget if facts.plan else None, verdict=facts.headroom, env=env,
         trainable_params=facts.trainable_params, resolved_targets=facts.resolved_targets,
-        model_dtype=dtype_name(facts.model_dtype),
+        model_dtype=dtype_name(facts.model_dtype), **({"chat": facts.chat} if facts.chat is not None else {}),
     )
     findings = run_checks(ctx)
     shape = facts.shape

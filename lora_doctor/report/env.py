@@ -29,7 +29,7 @@ SECRET_PATTERNS = (
 # PWD, the shell's working directory) ...
 _SECRET_WORDS = {"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY", "AUTH"}
 # ... unless an earlier word says it is about a tokenizer or a dataset column (pad_token, response_key).
-_BENIGN_WORDS = {"PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK", "SPECIAL", "ADDITIONAL", "CHAT", "NUM", "MAX", "MIN",
+_BENIGN_WORDS = {"PAD", "EOS", "EOT", "BOS", "UNK", "SEP", "CLS", "MASK", "SPECIAL", "ADDITIONAL", "CHAT", "NUM", "MAX", "MIN",
                  "RESPONSE", "PROMPT", "TEXT", "INSTRUCTION", "INPUT", "OUTPUT", "LABEL", "FIELD", "COLUMN", "SORT",
                  "CACHE", "DICT", "PRIMARY", "PARTITION", "DECODER", "START", "END", "IMAGE", "VOCAB"}
 _MIN_SECRET_LEN = 8

@@ -14,7 +14,7 @@ Schema (`schema: "lora-doctor.result/1"`), every section optional except kind, v
                  'measured': {'peak_allocated_bytes', 'peak_reserved_bytes', 'peak_rss_bytes', ...},
                  'planned_basis': a diagnose.PlanBasis value}
     loss        [float, ...] one per optimizer step
-    data        DataStats.to_dict()
+    data        DataStats.to_dict() (report/data.py renders it)
     config      RunConfig.to_dict()
     findings    [Finding.to_dict(), ...] errors first
     environment collect_environment()
@@ -32,6 +32,7 @@ from pathlib import Path
 from ..errors import LoraDoctorError
 from ..fileio import write_json_atomic, write_text_atomic
 from . import format_bytes, format_count
+from .data import chat_line, example_text_lines, section_data
 from .env import redact
 from .tables import EVAL_KEYS, fmt_loss, md_cell, section_extra, sparkline, table
 
@@ -272,22 +273,6 @@ def _section_loss(loss: list[float], evals: list[tuple[int, float]] = ()) -> lis
     return out
 
 
-def _section_data(data: dict) -> list[str]:
-    keys = [("source", "Source"), ("format", "Format"), ("n_examples", "Examples"), ("n_truncated", "Truncated by max_length"),
-            ("n_response_lost", "Response lost entirely"), ("max_length", "max_length"),
-            ("longest_tokens", "Longest example (tokens)"), ("n_label_tokens", "Label tokens"),
-            ("pad_token", "Pad token"), ("eos_token", "EOS token")]
-    rows = [(label, f"`{data[k]}`" if k in ("pad_token", "eos_token", "source") else
-             format_count(data[k]) if isinstance(data[k], int) and not isinstance(data[k], bool) else data[k])
-            for k, label in keys if data.get(k) is not None]
-    formats = data.get("formats_seen") or data.get("formats")
-    if formats:
-        rows.append(("Row formats", ", ".join(f"{k}: {v}" for k, v in formats.items())))
-    if not rows:
-        return []
-    return ["## Data", "", table(rows, ("", "")), ""]
-
-
 def _details(summary: str, body: list[str]) -> list[str]:
     return [f"<details><summary>{summary}</summary>", "", *body, "", "</details>", ""]
 
@@ -333,7 +318,7 @@ def render_markdown(result: dict) -> str:
         skip = ("stopped_early",) + (EVAL_KEYS if result.get("loss") and eval_losses(result) else ())
         out += section_extra(result["extra"], skip)
     if result.get("data"):
-        out += _section_data(result["data"])
+        out += section_data(result["data"])
     if result.get("config"):
         out += _section_config(result["config"])
     if result.get("environment"):
@@ -357,6 +342,10 @@ def render_text(result: dict) -> str:
     memory = result.get("memory") or {}
     if memory.get("planned_total_bytes"):
         lines.append(f"  planned peak memory: {format_bytes(memory['planned_total_bytes'])}")
+    data = result.get("data") or {}
+    if chat_line(data):
+        lines.append(f"  chat data: {chat_line(data)}")
+    lines += example_text_lines(data)
     if result.get("loss"):
         lines.append(f"  loss: {sparkline(result['loss'])}")
     evals = eval_losses(result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..diagnose import PlanBasis
 from . import format_bytes
+from .data import chat_line, example_text_lines
 
 
 def _steps(n: int) -> str:
@@ -23,6 +24,9 @@ def summary_lines(report: dict) -> list[str]:
     if data.get("n_examples") is not None:
         lines.append(f"  data               {data['n_examples']:,} examples, {data.get('n_truncated', 0):,} truncated at "
                      f"max_length {data.get('max_length')}, {data.get('n_response_lost', 0):,} lost their whole response")
+    if chat_line(data):
+        lines.append(f"  chat               {chat_line(data)}")
+    lines += example_text_lines(data)
     if "measured_peak_bytes" in extra:
         planned = extra.get("planned_peak_bytes")
         err = (f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra
