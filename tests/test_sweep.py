@@ -101,6 +101,16 @@ def test_run_sweep_stops_at_an_interruption_and_resumes_from_disk(tmp_path):
     assert [v["name"] for v in manifest["variants"]] == ["loss.kind-ce", "loss.kind-label_smoothing", "loss.kind-focal"]
 
 
+
+def test_run_sweep_refuses_a_folder_that_is_a_run_itself(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "loss_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    fake = FakeTrain()
+    with pytest.raises(LoraDoctorError, match="holds a run of its own") as e:
+        run_sweep(base_cfg(tmp_path / "sweep"), [LOSSES], fake, resume=True)
+    assert "--output-dir" in e.value.hint and fake.calls == []
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
+
 def tiny_sweep_cfg(model_dir, data, out_dir):
     return base_cfg(out_dir, model=model_dir, data=data, **{
         "quant.mode": "none", "lora.r": 4, "lora.targets": "c_attn", "data.eval_fraction": 0.2,
