@@ -301,13 +301,16 @@ def _train_sweep(cfg: RunConfig, axes, resume: bool, no_report: bool, log) -> No
     from ..sweep import run_sweep
     from .compare import write_comparison
 
-    is_main = [int(os.environ.get("RANK", "0")) == 0]
+    # A resumed sweep with every variant finished starts no Engine: the launcher's RANK says who prints.
+    is_main = int(os.environ.get("RANK", "0")) == 0
     with StopFlag() as stop:
         def train_variant(variant_cfg: RunConfig, resume: bool) -> None:
+            nonlocal is_main
             if stop():  # a signal between variants: leave the next one untouched, --resume starts it
                 return
             engine, result, _ = train(variant_cfg, resume=resume, should_stop=stop, log=log)
-            is_main[0] = engine.is_main
+            is_main = engine.is_main
+            # An interrupted variant reports when it finishes (--resume), so compare finds one report per run.
             if engine.is_main and not no_report and result.stopped_early is None:
                 _write_run_report(variant_cfg, engine, result, log)
             if engine.is_main and summary_line(result):
@@ -316,7 +319,7 @@ def _train_sweep(cfg: RunConfig, axes, resume: bool, no_report: bool, log) -> No
             engine.placement.barrier()
 
         outcomes = run_sweep(cfg, axes, train_variant, resume=resume, log=log)
-    if not is_main[0]:
+    if not is_main:
         return
     stopped = next((o for o in outcomes if o.status == "interrupted"), None)
     if stopped is not None:
