@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .compare import CHECKPOINTS, RESULT_JSON, SWEEP_JSON
+from .compare import CHECKPOINTS, RESULT_JSON, SWEEP_JSON, is_run_dir
 from .errors import LoraDoctorError
 from .runconfig import RunConfig, parse_set, valid_keys
 
@@ -151,13 +151,17 @@ def run_sweep(base_cfg: RunConfig, sweep: list[str] | tuple[SweepAxis, ...], tra
     sweep: it and the rest come back 'interrupted' / 'pending'; run again with resume=True.
 
     Raises:
-        LoraDoctorError: a bad sweep (see parse_sweep), or without `resume` a variant folder that
-            already holds a run (it would be overwritten).
+        LoraDoctorError: a bad sweep (see parse_sweep), a base output.dir that is itself a run folder,
+            or without `resume` a variant folder that already holds a run (it would be overwritten).
     """
     axes = parse_sweep(sweep) if sweep and isinstance(sweep[0], str) else tuple(sweep)
     variants = sweep_variants(base_cfg, axes)
     say = log or (lambda msg: None)
     states = [variant_state(Path(v.config.output.dir)) for v in variants]
+    if is_run_dir(Path(base_cfg.output.dir)):
+        # compare reads a folder that is itself a run as that one run, never as the sweep beneath it.
+        raise LoraDoctorError(f"The sweep folder '{base_cfg.output.dir}' holds a run of its own.",
+                              f"Give the sweep a folder of its own: --output-dir {base_cfg.output.dir}-sweep")
     if not resume:
         used = [v.name for v, s in zip(variants, states) if s != "new"]
         if used:

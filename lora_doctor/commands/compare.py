@@ -14,7 +14,7 @@ from ..report.compare import plot_comparison, render_compare_markdown
 PLOT_NAME = "compare.png"
 
 
-def default_plot_path(comparison, output: str | None) -> Path:
+def default_plot_path(comparison, output: str | os.PathLike | None) -> Path:
     """Beside the Markdown file when there is one, else in the first run's parent (a sweep's folder)."""
     if output:
         return Path(output).with_suffix(".png")
@@ -46,6 +46,21 @@ def command(run_dirs, force, output, plot, no_plot, as_json):
     comparison = compare_runs(list(run_dirs), force=force)
     for line in comparison.mismatches:
         click.echo(f"warning: not comparable ({line}); compared anyway (--force)", err=True)
+    if as_json:
+        write_comparison(comparison, None, plot, no_plot)
+        click.echo(json.dumps(comparison.to_dict(), indent=2, default=str))
+        return
+    text = write_comparison(comparison, output, plot, no_plot)
+    if not output:
+        click.echo(text, nl=False)
+
+
+def write_comparison(comparison, output: str | os.PathLike | None, plot: str | os.PathLike | None = None,
+                     no_plot: bool = False) -> str:
+    """Write the PNG (unless `no_plot`) and, given `output`, the Markdown file; return the Markdown.
+
+    Notes (what was written, a missing matplotlib) go to stderr. `train --sweep` calls this too.
+    """
     link = None
     if not no_plot:
         png = plot_comparison(comparison, plot or default_plot_path(comparison, output))
@@ -55,13 +70,9 @@ def command(run_dirs, force, output, plot, no_plot, as_json):
             click.echo(f"Wrote {png}", err=True)
             # A Markdown file links the picture relative to itself, so the pair can move together.
             link = os.path.relpath(png, Path(output).parent) if output else str(png)
-    if as_json:
-        click.echo(json.dumps(comparison.to_dict(), indent=2, default=str))
-        return
     text = render_compare_markdown(comparison, link)
     if output:
         from ..fileio import write_text_atomic
 
         click.echo(f"Wrote {write_text_atomic(output, text)}", err=True)
-    else:
-        click.echo(text, nl=False)
+    return text

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shlex
 import signal
 import sys
 import time
@@ -27,6 +29,7 @@ from .options import config_from_cli, run_options
 LOSS_LOG = "loss_log.jsonl"
 LOSS_PNG = "loss_curve.png"
 RESULT_JSON = "train_result.json"
+COMPARE_MD = "compare.md"
 EXIT_INTERRUPTED = 130
 
 
@@ -243,8 +246,6 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
 def resume_command(ctx: click.Context) -> str:
     """The command line that was run, as typed options, with --resume: the same output folder and config,
     so the hint resumes this run (not the config's default output.dir)."""
-    import shlex
-
     from click.core import ParameterSource
 
     words = ["lora-doctor", "train"]
@@ -268,54 +269,121 @@ def resume_command(ctx: click.Context) -> str:
     return " ".join(words + ["--resume"])
 
 
+def summary_line(result) -> str | None:
+    """'loss: 3.1 -> 2.4 over 30 steps; eval ...' for the end of a run; None when no step ran."""
+    ls, ev = result.loss, result.extra
+    if ls.first is None:
+        return None
+    line = f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} step{'' if ls.n_steps == 1 else 's'}"
+    if ev.get("eval_points", 0) > 1:
+        line += (f"; eval {ev['eval_loss_first']:.4f} -> {ev['eval_loss_last']:.4f} "
+                 f"(best {ev['eval_loss_best']:.4f} at step {ev['eval_loss_best_step']})")
+    elif ev.get("eval_loss_last") is not None:
+        line += f"; eval {ev['eval_loss_last']:.4f}"
+    return line
+
+
+def _write_run_report(cfg: RunConfig, engine, result, log) -> None:
+    """The doctor's report of one run under reports_dir; compare finds its findings by outputs_dir."""
+    report = diagnose("train", cfg, engine, result, extra={"outputs_dir": cfg.output.dir}).report
+    for path in write_reports(report, cfg, "train"):
+        log(f"wrote {path}")
+
+
+def _interrupted(at: str) -> None:
+    click.echo(f"Interrupted {at}. Resume: {resume_command(click.get_current_context())}", err=True)
+    click.get_current_context().exit(EXIT_INTERRUPTED)
+
+
+def _train_sweep(cfg: RunConfig, axes, resume: bool, no_report: bool, log) -> None:
+    """Every variant through run_sweep, one StopFlag for all; then the comparison of the finished sweep."""
+    from ..compare import compare_runs
+    from ..sweep import run_sweep
+    from .compare import write_comparison
+
+    # A resumed sweep with every variant finished starts no Engine: the launcher's RANK says who prints.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with StopFlag() as stop:
+        def train_variant(variant_cfg: RunConfig, resume: bool) -> None:
+            nonlocal is_main
+            if stop():  # a signal between variants: leave the next one untouched, --resume starts it
+                return
+            engine, result, _ = train(variant_cfg, resume=resume, should_stop=stop, log=log)
+            is_main = engine.is_main
+            # An interrupted variant reports when it finishes (--resume), so compare finds one report per run.
+            if engine.is_main and not no_report and result.stopped_early is None:
+                _write_run_report(variant_cfg, engine, result, log)
+            if engine.is_main and summary_line(result):
+                log(f"{Path(variant_cfg.output.dir).name}: {summary_line(result)}")
+            # Every rank then reads the same folder state (run_sweep decides by train_result.json).
+            engine.placement.barrier()
+
+        outcomes = run_sweep(cfg, axes, train_variant, resume=resume, log=log)
+    if not is_main:
+        return
+    stopped = next((o for o in outcomes if o.status == "interrupted"), None)
+    if stopped is not None:
+        _interrupted(f"in sweep variant {stopped.variant.name}")
+    sweep_dir = Path(cfg.output.dir)
+    text = write_comparison(compare_runs([sweep_dir]), sweep_dir / COMPARE_MD, no_plot=not cfg.output.plot)
+    click.echo(text, nl=False)
+    log(f"Compare again: lora-doctor compare {shlex.quote(str(sweep_dir))}")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @run_options
 @click.option("--steps", type=int, help="Optimizer steps (overrides train.max_steps).")
 @click.option("--merge/--no-merge", default=None, help="Merge the adapter into a 16-bit base after training.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output.dir.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output.dir (a sweep: "
+              "skip finished variants, continue the interrupted one).")
 @click.option("--checkpoint", type=click.Path(file_okay=False), help="Continue from this step-NNNNNN folder.")
+@click.option("--sweep", multiple=True, metavar="KEY=V1,V2,...",
+              help="Train one variant per value, one after another, each in its own folder under output.dir, "
+                   "then compare them. Repeat for a grid. Any config key, e.g. --sweep loss.kind=ce,focal.")
 @click.option("--no-report", is_flag=True, help="Do not write JSON/Markdown under reports/.")
-def command(config, steps, merge, resume, checkpoint, no_report, **params):
+def command(config, steps, merge, resume, checkpoint, sweep, no_report, **params):
     """Train with the same engine and config as `probe`: adapter, checkpoints, loss log, curve.
 
     Progress goes to stderr. Ctrl-C / SIGTERM saves a checkpoint at the next step boundary;
     --resume continues from it and reaches the same result as an uninterrupted run. Multi-GPU:
     accelerate launch -m lora_doctor.cli train CONFIG.
 
+    With --sweep every variant keeps the config's seed, data order and eval set; the compare table
+    goes to stdout and compare.md (with compare.png) into output.dir.
+
     \b
     Examples:
       lora-doctor train examples/tiny.yaml
       lora-doctor train examples/tiny.yaml --steps 100 --merge
       lora-doctor train examples/tiny.yaml --resume
+      lora-doctor train examples/tiny.yaml --sweep loss.kind=ce,label_smoothing,focal
     """
     cfg = config_from_cli(config, params, extra={"train.max_steps": steps, "output.merge": merge})
+    axes = None
+    if sweep:
+        from ..sweep import parse_sweep, sweep_variants
+
+        if checkpoint:
+            raise LoraDoctorError("--checkpoint names one run's checkpoint; a sweep resumes each variant "
+                                  "from its own folder.", "Use --resume with --sweep.")
+        axes = parse_sweep(sweep)
+        sweep_variants(cfg, axes)  # every variant's config is valid before anything is written
     check_output_dir(cfg.output.dir, "output folder")
     if not no_report:
         check_output_dir(cfg.output.reports_dir, "reports folder")
     log = (lambda m: click.echo(m, err=True))
+    if axes is not None:
+        return _train_sweep(cfg, axes, resume, no_report, log)
     with StopFlag() as stop:
         engine, result, outputs = train(cfg, resume=resume, checkpoint=checkpoint, should_stop=stop, log=log)
     if not engine.is_main:
         return
-    report = None
     if not no_report:
-        report = diagnose("train", cfg, engine, result, extra={"outputs_dir": cfg.output.dir}).report
-        for path in write_reports(report, cfg, "train"):
-            log(f"wrote {path}")
+        _write_run_report(cfg, engine, result, log)
     for key, path in outputs.items():
         click.echo(f"{key}: {path}")
-    ls = result.loss
-    if ls.first is not None:
-        ev = result.extra
-        line = f"loss: {ls.first:.4f} -> {ls.last:.4f} over {ls.n_steps} step{'' if ls.n_steps == 1 else 's'}"
-        if ev.get("eval_points", 0) > 1:
-            line += (f"; eval {ev['eval_loss_first']:.4f} -> {ev['eval_loss_last']:.4f} "
-                     f"(best {ev['eval_loss_best']:.4f} at step {ev['eval_loss_best_step']})")
-        elif ev.get("eval_loss_last") is not None:
-            line += f"; eval {ev['eval_loss_last']:.4f}"
-        click.echo(line)
+    if summary_line(result):
+        click.echo(summary_line(result))
     if result.stopped_early == "signal":
-        click.echo(f"Interrupted at step {result.steps[-1].step if result.steps else 0}. "
-                   f"Resume: {resume_command(click.get_current_context())}", err=True)
-        click.get_current_context().exit(EXIT_INTERRUPTED)
+        _interrupted(f"at step {result.steps[-1].step if result.steps else 0}")
