@@ -13,11 +13,13 @@ rewrite (router and experts as target_parameters, 2r on gate_up_proj) and so the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -39,8 +41,8 @@ from .targets import (
 )
 
 __all__ = [
-    "PRESETS", "Coverage", "FusedTarget", "TrainableCount", "build_meta_model", "load_shape", "lora_config",
-    "model_shape", "partial_coverage", "preset_targets", "resolve_targets", "target_groups", "trainable_counts",
+    "PRESETS", "Coverage", "FusedTarget", "TrainableCount", "build_meta_model", "layer_representatives",
+    "load_shape", "lora_config", "model_shape", "partial_coverage", "peft_without_bitsandbytes", "preset_targets", "resolve_targets", "target_groups", "trainable_counts",
 ]
 
 
@@ -59,6 +61,33 @@ class TrainableCount:
 
 
 # -- peft ------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peft_without_bitsandbytes() -> Iterator[None]:
+    """Inside the block, `import peft` skips bitsandbytes; on exit that peft is forgotten.
+
+    Importing bitsandbytes is most of `import peft`'s time (its backends build torch ops), and counting on a
+    meta model never quantizes. peft asks `importlib.util.find_spec("bitsandbytes")` (peft/import_utils.py
+    is_bnb_available), which is None for a None entry in sys.modules, so peft imports without its bnb layers.
+    That peft must not outlive the block: a later QLoRA load in the same process needs those layers, so its
+    modules leave sys.modules on exit and the next `import peft` is a whole one. transformers caches its own
+    answer (lru_cache on is_bitsandbytes_available), so it is asked first and keeps the true one.
+    """
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        yield  # already paid for: nothing to save and nothing to undo
+        return
+    from transformers.utils.import_utils import is_bitsandbytes_available
+
+    is_bitsandbytes_available()
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+        for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+            del sys.modules[name]
 
 
 def _split_modules_and_parameters(shape: ModelShape, raw, names: tuple[str, ...]):

@@ -97,3 +97,25 @@ def test_every_shipped_config_counts_exactly_like_full_peft(path):
     from transformers import AutoConfig
 
     _assert_counts_equal_full_peft(AutoConfig.from_pretrained(path), targets=("all-linear",))
+
+
+def test_plan_counts_without_importing_bitsandbytes_and_leaves_peft_whole():
+    """A cold plan never imports bitsandbytes; a QLoRA load later in the same process still finds peft's bnb layers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lora_doctor.plancache import shape_and_counts\n"
+        "from lora_doctor.specs import LoraSpec\n"
+        "out = shape_and_counts('openai-community/gpt2', LoraSpec(r=8), [8], use_cache=False)\n"
+        "assert out.counts[0].trainable == 1_179_648, out.counts\n"
+        "assert 'bitsandbytes' not in sys.modules, 'plan imported bitsandbytes'\n"
+        "assert not any(n == 'peft' or n.startswith('peft.') for n in sys.modules)\n"
+        "from peft.tuners.lora.bnb import Linear4bit\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
