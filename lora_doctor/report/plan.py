@@ -77,6 +77,50 @@ def sweep_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def format_duration(seconds: float | None) -> str:
+    """340 ms, 12.4 s, 3 min 20 s, 5 h 07 min, 2 d 3 h; None renders as an em dash."""
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{1000 * seconds:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def timing_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    timing = data["timing"]
+    headers = ["GPU", "bf16 peak (dense)", "step time", "tokens/s", "per 1M tokens"]
+    rows = [[g["name"], _tflops(g["peak_bf16_flops"]), format_duration(g["step_time_s"]),
+             "—" if g["tokens_per_s"] is None else f"{g['tokens_per_s']:,.0f}",
+             format_duration(g["seconds_per_million_tokens"])] for g in timing["gpus"]]
+    return headers, rows
+
+
+def _tflops(flops: float | None) -> str:
+    return "—" if flops is None else f"{flops / 1e12:g} TFLOP/s"
+
+
+def timing_lines(data: dict) -> list[str]:
+    """What the step-time table rests on: the FLOPs per step by term and the assumed utilisation."""
+    t = data["timing"]
+    f = t["flops"]
+    return [f"FLOPs per step (r={t['r']}, {f['tokens']:,} tokens): {f['total_flops'] / 1e12:,.1f} TFLOP = forward "
+            f"{f['forward_flops'] / 1e12:,.1f} (base 2N, N = {f['matmul_params']:,}; attention "
+            f"{f['attention_forward_flops'] / 1e12:,.1f}; LoRA {f['lora_forward_flops'] / 1e12:,.2f}) + backward "
+            f"{f['backward_flops'] / 1e12:,.1f} (frozen base: no weight gradients) + recompute "
+            f"{f['recompute_flops'] / 1e12:,.1f}.",
+            f"Step time assumes {100 * t['mfu_assumed']:.0f}% MFU of each card's dense bf16 peak (an assumption, "
+            "not a measurement: `lora-doctor probe` measures yours)."]
+
+
 def _opt(n) -> str:
     return "—" if n is None else f"{n:,}"
 
@@ -180,6 +224,11 @@ def render_plan(data: dict) -> str:
                   "of usable memory):",
               tabulate(rows, headers=headers, colalign=("left", "right") + ("left",) * (len(headers) - 2))]
     lines += [""] + _headroom_lines(data)
+    if "timing" in data:
+        headers, rows = timing_rows(data)
+        lines += ["", "Step time (estimate):",
+                  tabulate(rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1))]
+        lines += timing_lines(data)
     lines += ["", _assumptions_line(data)]
     return "\n".join(lines) + "\n"
 
@@ -222,6 +271,10 @@ def render_plan_markdown(data: dict) -> str:
     out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), "",
             f"⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% of usable memory.", ""]
     out += [f"- {line.strip()}" for line in _headroom_lines(data)]
+    if "timing" in data:
+        headers, rows = timing_rows(data)
+        out += ["", "### Step time (estimate)", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
+        out += [f"- {line}" for line in timing_lines(data)]
     notes = render_notes(data)
     if notes:
         out += ["", "### Notes", ""] + [f"- {line}" for line in notes]
