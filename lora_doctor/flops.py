@@ -14,7 +14,8 @@ Accounting (one multiply-add = 2 FLOPs; per token unless said otherwise):
 - LoRA per adapted module of (in, out) at rank r: x·Aᵀ then ·Bᵀ is 2·r·(in + out) forward; backward is twice
   that (weight gradients of A and B, and the activation gradient through them). Expert tensors count their
   routed share, at peft's rank multiplier.
-- Gradient checkpointing recomputes one forward (base, attention and LoRA) during backward.
+- Gradient checkpointing recomputes one forward of the decoder layers (base, attention and LoRA) during backward;
+  transformers checkpoints each layer, so lm_head runs once.
 Norms, activations, softmax, rotary embeddings, the loss and the optimizer step are elementwise and left out
 (well under 1% at 7B sizes).
 """
@@ -42,6 +43,8 @@ class StepFlops:
     base_forward_flops: int
     attention_forward_flops: int
     lora_forward_flops: int
+    head_forward_flops: int
+    """The output layer's share of base_forward_flops (2·V·H per token): outside the checkpointed layers."""
     recompute: bool
     """Gradient checkpointing: one more forward during backward."""
 
@@ -56,7 +59,7 @@ class StepFlops:
 
     @property
     def recompute_flops(self) -> int:
-        return self.forward_flops if self.recompute else 0
+        return self.forward_flops - self.head_forward_flops if self.recompute else 0
 
     @property
     def total_flops(self) -> int:
@@ -66,7 +69,8 @@ class StepFlops:
         return {"tokens": self.tokens, "matmul_params": self.matmul_params,
                 "base_forward_flops": self.base_forward_flops,
                 "attention_forward_flops": self.attention_forward_flops,
-                "lora_forward_flops": self.lora_forward_flops, "forward_flops": self.forward_flops,
+                "lora_forward_flops": self.lora_forward_flops, "head_forward_flops": self.head_forward_flops,
+                "forward_flops": self.forward_flops,
                 "backward_flops": self.backward_flops, "recompute_flops": self.recompute_flops,
                 "total_flops": self.total_flops}
 
@@ -125,6 +129,8 @@ def step_flops(shape: ModelShape, lora_r: int, groups, *, seq_len: int, batch: i
         base_forward_flops=2 * n * tokens,
         attention_forward_flops=attention_forward_flops_per_token(shape, seq_len) * tokens,
         lora_forward_flops=lora_forward_flops_per_token(shape, lora_r, groups) * tokens,
+        # The output embedding is the one Linear leaf outside peft's 'all-linear' (LeafGroup.default_target).
+        head_forward_flops=2 * sum(g.weight_numel for g in shape.leaves if not g.default_target) * tokens,
         recompute=grad_ckpt,
     )
 
