@@ -117,6 +117,18 @@ def lookup_gpu(spec: str) -> GPU:
     raise LoraDoctorError(f"Unknown GPU {spec!r}.", f"Known: {names}. Or give the memory in GiB: --gpu 24")
 
 
+def peak_bf16_flops_for(device_name: str) -> float | None:
+    """The table's dense bf16 peak for a CUDA device name ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB');
+    None for a card the table does not know."""
+    try:
+        return lookup_gpu(device_name).peak_bf16_flops
+    except LoraDoctorError:
+        key = _norm(device_name)
+        # Device names carry suffixes the table omits ('HBM3', 'PCIe'): the longest table name they start with.
+        known = sorted((g for g in GPUS if key.startswith(_norm(g.name))), key=lambda g: -len(_norm(g.name)))
+        return known[0].peak_bf16_flops if known else None
+
+
 # -- NVML ------------------------------------------------------------------------------------------------------
 # nvmlInit/nvmlShutdown are reference-counted by the library, but a shutdown without its init (or one too many)
 # closes NVML under another user's feet. So every open goes through one counter: the first acquire initialises,

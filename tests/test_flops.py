@@ -115,3 +115,62 @@ def test_step_time_and_implied_mfu():
     assert flops.step_time_s(4e12, None) is None
     assert flops.implied_mfu(4e12, 8.0, 1e12) == pytest.approx(0.5)
     assert flops.implied_mfu(4e12, 8.0, None) is None  # CPU: no peak, no MFU
+
+
+# -- probe: the full run's ETA and the MFU it implies ------------------------------------------------------------
+
+
+def test_probe_prints_and_stores_the_full_run_eta(tiny_llama_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lora_doctor.cli import cli
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": "Blue."}) + "\n"
+                                              for i in range(8)), encoding="utf-8")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\nquant: {{mode: null}}\nlora: {{r: 4, dropout: 0.0}}\n"
+                   "data: {path: d.jsonl, max_length: 32}\ntrain: {batch: 2, max_steps: 50, optim: adamw}\n"
+                   f"output: {{dir: {tmp_path / 'run'}, reports_dir: {tmp_path / 'reports'}}}\n")
+    r = CliRunner().invoke(cli, ["probe", str(cfg), "--steps", "3", "--precision", "fp32"])
+    assert r.exit_code in (0, 1), r.output
+    assert "full run ETA" in r.stdout and "for 50 steps" in r.stdout
+    assert "CPU run: no peak FLOP/s, MFU is not meaningful" in r.stdout
+    (js,) = (tmp_path / "reports").glob("probe-*.json")
+    extra = json.loads(js.read_text())["extra"]
+    assert extra["full_run_steps"] == 50
+    assert extra["full_run_eta_s"] == pytest.approx(50 * extra["median_step_time_s"])
+    assert "implied_mfu" not in extra
+    assert "Full run eta" in js.with_suffix(".md").read_text()
+
+
+def test_run_eta_implies_mfu_on_a_card_with_a_peak(monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_doctor import diagnose
+    from lora_doctor.runconfig import from_dict
+
+    _, shape, _ = _tiny("eager")
+    cfg = from_dict({"model": "tiny", "lora": {"r": R, "dropout": 0.0}, "data": {"path": "d.jsonl", "max_length": T},
+                     "train": {"grad_ckpt": False}})
+    steps = [SimpleNamespace(tokens=128) for _ in range(3)]
+    result = SimpleNamespace(throughput=SimpleNamespace(median_step_time_s=0.5), steps=steps,
+                             model=SimpleNamespace(device="cuda:0"))
+    monkeypatch.setattr(diagnose, "_device_peak_flops", lambda device: 1e12)
+    out = diagnose.run_eta(cfg, SimpleNamespace(total_steps=1000), result, SimpleNamespace(shape=shape))
+    assert out["full_run_steps"] == 1000 and out["full_run_eta_s"] == pytest.approx(500.0)
+    per_token = flops.step_flops(shape, R, match_targets(shape, resolve_targets(shape, "all-linear")).groups,
+                                 seq_len=T, batch=1, grad_ckpt=False).total_flops / T
+    assert out["flops_per_token"] == pytest.approx(per_token)
+    assert out["implied_mfu"] == pytest.approx(per_token * 128 / 0.5 / 1e12)
+
+
+def test_peak_lookup_reads_cuda_device_names():
+    from lora_doctor.hardware import peak_bf16_flops_for
+
+    assert peak_bf16_flops_for("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_bf16_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops_for("NVIDIA GeForce RTX 4090") == 165.2e12
+    assert peak_bf16_flops_for("NVIDIA H200") == 989.4e12
+    assert peak_bf16_flops_for("Some Future GPU") is None
