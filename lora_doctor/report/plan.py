@@ -104,6 +104,14 @@ def timing_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def format_flops(n: float) -> str:
+    """Decimal SI prefixes, as FLOP counts are quoted: 913.2 GFLOP, 90.6 TFLOP, 1.2 PFLOP."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {prefix}FLOP"
+    return f"{n:,.0f} FLOP"
+
+
 def _tflops(flops: float | None) -> str:
     return "—" if flops is None else f"{flops / 1e12:g} TFLOP/s"
 
@@ -112,11 +120,11 @@ def timing_lines(data: dict) -> list[str]:
     """What the step-time table rests on: the FLOPs per step by term and the assumed utilisation."""
     t = data["timing"]
     f = t["flops"]
-    return [f"FLOPs per step (r={t['r']}, {f['tokens']:,} tokens): {f['total_flops'] / 1e12:,.1f} TFLOP = forward "
-            f"{f['forward_flops'] / 1e12:,.1f} (base 2N, N = {f['matmul_params']:,}; attention "
-            f"{f['attention_forward_flops'] / 1e12:,.1f}; LoRA {f['lora_forward_flops'] / 1e12:,.2f}) + backward "
-            f"{f['backward_flops'] / 1e12:,.1f} (frozen base: no weight gradients) + recompute "
-            f"{f['recompute_flops'] / 1e12:,.1f}.",
+    return [f"FLOPs per step (r={t['r']}, {f['tokens']:,} tokens): {format_flops(f['total_flops'])} = forward "
+            f"{format_flops(f['forward_flops'])} (base 2N, N = {f['matmul_params']:,}; attention "
+            f"{format_flops(f['attention_forward_flops'])}; LoRA {format_flops(f['lora_forward_flops'])}) + backward "
+            f"{format_flops(f['backward_flops'])} (frozen base: no weight gradients) + recompute "
+            f"{format_flops(f['recompute_flops'])}.",
             f"Step time assumes {100 * t['mfu_assumed']:.0f}% MFU of each card's dense bf16 peak (an assumption, "
             "not a measurement: `lora-doctor probe` measures yours)."]
 
@@ -272,9 +280,12 @@ def render_plan_markdown(data: dict) -> str:
             f"⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% of usable memory.", ""]
     out += [f"- {line.strip()}" for line in _headroom_lines(data)]
     if "timing" in data:
-        headers, rows = timing_rows(data)
-        out += ["", "### Step time (estimate)", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
-        out += [f"- {line}" for line in timing_lines(data)]
+        # One bullet per card, not a table: the report keeps its three tables (memory, sweep, verdicts).
+        _, rows = timing_rows(data)
+        out += ["", "### Step time (estimate)", ""]
+        out += [f"- **{name}** ({peak} dense bf16): {step} per step, {tps} tokens/s, {per_m} per 1M tokens"
+                for name, peak, step, tps, per_m in rows]
+        out += [""] + [f"- {line}" for line in timing_lines(data)]
     notes = render_notes(data)
     if notes:
         out += ["", "### Notes", ""] + [f"- {line}" for line in notes]
