@@ -129,9 +129,9 @@ def main() -> None:
         print(f"  lora-doctor plan, cold (LORA_DOCTOR_CACHE=0)  {med['cold']:6.2f} s")
         print(f"  lora-doctor plan, warm (plan cache hit)       {med['warm']:6.2f} s")
         print(f"  accelerate estimate-memory                    {med['accelerate']:6.2f} s")
-        for k in ("cold", "warm"):
-            ratio = med[k] / med["accelerate"]
-            print(f"  ratio {k}/accelerate {ratio:6.2f}x  (target <= 0.50x: {'met' if ratio <= 0.5 else 'NOT met'})")
+        ratio = med["cold"] / med["accelerate"]
+        print(f"  ratio cold/accelerate {ratio:6.2f}x  (issue 13 target <= 0.50x: {'met' if ratio <= 0.5 else 'NOT met'})")
+        print(f"  warm plan {med['warm']:.2f} s  (issue 13 target < 0.30 s: {'met' if med['warm'] < 0.3 else 'NOT met'})")
 
         g_plan, g_acc = in_process(config_dir)
         print(f"\nIn process, imports paid: plan gather {g_plan:.2f} s, accelerate gather_data {g_acc:.2f} s "

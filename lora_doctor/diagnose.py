@@ -198,6 +198,61 @@ def eval_loss_summary(eval_losses) -> dict:
             "eval_loss_best_step": best_step, "eval_loss_last_step": points[-1][0], "eval_points": len(points)}
 
 
+def _device_peak_flops(device: str) -> float | None:
+    """Dense bf16 peak of the CUDA card this process ran on, from the GPU table; None on CPU or an unknown card."""
+    import torch
+
+    from .hardware import peak_bf16_flops_for
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return peak_bf16_flops_for(torch.cuda.get_device_name(torch.cuda.current_device()))
+
+
+def _flops_per_token(cfg: RunConfig, shape) -> float | None:
+    """Training FLOPs per token for this config (flops.py), attention priced at data.max_length; None if the
+    targets do not resolve (the plan already says why)."""
+    from . import flops
+    from .introspect import resolve_targets
+    from .targets import match_targets
+
+    try:
+        groups = match_targets(shape, resolve_targets(shape, cfg.lora.targets)).groups
+    except LoraDoctorError:
+        return None
+    seq_len = cfg.data.max_length
+    f = flops.step_flops(shape, cfg.lora.r, groups, seq_len=seq_len, batch=1, grad_ckpt=cfg.train.grad_ckpt)
+    return f.total_flops / seq_len
+
+
+def run_eta(cfg: RunConfig, engine, result: RunResult, prediction: Prediction | None) -> dict:
+    """The full run's ETA from the measured median step time and train's configured steps or epochs
+    (engine.total_steps), and the MFU that step time implies on a card with a known peak.
+
+    Keys go into the report's `extra`: full_run_steps, full_run_eta_s, and implied_mfu (with the FLOPs per token
+    it rests on), or mfu_note saying why there is none (CPU: no peak FLOP/s, so MFU is not meaningful).
+    """
+    from . import flops
+
+    step_s = result.throughput.median_step_time_s
+    if engine is None or not step_s:
+        return {}
+    out = {"full_run_steps": engine.total_steps, "full_run_eta_s": engine.total_steps * step_s}
+    peak = _device_peak_flops(result.model.device)
+    if peak is None:
+        out["mfu_note"] = ("no peak FLOP/s for this device (CPU, or a card not in the GPU table): MFU is not "
+                           "meaningful here" if result.model.device.startswith("cuda") else
+                           "CPU run: no peak FLOP/s, MFU is not meaningful")
+        return out
+    per_token = _flops_per_token(cfg, prediction.shape) if prediction and prediction.shape else None
+    rest = result.steps[1:] or result.steps
+    tokens_per_step = sum(s.tokens for s in rest) / len(rest) if rest else 0
+    mfu = flops.implied_mfu(per_token * tokens_per_step, step_s, peak) if per_token else None
+    if mfu is not None:
+        out.update(implied_mfu=mfu, flops_per_token=per_token, peak_bf16_flops=peak)
+    return out
+
+
 def out_of_memory_finding(oom) -> Finding:
     return Finding(Severity.ERROR, "out-of-memory", oom.message, oom.hint or "")
 
@@ -222,6 +277,7 @@ def diagnose(kind: str, cfg: RunConfig, engine, result: RunResult | None, *, ext
     comparison = compare_memory(prediction, result)
     findings = (*findings_first, *doctor_findings(cfg, engine, result, prediction, env))
     extra = dict(extra or {})
+    extra.update(run_eta(cfg, engine, result, prediction))
     if result.stopped_early == "signal":
         extra["stopped_early"] = (f"interrupted (Ctrl-C/SIGTERM) after step {engine.step} of {engine.total_steps}; "
                                   "a checkpoint was saved, train --resume continues")

@@ -38,6 +38,9 @@ class GPU:
     """Total device memory as CUDA reports it (nvidia-smi memory.total)."""
     source: str = "table"
     """'table', 'detected (NVML)', 'detected (CUDA)' or 'given (--gpu N)'."""
+    peak_bf16_flops: float | None = None
+    """Dense (no 2:4 sparsity) bf16 tensor-core peak in FLOP/s, fp32 accumulate, from the vendor's datasheet or
+    whitepaper (sources in GPUS); None for a custom size or a card not in the table."""
 
 
 def _mib(n: int) -> int:
@@ -45,15 +48,21 @@ def _mib(n: int) -> int:
 
 
 GPUS: tuple[GPU, ...] = (
-    GPU("T4", 16, _mib(15360)),            # ECC on by default: 16 GiB GDDR6, 15360 MiB visible
-    GPU("A10G", 24, _mib(23028)),          # AWS g5; ECC on
-    GPU("L4", 24, _mib(23034)),            # GCP g2; ECC on
-    GPU("RTX 3090", 24, _mib(24576)),      # GDDR6X, no ECC: all 24 GiB reported
-    GPU("RTX 4090", 24, _mib(24564)),
-    GPU("A100 40GB", 40, _mib(40960)),     # SXM4 (the PCIe board reports 40536 MiB)
-    GPU("A100 80GB", 80, _mib(81920)),
-    GPU("H100 80GB", 80, _mib(81559)),     # SXM5 / PCIe HBM3
-    GPU("H200", 141, _mib(143771)),        # 141 GiB HBM3e
+    # Peaks: dense bf16 tensor FLOP/s with fp32 accumulate, i.e. the datasheet's "with sparsity" figure halved.
+    # T4 (Turing) has no bf16: its fp16 tensor peak is given, the dtype QLoRA computes in there (datasheet: 65 TF).
+    GPU("T4", 16, _mib(15360), peak_bf16_flops=65e12),             # ECC on by default: 15360 MiB visible
+    # A10 datasheet: 125 TF bf16 dense (250 sparse); NVIDIA publishes no separate figure for AWS's A10G.
+    GPU("A10G", 24, _mib(23028), peak_bf16_flops=125e12),          # AWS g5; ECC on
+    GPU("L4", 24, _mib(23034), peak_bf16_flops=121e12),            # L4 datasheet: 242 TF with sparsity; GCP g2
+    # GA102 whitepaper, appendix A: bf16 tensor with fp32 accumulate 71 TF (142 sparse).
+    GPU("RTX 3090", 24, _mib(24576), peak_bf16_flops=71e12),       # GDDR6X, no ECC: all 24 GiB reported
+    # Ada (AD102) whitepaper, appendix A: bf16 tensor with fp32 accumulate 165.2 TF (330.4 sparse).
+    GPU("RTX 4090", 24, _mib(24564), peak_bf16_flops=165.2e12),
+    GPU("A100 40GB", 40, _mib(40960), peak_bf16_flops=312e12),     # A100 datasheet: 312 TF bf16 dense; SXM4
+    GPU("A100 80GB", 80, _mib(81920), peak_bf16_flops=312e12),
+    # H100 datasheet: SXM5 1,979 TF bf16 with sparsity -> 989.4 dense (the PCIe board: 756 dense).
+    GPU("H100 80GB", 80, _mib(81559), peak_bf16_flops=989.4e12),   # SXM5 / PCIe HBM3
+    GPU("H200", 141, _mib(143771), peak_bf16_flops=989.4e12),      # H200 datasheet: same 1,979 sparse as H100 SXM
 )
 
 
@@ -104,6 +113,18 @@ def lookup_gpu(spec: str) -> GPU:
             f"Name one, e.g. --gpu '{matches[-1].name}', or give the memory in GiB: --gpu 40",
         )
     raise LoraDoctorError(f"Unknown GPU {spec!r}.", f"Known: {names}. Or give the memory in GiB: --gpu 24")
+
+
+def peak_bf16_flops_for(device_name: str) -> float | None:
+    """The table's dense bf16 peak for a CUDA device name ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB');
+    None for a card the table does not know."""
+    try:
+        return lookup_gpu(device_name).peak_bf16_flops
+    except LoraDoctorError:
+        key = _norm(device_name)
+        # Device names carry suffixes the table omits ('HBM3', 'PCIe'): the longest table name they start with.
+        known = sorted((g for g in GPUS if key.startswith(_norm(g.name))), key=lambda g: -len(_norm(g.name)))
+        return known[0].peak_bf16_flops if known else None
 
 
 # -- NVML ------------------------------------------------------------------------------------------------------

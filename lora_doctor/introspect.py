@@ -13,11 +13,13 @@ rewrite (router and experts as target_parameters, 2r on gate_up_proj) and so the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -39,8 +41,8 @@ from .targets import (
 )
 
 __all__ = [
-    "PRESETS", "Coverage", "FusedTarget", "TrainableCount", "build_meta_model", "load_shape", "lora_config",
-    "model_shape", "partial_coverage", "preset_targets", "resolve_targets", "target_groups", "trainable_counts",
+    "PRESETS", "Coverage", "FusedTarget", "TrainableCount", "build_meta_model", "layer_representatives",
+    "load_shape", "lora_config", "model_shape", "partial_coverage", "peft_without_bitsandbytes", "preset_targets", "resolve_targets", "target_groups", "trainable_counts",
 ]
 
 
@@ -59,6 +61,33 @@ class TrainableCount:
 
 
 # -- peft ------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peft_without_bitsandbytes() -> Iterator[None]:
+    """Inside the block, `import peft` skips bitsandbytes; on exit that peft is forgotten.
+
+    Importing bitsandbytes is most of `import peft`'s time (its backends build torch ops), and counting on a
+    meta model never quantizes. peft asks `importlib.util.find_spec("bitsandbytes")` (peft/import_utils.py
+    is_bnb_available), which is None for a None entry in sys.modules, so peft imports without its bnb layers.
+    That peft must not outlive the block: a later QLoRA load in the same process needs those layers, so its
+    modules leave sys.modules on exit and the next `import peft` is a whole one. transformers caches its own
+    answer (lru_cache on is_bitsandbytes_available), so it is asked first and keeps the true one.
+    """
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        yield  # already paid for: nothing to save and nothing to undo
+        return
+    from transformers.utils.import_utils import is_bitsandbytes_available
+
+    is_bitsandbytes_available()
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+        for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+            del sys.modules[name]
 
 
 def _split_modules_and_parameters(shape: ModelShape, raw, names: tuple[str, ...]):
@@ -117,18 +146,76 @@ def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] 
 _RANK_TENSOR = re.compile(r"\.lora_(embedding_)?[AB]\.")
 
 
+def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost ModuleLists of two or more blocks (decoder layers: `model.layers`, GPT-2's `transformer.h`)."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue  # an expert list inside a layer: copied whole with its layer
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            found.append((name, module))
+    return found
+
+
+def _structure(block: nn.Module) -> tuple:
+    """What decides how peft wraps a block: every module's name and class, every parameter's name, shape, dtype."""
+    modules = tuple((n, type(m).__qualname__) for n, m in block.named_modules())
+    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in block.named_parameters(remove_duplicate=False))
+    return modules, params
+
+
+def layer_representatives(model: nn.Module) -> tuple[list[nn.Module], dict[str, int]]:
+    """(repeats, multiplicity): the layers whose structure an earlier layer already has, and each
+    representative's path (e.g. 'model.layers.3') with how many layers share its structure.
+
+    Layers are grouped by `_structure` of the built module, not by config keys, so dense-then-MoE, sparse steps,
+    sliding/global interleaves and per-layer `layer_types` all fall out of what transformers built.
+    """
+    repeats: list[nn.Module] = []
+    multiplicity: dict[str, int] = {}
+    for list_name, layers in _layer_lists(model):
+        first_of: dict[tuple, str] = {}
+        for i, layer in enumerate(layers):
+            path = f"{list_name}.{i}"
+            rep = first_of.setdefault(_structure(layer), path)
+            multiplicity[rep] = multiplicity.get(rep, 0) + 1
+            if rep != path:
+                repeats.append(layer)
+    return repeats, multiplicity
+
+
+def _weight(name: str, multiplicity: dict[str, int]) -> int:
+    """How many real parameters one parameter of the skeleton stands for."""
+    return next((n for rep, n in multiplicity.items() if name.startswith(rep + ".")), 1)
+
+
 def _peft_count(model: nn.Module, config) -> tuple[int, int, int]:
-    """(trainable, all, rank-free part of trainable) as peft reports them, on a copy of `model`."""
+    """(trainable, all, rank-free part of trainable) as peft reports them for `model`, exactly.
+
+    peft runs on a skeleton: a copy of `model` holding one layer per distinct layer structure (the others are
+    empty stand-ins, so indices and names are kept), and each adapter tensor counts once per layer it stands for.
+    peft wraps every layer on its own, so this equals peft on the full model (tests check it on every shipped
+    config and on mixed-layer layouts) at a fraction of the injection time.
+    """
     from peft import get_peft_model
 
+    repeats, multiplicity = layer_representatives(model)
+    # deepcopy takes memo entries as already copied: each repeat becomes an empty module, its index kept.
+    memo = {id(layer): nn.Module() for layer in repeats}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # peft mutates the model it wraps; low_cpu_mem_usage puts the adapter tensors on meta too.
-        peft_model = get_peft_model(copy.deepcopy(model), config, low_cpu_mem_usage=True)
-        trainable, all_params = peft_model.get_nb_trainable_parameters()
-    rank_free = sum(p.numel() for n, p in peft_model.named_parameters()
-                    if p.requires_grad and not _RANK_TENSOR.search(n))
-    return trainable, all_params, rank_free
+        peft_model = get_peft_model(copy.deepcopy(model, memo), config, low_cpu_mem_usage=True)
+        skeleton_trainable, skeleton_all = peft_model.get_nb_trainable_parameters()
+    trainable = rank_free = 0
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            n = p.numel() * _weight(name.removeprefix("base_model.model."), multiplicity)
+            trainable += n
+            rank_free += 0 if _RANK_TENSOR.search(name) else n
+    # peft's all = its base count (4-bit aware) + adapters; the stand-ins' base is added back (meta: plain numel).
+    left_out = sum(p.numel() for layer in repeats for p in layer.parameters())
+    return trainable, skeleton_all - skeleton_trainable + left_out + trainable, rank_free
 
 
 def trainable_counts(

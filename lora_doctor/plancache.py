@@ -143,15 +143,24 @@ def _hit(entry: dict | None, requested: str, lora: LoraSpec, ranks: list[int]) -
 
 
 def _compute(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bool):
-    from .introspect import build_meta_model, model_shape, resolve_targets, trainable_counts
+    from .introspect import (
+        build_meta_model,
+        model_shape,
+        peft_without_bitsandbytes,
+        resolve_targets,
+        trainable_counts,
+    )
     from .resolve import resolve_model_config
     from .targets import match_targets
 
     resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
     meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
-    shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
-    targets = match_targets(shape, resolve_targets(shape, lora.targets))
-    counts = [Count(c.r, c.trainable, c.all_params) for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
+    # Counting on the meta model never quantizes: peft without bitsandbytes saves most of peft's import.
+    with peft_without_bitsandbytes():
+        shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
+        targets = match_targets(shape, resolve_targets(shape, lora.targets))
+        counts = [Count(c.r, c.trainable, c.all_params)
+                  for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
     return resolved, PlanInputs(shape, resolved.location, targets, counts, False)
 
 

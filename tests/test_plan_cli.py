@@ -394,3 +394,30 @@ def test_nvml_opens_once_and_closes_with_the_last_user(monkeypatch):
     with hardware.nvml() as nv:
         assert nv is None
     assert detect_local_gpu() is None  # installed but no driver: no torch import, no guess
+
+
+def test_step_time_per_gpu_from_flops_at_the_assumed_mfu(tmp_path):
+    from lora_doctor.flops import ASSUMED_MFU
+
+    result = plan("meta-llama/Llama-2-7b-hf", "--r", "16", "--seq-len", "2048", "--json")
+    assert result.exit_code == 0, result.output
+    timing = json.loads(result.stdout)["timing"]
+    f = timing["flops"]
+    # N = 6,738,415,616 published total - 32000*4096 input embedding - 65*4096 norm weights (no matmul).
+    assert f["matmul_params"] == 6_738_415_616 - 32000 * 4096 - 65 * 4096
+    assert f["base_forward_flops"] == 2 * f["matmul_params"] * 2048
+    assert f["attention_forward_flops"] == 4 * 4096 * 2048 * 32 * 2048  # 4*T*d per layer and token
+    # q,k,v,o (4096x4096) + gate,up,down (4096x11008) at r=16: 2*r*(in+out) per module and token, 32 layers.
+    assert f["lora_forward_flops"] == 2 * 16 * (4 * 8192 + 3 * 15104) * 32 * 2048
+    assert f["total_flops"] == (f["forward_flops"] + f["backward_flops"] + f["forward_flops"]
+                                - 2 * 32000 * 4096 * 2048)  # checkpointing recomputes all but lm_head
+    assert timing["mfu_assumed"] == ASSUMED_MFU
+    h100 = next(g for g in timing["gpus"] if g["name"] == "H100 80GB")
+    assert h100["step_time_s"] == pytest.approx(f["total_flops"] / (989.4e12 * ASSUMED_MFU))
+    assert {g["name"] for g in timing["gpus"]} == {g.name for g in GPUS}
+
+    text = plan("meta-llama/Llama-2-7b-hf", "--r", "16").stdout
+    assert "Step time (estimate):" in text and "40% MFU" in text and "989.4 TFLOP/s" in text
+    md = tmp_path / "p.md"
+    assert plan("meta-llama/Llama-2-7b-hf", "--markdown", str(md)).exit_code == 0
+    assert "### Step time (estimate)" in md.read_text()

@@ -88,6 +88,7 @@ def gather_plan(
         "cached": hit,
         "budgets": budgets,
         "gpus": _gpu_table(first),
+        "timing": _timing(shape, counts[0].r, targets, train),
         "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
                                             "marketed_gb": chosen.marketed_gb, "source": chosen.source},
         "constants": _constants(),
@@ -104,6 +105,21 @@ def _gpu_table(budget) -> list[dict]:
         by_gpu.setdefault(v.gpu, {})[v.method] = {"status": v.status, "fraction": v.fraction}
     return [{"name": g.name, "marketed_gb": g.marketed_gb, "usable_bytes": g.usable_bytes, "verdicts": by_gpu[g.name]}
             for g in hardware.GPUS]
+
+
+def _timing(shape, r: int, targets, train: TrainSpec) -> dict:
+    """FLOPs of one step at the first rank, and the step time on each card of the table at the assumed MFU."""
+    from .. import flops, hardware
+
+    f = flops.step_flops(shape, r, targets.groups, seq_len=train.seq_len, batch=train.batch,
+                         grad_ckpt=train.grad_ckpt)
+    rows = []
+    for g in hardware.GPUS:
+        t = flops.step_time_s(f.total_flops, g.peak_bf16_flops)
+        rows.append({"name": g.name, "peak_bf16_flops": g.peak_bf16_flops, "step_time_s": t,
+                     "tokens_per_s": None if t is None else f.tokens / t,
+                     "seconds_per_million_tokens": None if t is None else 1e6 * t / f.tokens})
+    return {"r": r, "flops": f.to_dict(), "mfu_assumed": flops.ASSUMED_MFU, "gpus": rows}
 
 
 def _constants() -> dict:

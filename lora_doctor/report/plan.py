@@ -77,6 +77,58 @@ def sweep_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def format_duration(seconds: float | None) -> str:
+    """340 ms, 12.4 s, 3 min 20 s, 5 h 07 min, 2 d 3 h; None renders as an em dash."""
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{1000 * seconds:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def timing_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    timing = data["timing"]
+    headers = ["GPU", "bf16 peak (dense)", "step time", "tokens/s", "per 1M tokens"]
+    rows = [[g["name"], _tflops(g["peak_bf16_flops"]), format_duration(g["step_time_s"]),
+             "—" if g["tokens_per_s"] is None else f"{g['tokens_per_s']:,.0f}",
+             format_duration(g["seconds_per_million_tokens"])] for g in timing["gpus"]]
+    return headers, rows
+
+
+def format_flops(n: float) -> str:
+    """Decimal SI prefixes, as FLOP counts are quoted: 913.2 GFLOP, 90.6 TFLOP, 1.2 PFLOP."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {prefix}FLOP"
+    return f"{n:,.0f} FLOP"
+
+
+def _tflops(flops: float | None) -> str:
+    return "—" if flops is None else f"{flops / 1e12:g} TFLOP/s"
+
+
+def timing_lines(data: dict) -> list[str]:
+    """What the step-time table rests on: the FLOPs per step by term and the assumed utilisation."""
+    t = data["timing"]
+    f = t["flops"]
+    return [f"FLOPs per step (r={t['r']}, {f['tokens']:,} tokens): {format_flops(f['total_flops'])} = forward "
+            f"{format_flops(f['forward_flops'])} (base 2N, N = {f['matmul_params']:,}; attention "
+            f"{format_flops(f['attention_forward_flops'])}; LoRA {format_flops(f['lora_forward_flops'])}) + backward "
+            f"{format_flops(f['backward_flops'])} (frozen base: no weight gradients) + recompute "
+            f"{format_flops(f['recompute_flops'])}.",
+            f"Step time assumes {100 * t['mfu_assumed']:.0f}% MFU of each card's dense bf16 peak (an assumption, "
+            "not a measurement: `lora-doctor probe` measures yours)."]
+
+
 def _opt(n) -> str:
     return "—" if n is None else f"{n:,}"
 
@@ -185,6 +237,11 @@ def render_plan(data: dict) -> str:
                   "of usable memory):",
               tabulate(rows, headers=headers, colalign=("left", "right") + ("left",) * (len(headers) - 2))]
     lines += [""] + _headroom_lines(data)
+    if "timing" in data:
+        headers, rows = timing_rows(data)
+        lines += ["", "Step time (estimate):",
+                  tabulate(rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1))]
+        lines += timing_lines(data)
     lines += ["", _assumptions_line(data)]
     return "\n".join(lines) + "\n"
 
@@ -227,6 +284,13 @@ def render_plan_markdown(data: dict) -> str:
     out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), "",
             f"⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% of usable memory.", ""]
     out += [f"- {line.strip()}" for line in _headroom_lines(data)]
+    if "timing" in data:
+        # One bullet per card, not a table: the report keeps its three tables (memory, sweep, verdicts).
+        _, rows = timing_rows(data)
+        out += ["", "### Step time (estimate)", ""]
+        out += [f"- **{name}** ({peak} dense bf16): {step} per step, {tps} tokens/s, {per_m} per 1M tokens"
+                for name, peak, step, tps, per_m in rows]
+        out += [""] + [f"- {line}" for line in timing_lines(data)]
     notes = render_notes(data)
     if notes:
         out += ["", "### Notes", ""] + [f"- {line}" for line in notes]

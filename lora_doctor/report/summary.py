@@ -5,10 +5,25 @@ from __future__ import annotations
 from ..diagnose import PlanBasis
 from . import format_bytes
 from .data import chat_line, example_text_lines
+from .plan import format_duration
 
 
 def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def _eta_lines(extra: dict) -> list[str]:
+    """The full run's ETA at the measured step time, and the MFU it implies (or why there is none)."""
+    if extra.get("full_run_eta_s") is None:
+        return []
+    lines = [f"  full run ETA       {format_duration(extra['full_run_eta_s'])} for {_steps(extra['full_run_steps'])} "
+             "at the median step time (train's configured steps or epochs)"]
+    if extra.get("implied_mfu") is not None:
+        lines.append(f"  MFU                {100 * extra['implied_mfu']:.1f}% of the card's dense bf16 peak "
+                     f"({extra['peak_bf16_flops'] / 1e12:g} TFLOP/s; {extra['flops_per_token'] / 1e9:,.2f} GFLOP/token)")
+    elif extra.get("mfu_note"):
+        lines.append(f"  MFU                {extra['mfu_note']}")
+    return lines
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -62,6 +77,7 @@ def summary_lines(report: dict) -> list[str]:
     if extra.get("median_step_time_s") is not None:
         tps = extra.get("tokens_per_s")
         lines.append(f"  speed              {extra['median_step_time_s']:.3f} s/step" + (f", {tps:,.0f} tokens/s" if tps else ""))
+    lines += _eta_lines(extra)
     for f in report.get("findings") or []:
         lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
         if f.get("hint"):
