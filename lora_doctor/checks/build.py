@@ -62,7 +62,7 @@ def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] =
     return dict(
         n_examples=stats.n_examples, n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
         empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
-        longest_tokens=stats.longest_tokens, max_length=stats.max_length, n_eval_examples=stats.n_eval_examples,
+        longest_tokens=stats.longest_tokens, max_length=stats.max_length,
     )
 
 
@@ -281,9 +281,9 @@ def build_context(
     if model_config is not None and getattr(model_config, "dtype", None) is not None:
         values["model_dtype"] = dtype_name(model_config.dtype)
     wider = _wider_facts(config, tokenizer, model_config, shape, env)
-    if data_stats is not None and data_stats.n_eval_examples and "n_eval_examples" in wider:
-        wider.pop("n_eval_examples")  # the engine's own count of what it holds out wins
     values.update(wider)
+    if data_stats is not None and data_stats.n_eval_examples:
+        values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out wins
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
         untrained = untrained_label_tokens(model, values["labels"])

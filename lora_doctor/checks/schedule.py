@@ -13,7 +13,8 @@ from .registry import register
 FEW_STEPS = 10
 """Below ~10 optimizer steps the adapter barely leaves its init (B starts at 0) and the schedule is noise."""
 REPEAT_WARN_EPOCHS = 2.0
-"""max_steps that loop the data more than twice as often as `epochs` asks overfits small sets."""
+"""max_steps that loop the data more than twice as often as `epochs` asks: info, since the run still learns
+(small probe sets are looped on purpose), but watch eval loss for overfitting."""
 
 
 def _steps(ctx: CheckContext, max_steps: int | None) -> int | None:
@@ -88,7 +89,7 @@ def check_epochs_vs_max_steps(ctx: CheckContext) -> list[Finding]:
     passes = ctx.max_steps / per_epochs * epochs
     if passes >= REPEAT_WARN_EPOCHS * epochs:
         return [Finding(
-            Severity.WARNING, "max-steps-repeats-data",
+            Severity.INFO, "max-steps-repeats-data",
             f"train.max_steps={ctx.max_steps} runs {passes:.1f} passes over the {ctx.n_examples} examples, while "
             f"epochs={epochs:g} asks for {per_epochs} steps: max_steps wins, and repeating a small set overfits.",
             f"Drop train.max_steps to run {epochs:g} epoch(s) ({per_epochs} steps), or add data; --epochs is "
