@@ -49,15 +49,19 @@ def check_few_optimizer_steps(ctx: CheckContext) -> list[Finding]:
     world = ctx.world_size or 1
     per_step = ctx.batch_size * (ctx.grad_accum or 1) * world
     accum = ctx.grad_accum or 1
-    lower = max(1, accum * steps // FEW_STEPS) if accum > 1 else None
-    fix = (f"--grad-accum {lower}" if lower and lower < accum else
-           f"--epochs {math.ceil(FEW_STEPS / max(steps, 1) * (ctx.epochs or 1.0))}")
+    epochs = ctx.epochs if ctx.epochs is not None else 1.0
+    options = []
+    if accum > 1:
+        options.append(f"--grad-accum 1 ({_steps(ctx.replace(grad_accum=1), None)} steps)")
+    more = math.ceil(epochs * FEW_STEPS / steps)
+    options.append(f"--epochs {more:g} ({_steps(ctx.replace(epochs=float(more)), None)} steps)")
+    fix = " or ".join(options)
     return [Finding(
         Severity.ERROR if steps <= 1 else Severity.WARNING, "few-optimizer-steps",
         f"{ctx.n_examples} examples at {per_step} per optimizer step (batch {ctx.batch_size} x grad_accum "
-        f"{accum} x {world} process(es)) for {ctx.epochs or 1.0:g} epoch(s) is {steps} optimizer step(s): "
+        f"{accum} x {world} process(es)) for {epochs:g} epoch(s) is {steps} optimizer step(s): "
         + ("one update cannot teach the adapter anything." if steps <= 1 else "the adapter barely moves."),
-        f"Take more steps: {fix}, or a smaller --batch / --grad-accum.",
+        f"Take more optimizer steps: {fix}, or a smaller --batch, or more data; the lr is not the knob.",
     )]
 
 
