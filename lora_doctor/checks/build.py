@@ -175,12 +175,13 @@ UNTRAINED_NORM_FRACTION = 0.01
 rows of similar norm, while reserved tokens of some bases (Llama-3's special tokens) are ~0."""
 
 
-def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[int, float] | None:
-    """{token id: row norm / median row norm} for label tokens whose input embedding looks untrained.
+def untrained_rows(model: Any, ids: set[int]) -> dict[int, float] | None:
+    """{token id: distance / median row norm} for the ids whose input-embedding row is ~0, or ~the mean
+    of all rows (what resize_token_embeddings gives new rows since transformers 4.46): never trained.
 
-    Needs real weights: None on a meta model, without labels, or without an input embedding.
+    Needs real weights: None on a meta model, or without an input embedding.
     """
-    if model is None or not labels or not hasattr(model, "get_input_embeddings"):
+    if model is None or not ids or not hasattr(model, "get_input_embeddings"):
         return None
     weight = getattr(model.get_input_embeddings(), "weight", None)
     if weight is None or weight.is_meta or weight.dim() != 2:
@@ -188,13 +189,47 @@ def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[i
     import torch
 
     with torch.no_grad():
-        norms = weight.detach().float().norm(dim=-1)
+        w = weight.detach().float()
+        norms = w.norm(dim=-1)
         median = float(norms.median())
         if median <= 0:
             return None
-        ids = sorted({t for seq in labels for t in seq if 0 <= t < norms.numel()})
-        ratios = (norms[ids] / median).tolist() if ids else []
-    return {i: r for i, r in zip(ids, ratios) if r < UNTRAINED_NORM_FRACTION}
+        known = sorted(i for i in ids if 0 <= i < norms.numel())
+        if not known:
+            return {}
+        rows = w[known]
+        to_zero = norms[known] / median
+        to_mean = (rows - w.mean(dim=0)).norm(dim=-1) / median
+        ratios = torch.minimum(to_zero, to_mean).tolist()
+    return {i: r for i, r in zip(known, ratios) if r < UNTRAINED_NORM_FRACTION}
+
+
+def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[int, float] | None:
+    """{token id: ratio} for label tokens whose input embedding looks untrained (untrained_rows)."""
+    if not labels:
+        return None
+    return untrained_rows(model, {t for seq in labels for t in seq})
+
+
+def _wider_facts(config: RunConfig | None, tokenizer: Any, model_config: Any, shape: ModelShape | None,
+                 env: dict | None) -> dict:
+    """Issue 11's facts: EOS ids of the model files, the data's rows and token ids, eval set, schedule."""
+    from . import datafacts
+
+    out: dict[str, Any] = {}
+    if config is not None:
+        out.update(datafacts.schedule_facts(config))
+        out.update(datafacts.eos_facts(config, model_config))
+    elif model_config is not None:
+        out.update(datafacts.eos_facts(None, model_config))
+    if shape is not None and "max_positions" not in out:
+        positions = [shape.extra.get(k) for k in ("max_position_embeddings", "n_positions")]
+        out["max_positions"] = next((p for p in positions if isinstance(p, int) and p > 0), None)
+    if tokenizer is not None:
+        out["bos_token_id"] = getattr(tokenizer, "bos_token_id", None)
+        if config is not None:
+            out.update(datafacts.dataset_facts(config, tokenizer, out.get("max_positions")))
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def build_context(
@@ -247,10 +282,19 @@ def build_context(
         values.setdefault("model_id", shape.model_id)
     if model_config is not None and getattr(model_config, "dtype", None) is not None:
         values["model_dtype"] = dtype_name(model_config.dtype)
+    wider = _wider_facts(config, tokenizer, model_config, shape, env)
+    values.update(wider)
+    if data_stats is not None and data_stats.n_eval_examples:
+        values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out wins
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
         untrained = untrained_label_tokens(model, values["labels"])
         if untrained is not None:
             values["untrained_label_tokens"] = untrained
+    input_ids = values.pop("input_ids_seen", None)
+    if input_ids and model is not None:
+        untrained = untrained_rows(model, input_ids)
+        if untrained is not None:
+            values["untrained_input_tokens"] = untrained
     values.update(overrides)
     return CheckContext(**values)

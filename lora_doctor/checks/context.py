@@ -124,6 +124,53 @@ class CheckContext:
     """Per adapter module: norm of (weights after the probe - weights before)."""
     base_params_with_grad: int | None = None
 
+    # --- issue 11: EOS/BOS, length, data quality, eval set, schedule ---------------------------
+    data_format: str | None = None
+    """data.format: 'instruction' (prompt masked) or 'text' (every token trained)."""
+    add_eos: bool | None = None
+    response_field: str | None = None
+    bos_token_id: int | None = None
+    config_eos_token_ids: tuple[int, ...] | None = None
+    """config.eos_token_id of the checkpoint (an int or a list), as a tuple."""
+    generation_eos_token_ids: tuple[int, ...] | None = None
+    """generation_config.json's eos_token_id, which generate() stops on; None when there is no such file."""
+    max_positions: int | None = None
+    """The model's context: config.max_position_embeddings (or n_positions)."""
+    input_id_max: int | None = None
+    """Largest token id in any training example's input ids."""
+    input_id_max_origin: str | None = None
+    """'file:line' of the example holding input_id_max."""
+    n_double_bos: int | None = None
+    """Examples that start with BOS and hold BOS again in the prompt (template BOS + tokenizer BOS)."""
+    n_beyond_context: int | None = None
+    """Examples longer than max_positions after truncation to max_length."""
+    n_prompt_fills: int | None = None
+    """Examples whose prompt alone fills max_length: truncation leaves no response token."""
+    n_rows: int | None = None
+    n_duplicate_rows: int | None = None
+    """Rows identical (template fields, stripped) to an earlier row."""
+    n_echo_responses: int | None = None
+    """Rows whose response repeats the instruction or input."""
+    template_markers: dict[str, int] | None = None
+    """Rows per prompt-template family whose markers appear in the text fields (datafacts.TEMPLATE_MARKERS)."""
+    prompt_family: str | None = None
+    """The family of the template lora-doctor wraps instruction rows in ('alpaca' by default)."""
+    eval_path: str | None = None
+    eval_path_exists: bool | None = None
+    n_eval_rows: int | None = None
+    n_eval_examples: int | None = None
+    n_eval_overlap: int | None = None
+    """Eval examples whose token ids equal a training example's."""
+    eval_fraction: float | None = None
+    grad_accum: int | None = None
+    warmup_steps: int | None = None
+    max_steps: int | None = None
+    epochs: float | None = None
+    eval_every: int | None = None
+    untrained_input_tokens: dict[int, float] | None = None
+    """Token ids in the inputs whose embedding row is ~0 or the mean of all rows (resize_token_embeddings'
+    mean init), as (distance / median row norm): never trained."""
+
     def replace(self, **changes) -> "CheckContext":
         """A copy with some fields changed (tests plant one fault into a healthy context)."""
         unknown = set(changes) - {f.name for f in fields(self)}

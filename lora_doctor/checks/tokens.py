@@ -161,3 +161,105 @@ def check_untrained_label_tokens(ctx: CheckContext) -> list[Finding]:
         f"Train those rows: LoraConfig(trainable_token_indices={sorted(todo)[:8]}) (small, saved with the adapter), or "
         f"modules_to_save=['{emb}', '{out}']; or use a tokenizer whose EOS/template tokens the base was trained on.",
     )]
+
+
+def _ids(ids: tuple[int, ...]) -> str:
+    return str(ids[0]) if len(ids) == 1 else "[" + ", ".join(map(str, ids)) + "]"
+
+
+@register
+def check_no_eos_token(ctx: CheckContext) -> list[Finding]:
+    """A tokenizer without EOS: data.add_eos appends nothing, so no example shows the model where to stop."""
+    if ctx.vocab_len is None or ctx.eos_token_id is not None:
+        return []
+    instruction = ctx.data_format != "text"
+    return [Finding(
+        Severity.ERROR if instruction else Severity.WARNING, "no-eos-token",
+        "The tokenizer has no EOS token (tokenizer.eos_token is None): data.add_eos appends nothing, so no "
+        "example ends with a stop token and the tuned model generates until max_new_tokens.",
+        "Give the tokenizer the EOS the model was trained with before training (tokenizer.eos_token = '</s>' or "
+        "the model's end token, saved with tokenizer.save_pretrained into the model folder), then rerun "
+        "lora-doctor check.",
+    )]
+
+
+@register
+def check_eos_mismatch(ctx: CheckContext) -> list[Finding]:
+    """The tokenizer's EOS (what the labels teach) vs the ids generate() stops on."""
+    eos = ctx.eos_token_id
+    if eos is None:
+        return []
+    gen, conf = ctx.generation_eos_token_ids, ctx.config_eos_token_ids
+    stops = gen if gen else conf  # generate() reads generation_config, which defaults to config's
+    if not stops:
+        return []
+    name = f"'{ctx.eos_token}' (id {eos})" if ctx.eos_token else f"id {eos}"
+    if eos not in stops:
+        key = "generation_config.eos_token_id" if gen else "config.eos_token_id"
+        return [Finding(
+            Severity.ERROR, "eos-mismatch",
+            f"The tokenizer's EOS {name} is what the labels teach the model to emit, but generate() stops on "
+            f"{key} = {_ids(stops)}: the tuned model emits its EOS and keeps going.",
+            f"Align {key} (in the model folder's {'generation_config.json' if gen else 'config.json'}) to "
+            f"include {eos}, or set the tokenizer's eos_token to the token with id {_ids(stops)}.",
+        )]
+    if conf and eos not in conf:
+        return [Finding(
+            Severity.WARNING, "eos-mismatch",
+            f"The tokenizer's EOS {name} is in generation_config.eos_token_id {_ids(stops)} but not in "
+            f"config.eos_token_id = {_ids(conf)}: generate() stops, but code reading model.config (pipelines, "
+            "serving stacks) does not.",
+            f"Align config.eos_token_id (config.json) to include {eos}.",
+        )]
+    return []
+
+
+@register
+def check_bos_twice(ctx: CheckContext) -> list[Finding]:
+    """The template or text starts with a literal BOS and the tokenizer adds its own: ids show BOS twice."""
+    n = ctx.n_double_bos
+    if not n:
+        return []
+    total = f" of {ctx.n_examples}" if ctx.n_examples else ""
+    return [Finding(
+        Severity.WARNING, "bos-twice",
+        f"{n}{total} examples start with BOS (id {ctx.bos_token_id}) twice: the prompt template or the text holds "
+        "a literal BOS and the tokenizer adds one too, so training sees a prefix inference never does.",
+        "Remove the literal BOS (e.g. '<s>', '<|begin_of_text|>') from data.prompt_template and from the text "
+        "fields: the tokenizer adds it.",
+    )]
+
+
+@register
+def check_token_ids_in_range(ctx: CheckContext) -> list[Finding]:
+    """An input id at or past the embedding's rows: the lookup crashes mid-run (IndexError / device assert)."""
+    if ctx.input_id_max is None or ctx.shape is None or ctx.input_id_max < ctx.shape.vocab_size:
+        return []
+    where = f" (in {ctx.input_id_max_origin})" if ctx.input_id_max_origin else ""
+    emb, out = _embed_names(ctx)
+    return [Finding(
+        Severity.ERROR, "token-id-out-of-range",
+        f"Token id {ctx.input_id_max}{where} is past the model's {ctx.shape.vocab_size:,} embedding rows: the "
+        "first batch holding it crashes with 'index out of range in self' (CUDA: device-side assert).",
+        "Use the tokenizer that ships with the model, or model.resize_token_embeddings(len(tokenizer)) and train "
+        f"the new rows (LoraConfig(modules_to_save=['{emb}', '{out}']) or trainable_token_indices=[...]).",
+    )]
+
+
+@register
+def check_untrained_input_tokens(ctx: CheckContext) -> list[Finding]:
+    """Tokens in the inputs whose embedding rows are zero or mean-initialised, with embeddings frozen."""
+    bad = dict(ctx.untrained_input_tokens or {})
+    if not bad or ctx.embeddings_trainable:
+        return []
+    emb, out = _embed_names(ctx)
+    if emb in set(ctx.modules_to_save or ()):
+        return []
+    ids = sorted(bad)
+    return [Finding(
+        Severity.WARNING, "untrained-input-embeddings",
+        f"{len(ids)} token(s) in the training inputs have untrained embedding rows (zero, or the mean of all rows "
+        f"as resize_token_embeddings initialises them): ids {ids[:8]}. Embeddings and {out} stay frozen under "
+        "LoRA, so the model reads them as noise throughout training.",
+        f"Train those rows: LoraConfig(trainable_token_indices={ids[:8]}) or modules_to_save=['{emb}', '{out}'].",
+    )]

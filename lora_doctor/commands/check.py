@@ -131,7 +131,8 @@ def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
     """Tokenize the dataset and count it exactly as the engine does (data.read_examples, split_examples,
     data_stats), but keep going where the engine would stop: a dataset whose every response is truncated
     away, rows in another format, or chat rows without a template are findings here, not a crash."""
-    from ..data import data_stats, read_examples, split_examples
+    from ..checks.datafacts import split_examples_or_keep
+    from ..data import data_stats, read_examples
 
     tok = facts.tokenizer
     if not cfg.data.path:
@@ -148,7 +149,7 @@ def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
         if facts.chat is None:
             raise
         return
-    train, held_out = split_examples(cfg.data, tok, examples, cfg.train.seed)
+    train, held_out = split_examples_or_keep(cfg.data, tok, examples, cfg.train.seed)
     facts.labels = [e.labels for e in train[:LABEL_SAMPLE]]
     facts.data = data_stats(cfg.data, tok, train, len(held_out), counters)
 
