@@ -28,6 +28,9 @@ def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
     model = build_tiny_model("llama", vocab_size=len(tok), seed=seed)
     model.config.update(dict(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                              pad_token_id=tok.pad_token_id))
+    # As instruct checkpoints ship it: generate() stops on the end-of-turn token the labels teach.
+    model.generation_config.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                   pad_token_id=tok.pad_token_id)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -310,3 +310,17 @@ def test_docs_checks_md_is_up_to_date():
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "checks.md"
     assert doc.read_text(encoding="utf-8") == markdown(), "run: python scripts/gen_checks_docs.py"
+
+
+def test_chat_rows_are_compared_whole_for_duplicates():
+    """Chat rows have no instruction/text columns: distinct conversations are not duplicates, repeated ones are."""
+    from lora_doctor.checks.datafacts import row_facts
+    from lora_doctor.runconfig import from_dict
+
+    cfg = from_dict({"model": "m", "data": {"path": "x.jsonl", "format": "chat"}})
+    convo = [{"role": "user", "content": "hi <|im_start|>"}, {"role": "assistant", "content": "hello"}]
+    other = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    distinct = row_facts([("a:1", {"messages": convo}), ("a:2", {"messages": other})], cfg)
+    assert distinct["n_duplicate_rows"] == 0 and distinct["template_markers"] == {}
+    repeated = row_facts([("a:1", {"messages": convo}), ("a:2", {"messages": convo}), ("a:3", {"messages": other})], cfg)
+    assert repeated["n_duplicate_rows"] == 1

@@ -286,6 +286,13 @@ def build_context(
     values.update(wider)
     if data_stats is not None and data_stats.n_eval_examples:
         values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out wins
+    _add_embedding_facts(values, model, labels)
+    values.update(overrides)
+    return CheckContext(**values)
+
+
+def _add_embedding_facts(values: dict[str, Any], model: Any, labels: list[list[int]] | None) -> None:
+    """The labels, and which label / input tokens have untrained embedding rows (needs real weights)."""
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
         untrained = untrained_label_tokens(model, values["labels"])
@@ -296,5 +303,3 @@ def build_context(
         untrained = untrained_rows(model, input_ids)
         if untrained is not None:
             values["untrained_input_tokens"] = untrained
-    values.update(overrides)
-    return CheckContext(**values)

@@ -117,13 +117,17 @@ def row_facts(rows: list[tuple[str, dict]], cfg: RunConfig) -> dict:
     dup = echo = 0
     markers: dict[str, int] = {}
     for _, row in rows:
-        key = _row_key(row, fields)
+        # A chat row is its whole conversation: the instruction/text columns do not exist there.
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str) if d.format == "chat" \
+            else _row_key(row, fields)
         dup += key in seen
         seen.add(key)
         if d.format == "instruction":
             response = str(row.get(d.response_field) or "")
             prompts = [str(row.get(f) or "") for f in (d.instruction_field, d.input_field) if f]
             echo += any(_is_echo(p, response) for p in prompts)
+        if d.format == "chat":
+            continue  # the chat template adds the markers; the messages' text is checked by checks/chat
         for fam in template_families("\n".join(str(row.get(f) or "") for f in fields)):
             markers[fam] = markers.get(fam, 0) + 1
     return dict(n_rows=len(rows), n_duplicate_rows=dup, n_echo_responses=echo, template_markers=markers)
