@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -27,9 +29,42 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         raise LoraDoctorError(f"Cannot create the {what} '{path}': part of that path is a file.", "Pick another path.") from None
     except PermissionError:
         raise LoraDoctorError(f"Cannot create the {what} '{path}': permission denied.", "Pick a folder you can write to.") from None
+    except OSError as e:  # /proc/x (ENOENT), a full or read-only disk
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': {e.strerror or type(e).__name__}.",
+                              "Pick a folder you can write to.") from None
     if not os.access(path, os.W_OK):
         raise LoraDoctorError(f"The {what} '{path}' is not writable.", "Pick a folder you can write to.")
     return path
+
+
+# errno -> why a write failed, in words a user can act on; other OSErrors stay bugs (exit 3).
+_DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the file system"}
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike, what: str = "file"):
+    """Turn a full disk (or a read-only one) while writing `path` into one LoraDoctorError line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        raise LoraDoctorError(f"Cannot write the {what} '{path}': {_DISK_ERRORS[e.errno]}.",
+                              "Free some space (or pick another folder) and rerun; nothing half-written was left, "
+                              "and --resume continues from the last complete checkpoint.") from None
+
+
+def _probe_create(ancestor: Path) -> str | None:
+    """Why a folder cannot be made inside `ancestor`, found by making (and removing) one; None when it can.
+
+    os.access says yes to root everywhere, /proc included, so only trying tells the truth.
+    """
+    try:
+        tempfile.TemporaryDirectory(prefix=".lora-doctor-probe-", dir=ancestor).cleanup()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -42,6 +77,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     Raises:
         LoraDoctorError: `path` or one of its parents is a file, or the folder cannot be written.
     """
+    if not str(path).strip():
+        raise LoraDoctorError(f"The {what} is empty ('').", "Give a folder path, e.g. runs/my-run.")
     path = Path(path).expanduser()
     if path.is_dir():
         return ensure_writable_dir(path, what)
@@ -53,11 +90,11 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is a file.", "Pick another path.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' is not writable.",
+    why = "not writable" if not os.access(ancestor, os.W_OK | os.X_OK) else _probe_create(ancestor)
+    if why:
+        raise LoraDoctorError(f"Cannot create the {what} '{path}': '{ancestor}' refuses new folders ({why}).",
                               "Pick a folder you can write to.")
     return path
-
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -69,20 +106,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     if path.is_dir():
         raise LoraDoctorError(f"Cannot write '{path}': it is a folder.", f"Give a file path, e.g. {path / 'report.md'}")
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions any other file of this user gets, so a
-        # teammate can read the report or load the adapter.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with disk_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # mkstemp creates 0600; give the file the permissions any other file of this user gets, so a
+            # teammate can read the report or load the adapter.
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     return path
 
 
