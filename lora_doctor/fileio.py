@@ -126,3 +126,49 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+MAX_LINE_BYTES = 16 * 1024**2
+"""Longest JSONL line read (16 MiB): a training example is a few thousand tokens, so a longer line is a
+broken export (a whole file without newlines), and reading it whole could exhaust memory."""
+
+
+def bounded_lines(f, path: str | os.PathLike, limit: int = MAX_LINE_BYTES):
+    """(line number, bytes) for each line of binary file `f`, never holding more than `limit` bytes of one line.
+
+    Raises:
+        LoraDoctorError: a line longer than `limit`, naming the line and the limit.
+    """
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > limit:
+            raise LoraDoctorError(
+                f"Line {lineno} of '{path}' is longer than {limit // 1024**2} MiB; lora-doctor reads at most that "
+                "much per JSONL line.",
+                "Each line must hold one example: split the file into one JSON object per line.")
+        yield lineno, raw
+
+
+@contextlib.contextmanager
+def format_errors(path: str | os.PathLike):
+    """A data file whose bytes are not its suffix's format (text named .parquet, a broken CSV) -> one line."""
+    import csv
+
+    try:
+        yield
+    except LoraDoctorError:
+        raise
+    except (csv.Error, UnicodeDecodeError, ValueError, OSError) as e:
+        # pyarrow's ArrowInvalid and ArrowIOError subclass ValueError and OSError.
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            raise
+        suffix = Path(path).suffix.lower()
+        kind = "csv.Error" if isinstance(e, csv.Error) else type(e).__name__
+        text = " ".join(str(e).split())[:200].rstrip(".")
+        raise LoraDoctorError(f"'{path}' is not a readable {suffix} file: {kind}: {text}.",
+                              f"Check that its content is {suffix.lstrip('.').upper()} (a renamed file looks like this), "
+                              "or convert it to .jsonl.") from None
