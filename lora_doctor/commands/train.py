@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from ..diagnose import diagnose, eval_loss_summary, write_reports
+from ..checkpoint import refuse_other_run
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
 from ..runconfig import RunConfig
@@ -250,7 +251,7 @@ def resume_command(ctx: click.Context) -> str:
     words = ["lora-doctor", "train"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name in ("resume", "checkpoint") or value is None:
+        if param.name in ("resume", "checkpoint", "overwrite") or value is None:
             continue
         if isinstance(param, click.Argument):
             words.append(shlex.quote(str(value)))
@@ -275,8 +276,9 @@ def resume_command(ctx: click.Context) -> str:
 @click.option("--merge/--no-merge", default=None, help="Merge the adapter into a 16-bit base after training.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output.dir.")
 @click.option("--checkpoint", type=click.Path(file_okay=False), help="Continue from this step-NNNNNN folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in output.dir (its checkpoints and results).")
 @click.option("--no-report", is_flag=True, help="Do not write JSON/Markdown under reports/.")
-def command(config, steps, merge, resume, checkpoint, no_report, **params):
+def command(config, steps, merge, resume, checkpoint, overwrite, no_report, **params):
     """Train with the same engine and config as `probe`: adapter, checkpoints, loss log, curve.
 
     Progress goes to stderr. Ctrl-C / SIGTERM saves a checkpoint at the next step boundary;
@@ -291,6 +293,7 @@ def command(config, steps, merge, resume, checkpoint, no_report, **params):
     """
     cfg = config_from_cli(config, params, extra={"train.max_steps": steps, "output.merge": merge})
     check_output_dir(cfg.output.dir, "output folder")
+    refuse_other_run(cfg.output.dir, resuming=bool(resume or checkpoint), overwrite=overwrite)
     if not no_report:
         check_output_dir(cfg.output.reports_dir, "reports folder")
     log = (lambda m: click.echo(m, err=True))
