@@ -166,14 +166,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, weights: dict, state: di
     import torch
     from safetensors.torch import save_file
 
-    from .report.env import redact
-
     root = Path(root)
 
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp / WEIGHTS_FILE))
         torch.save(state, tmp / STATE_FILE)
-        write_json_atomic(tmp / CONFIG_FILE, redact(config))
+        write_json_atomic(tmp / CONFIG_FILE, config)  # redacted on the way to disk
         write_json_atomic(tmp / MANIFEST_FILE, manifest(tmp, (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)))
 
     final = atomic_dir(root / f"step-{step:06d}", write)
@@ -250,7 +248,8 @@ def read_checkpoint(path: str | os.PathLike, config: dict, *, root_hint: str | o
     saved_cfg = path / CONFIG_FILE
     if saved_cfg.is_file():
         # Both sides redacted: the file was written redacted, and a secret must not read as a config change.
-        changed = trajectory_changes(redact(_read_json(saved_cfg)), redact(config))
+        saved = redact(_read_json(saved_cfg), shorten_home=False)
+        changed = trajectory_changes(saved, redact(config, shorten_home=False))
         if changed:
             raise LoraDoctorError(
                 f"Checkpoint '{path}' was written with a different config: {', '.join(changed)}.",

@@ -98,7 +98,11 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    """Write `text` atomically, with credentials redacted: a token in a config value never reaches the disk."""
+    from .report.env import redact_text
+
+    # Home paths stay whole: run-folder files (run_config.json, train_result.json) are read back as paths.
+    return write_bytes_atomic(path, redact_text(text, home="").encode("utf-8"))
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -125,6 +129,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """`obj` as indented JSON, redacted (secret-named keys too) by write_text_atomic and report.env.redact."""
+    from .report.env import redact
+
+    obj = redact(obj, shorten_home=False)
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
