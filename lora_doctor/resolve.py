@@ -324,6 +324,7 @@ def _build_config(
         )
     from huggingface_hub.errors import StrictDataclassError
 
+    check_sizes(data, path)
     try:
         return CONFIG_MAPPING[model_type].from_dict(data)
     # transformers 5 configs are strict dataclasses: a wrong type or an impossible shape raises here.
@@ -357,12 +358,16 @@ SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 
 
 def check_sizes(config, path: Path) -> None:
-    """Raise when a shape field is zero, negative or not an integer; absent (None) fields are the model's business."""
+    """Raise when a shape field is zero, negative or not an integer; absent (None) fields are the model's business.
+
+    `config` is a PretrainedConfig or the raw config.json dict: the raw one is checked before transformers
+    builds it, because some configs divide by the head count in their constructor.
+    """
     from .errors import raise_problems
 
     problems = []
     for name in SIZE_FIELDS:
-        value = getattr(config, name, None)
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
