@@ -236,7 +236,7 @@ def read_checkpoint(path: str | os.PathLike, config: dict, *, root_hint: str | o
     from .report.env import redact
 
     path = Path(path)
-    if not (path / STATE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+    if not (path / STATE_FILE).is_file() and not (path / WEIGHTS_FILE).is_file():
         raise LoraDoctorError(f"'{path}' is not a lora-doctor checkpoint (no {STATE_FILE}).",
                               f"Checkpoints live in {root_hint}/step-NNNNNN.")
     why = checkpoint_damage(path)
