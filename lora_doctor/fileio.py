@@ -180,3 +180,43 @@ def format_errors(path: str | os.PathLike):
         raise LoraDoctorError(f"'{path}' is not a readable {suffix} file: {kind}: {text}.",
                               f"Check that its content is {suffix.lstrip('.').upper()} (a renamed file looks like this), "
                               "or convert it to .jsonl.") from None
+
+
+class DuplicateKey(Exception):
+    """A mapping key written twice in one YAML file: `key` dotted (train.lr), on lines `first` and `second`."""
+
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def unique_key_loader():
+    """yaml.SafeLoader that raises DuplicateKey (with the dotted key) instead of keeping the last value."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own construct_mapping says so below
+                    continue
+                if repeated:
+                    raise DuplicateKey(self._dotted(node, key), seen[key], line)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+        def _dotted(self, node, key) -> str:
+            """'train.lr' for a duplicate lr inside train: the parent is the key whose value is `node`."""
+            parent = next((str(k.value) for k, v in getattr(self, "_root", yaml.MappingNode("", [])).value
+                           if v is node), None)
+            return f"{parent}.{key}" if parent else str(key)
+
+        def construct_document(self, node):
+            self._root = node if isinstance(node, yaml.MappingNode) else yaml.MappingNode("", [])
+            return super().construct_document(node)
+
+    return UniqueKeyLoader

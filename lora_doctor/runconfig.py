@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .data import LOCAL_SUFFIXES, DataConfig
 from .errors import LoraDoctorError, Problem, raise_problems
+from .fileio import DuplicateKey, unique_key_loader
 from .specs import LoraSpec, QuantSpec, TrainSpec
 from .validate import DEFAULT_SEED, SPEC_FLAGS, default_label, normalise, problems_in, type_ok
 
@@ -289,8 +290,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
     import yaml
 
     try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as e:
+        data = yaml.load(text, Loader=unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as e:
         raise LoraDoctorError(f"Config file '{path}' sets {e.key!r} twice (line {e.first} and line {e.second}).",
                               f"Keep one {e.key} in {path.name}: YAML would silently use the last one.") from None
     except yaml.YAMLError as e:
@@ -298,44 +299,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise LoraDoctorError(f"Cannot parse '{path}'{at}: {getattr(e, 'problem', e)}.", "Fix the YAML syntax.") from None
     return data if data is not None else {}
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str, first: int, second: int):
-        super().__init__(key)
-        self.key, self.first, self.second = key, first, second
-
-
-def _unique_key_loader():
-    """yaml.SafeLoader that raises _DuplicateKey (with the dotted key) instead of keeping the last value."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                line = key_node.start_mark.line + 1
-                try:
-                    repeated = key in seen
-                except TypeError:  # an unhashable key: SafeLoader's own construct_mapping says so below
-                    continue
-                if repeated:
-                    raise _DuplicateKey(self._dotted(node, key), seen[key], line)
-                seen[key] = line
-            return super().construct_mapping(node, deep=deep)
-
-        def _dotted(self, node, key) -> str:
-            """'train.lr' for a duplicate lr inside train: the parent is the key whose value is `node`."""
-            parent = next((str(k.value) for k, v in getattr(self, "_root", yaml.MappingNode("", [])).value
-                           if v is node), None)
-            return f"{parent}.{key}" if parent else str(key)
-
-        def construct_document(self, node):
-            self._root = node if isinstance(node, yaml.MappingNode) else yaml.MappingNode("", [])
-            return super().construct_document(node)
-
-    return UniqueKeyLoader
 
 
 def parse_set(items: typing.Iterable[str]) -> dict[str, object]:
