@@ -8,8 +8,9 @@ and checks that a checkpoint fits the run that resumes it (same trajectory confi
 Layout of one checkpoint, `<output.dir>/checkpoints/step-NNNNNN/`:
     adapter_weights.safetensors   every requires_grad parameter, by its peft name
     trainer_state.pt              step, data position, optimizer/scheduler/scaler, RNG states, history
-    run_config.json               RunConfig.to_dict(), for the resume-time config diff
-and `checkpoints/latest` names the newest one.
+    run_config.json               RunConfig.to_dict(), redacted, for the resume-time config diff
+    manifest.json                 bytes and sha256 of the three files above, verified before a resume
+and `checkpoints/latest` names the newest one: it is the authority on which checkpoint resumes.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import LoraDoctorError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import disk_errors, write_json_atomic, write_text_atomic
 from .loading import TORCH_DTYPES, pretrained_path, quiet_transformers, torch_dtype
+from .manifest import folder_damage, manifest
 from .measure import StepRecord
 from .runconfig import RunConfig
 
@@ -36,6 +39,9 @@ STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "adapter_weights.safetensors"
 CONFIG_FILE = "run_config.json"
 LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
+RUN_FILES = ("train_result.json", ADAPTER_DIR)
+"""What a finished run leaves in output.dir besides its checkpoints (commands/train.py's RESULT_JSON)."""
 
 # Keys that may change between a run and its resumption without changing the trajectory so far.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
@@ -52,6 +58,11 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], object]) -> Pat
     old one aside first and deletes it only after the new one is in place.
     """
     final = Path(final)
+    with disk_errors(final, "folder"):
+        return _atomic_dir(final, write)
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +161,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, weights: dict, state: di
     Args:
         weights: name -> CPU tensor (the adapter), saved as safetensors.
         state: torch-picklable trainer state (optimizer, scheduler, RNG, data position, history).
-        config: RunConfig.to_dict(), compared on resume by trajectory_changes.
+        config: RunConfig.to_dict(), compared on resume by trajectory_changes; written redacted.
     """
     import torch
     from safetensors.torch import save_file
@@ -160,12 +171,18 @@ def save_checkpoint(root: str | os.PathLike, step: int, weights: dict, state: di
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp / WEIGHTS_FILE))
         torch.save(state, tmp / STATE_FILE)
-        write_json_atomic(tmp / CONFIG_FILE, config)
+        write_json_atomic(tmp / CONFIG_FILE, config)  # redacted on the way to disk
+        write_json_atomic(tmp / MANIFEST_FILE, manifest(tmp, (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)))
 
     final = atomic_dir(root / f"step-{step:06d}", write)
     write_text_atomic(root / LATEST_FILE, final.name + "\n")
     prune_checkpoints(root, keep)
     return final
+
+
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """Why checkpoint `path` cannot be resumed (the damaged file, and how), or None when it is intact."""
+    return folder_damage(path, required=(STATE_FILE, WEIGHTS_FILE), listing=MANIFEST_FILE)
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
@@ -174,34 +191,65 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The checkpoint `root/latest` names, else the newest complete `step-*`; None when there is none."""
-    root = Path(root)
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoints newest first, the one `latest` names leading: it is the authority."""
+    done = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
     pointer = root / LATEST_FILE
-    if pointer.is_file():
-        p = root / pointer.read_text().strip()
-        if (p / STATE_FILE).is_file():
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and named.is_dir():
+        done = [named] + [p for p in done if p != named]
+    return done
+
+
+def latest_checkpoint(root: str | os.PathLike, say: Callable[[str], object] | None = None) -> Path | None:
+    """The checkpoint `root/latest` names, else the newest intact `step-*`; None when there is none.
+
+    A damaged checkpoint (failing its manifest) is skipped for the next older intact one, and `say`
+    (stderr by default) is told which file was damaged and which checkpoint resumes instead.
+    """
+    say = say or (lambda msg: print(msg, file=sys.stderr))
+    damaged = []
+    for p in _candidates(Path(root)):
+        why = checkpoint_damage(p)
+        if why is None:
+            if damaged:
+                say(f"note: checkpoint {', '.join(damaged)}; resuming from {p.name}, the newest intact one.")
             return p
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+        if (p / STATE_FILE).is_file() or (p / WEIGHTS_FILE).is_file():
+            damaged.append(f"{p.name} is damaged ({why})")
+    if damaged:
+        raise LoraDoctorError(f"No intact checkpoint in '{root}': {'; '.join(damaged)}.",
+                              "Start the run again without --resume (add --overwrite to replace it).")
+    return None
 
 
 def read_checkpoint(path: str | os.PathLike, config: dict, *, root_hint: str | os.PathLike) -> tuple[dict, dict]:
-    """(adapter weights, trainer state) from `path`, after checking it was written with this trajectory.
+    """(adapter weights, trainer state) from `path`, after checking it is intact and written with this trajectory.
 
     Raises:
-        LoraDoctorError: `path` is no checkpoint, or its run_config.json differs outside RESUMABLE_CHANGES.
+        LoraDoctorError: `path` is no checkpoint, fails its manifest (naming the damaged file and an intact
+            --checkpoint), or its run_config.json differs outside RESUMABLE_CHANGES.
     """
     import torch
     from safetensors.torch import load_file
 
+    from .report.env import redact
+
     path = Path(path)
-    if not (path / STATE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+    if not (path / STATE_FILE).is_file() and not (path / WEIGHTS_FILE).is_file():
         raise LoraDoctorError(f"'{path}' is not a lora-doctor checkpoint (no {STATE_FILE}).",
                               f"Checkpoints live in {root_hint}/step-NNNNNN.")
+    why = checkpoint_damage(path)
+    if why is not None:
+        intact = next((p for p in _candidates(path.parent) if p != path and checkpoint_damage(p) is None), None)
+        raise LoraDoctorError(f"Checkpoint '{path}' is damaged: {why}.",
+                              f"Resume from an intact one: --checkpoint {intact}" if intact is not None else
+                              "No intact checkpoint is left beside it; start the run again without --resume.")
     saved_cfg = path / CONFIG_FILE
     if saved_cfg.is_file():
-        changed = trajectory_changes(json.loads(saved_cfg.read_text(encoding="utf-8")), config)
+        # Both sides redacted: the file was written redacted, and a secret must not read as a config change.
+        saved = redact(_read_json(saved_cfg), shorten_home=False)
+        changed = trajectory_changes(saved, redact(config, shorten_home=False))
         if changed:
             raise LoraDoctorError(
                 f"Checkpoint '{path}' was written with a different config: {', '.join(changed)}.",
@@ -209,6 +257,36 @@ def read_checkpoint(path: str | os.PathLike, config: dict, *, root_hint: str | o
                 "or start a new run in another --output-dir.")
     weights = load_file(str(path / WEIGHTS_FILE))
     return weights, torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraDoctorError(f"'{path}' is not valid JSON.", "Resume from another checkpoint with --checkpoint PATH.") from None
+    return data if isinstance(data, dict) else {}
+
+
+def refuse_other_run(out_dir: str | os.PathLike, *, resuming: bool, overwrite: bool) -> None:
+    """Before a fresh `train`: refuse a folder holding another run, or with `overwrite` clear that run's
+    checkpoints and results, so no later --resume picks up a checkpoint of the old run.
+
+    Raises:
+        LoraDoctorError: `out_dir` holds checkpoints or a finished run, and neither flag was given.
+    """
+    out = Path(out_dir)
+    ckpts = out / CHECKPOINT_DIR
+    found = [p for p in [ckpts / LATEST_FILE, *sorted(ckpts.glob("step-*"))] + [out / n for n in RUN_FILES] if p.exists()]
+    if resuming or not found:
+        return
+    if not overwrite:
+        raise LoraDoctorError(f"The output folder '{out}' holds another run ({found[0].relative_to(out)}).",
+                              "Continue it with --resume, replace it with --overwrite, or pick another --output-dir.")
+    for p in [ckpts] + [out / n for n in RUN_FILES]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def restore_weights(model, weights: dict, path: str | os.PathLike) -> None:
@@ -297,7 +375,7 @@ def write_loss_log(path: str | os.PathLike, records: Iterable[StepRecord]) -> Pa
     return write_text_atomic(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
 
 
-__all__ = ["ADAPTER_DIR", "CHECKPOINT_DIR", "MERGED_DIR", "RESUMABLE_CHANGES", "atomic_dir", "engine_state",
-           "latest_checkpoint", "restore_engine",
+__all__ = ["ADAPTER_DIR", "CHECKPOINT_DIR", "MANIFEST_FILE", "MERGED_DIR", "RESUMABLE_CHANGES", "atomic_dir",
+           "checkpoint_damage", "engine_state", "latest_checkpoint", "manifest", "refuse_other_run", "restore_engine",
            "merge_adapter", "prune_checkpoints", "read_checkpoint", "restore_weights", "rng_state", "save_adapter",
            "save_checkpoint", "set_rng_state", "trajectory_changes", "write_loss_log"]

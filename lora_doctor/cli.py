@@ -89,6 +89,25 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the boundary: a bug becomes one line, never a traceback
+            ctx.exit(_internal_error(e))
+
+
+EXIT_INTERNAL = 3
+"""Exit code of a bug in lora-doctor; 1 means findings, 2 bad input."""
+
+
+def _internal_error(e: Exception) -> int:
+    from .crash import write_crash_report
+    from .report.env import redact_text
+
+    crash = write_crash_report(e)
+    where = f" (details in {crash})" if crash is not None else ""
+    text = " ".join(str(e).split())[:200] or "no message"
+    click.echo(redact_text(f"Internal error: {type(e).__name__}: {text}{where} — please report it."), err=True)
+    return EXIT_INTERNAL
 
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)

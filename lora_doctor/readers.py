@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import LoraDoctorError
+from .fileio import bounded_lines, format_errors
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -23,7 +24,7 @@ def _where(path: Path, line: int | None) -> str:
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in bounded_lines(f, path):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -85,9 +86,13 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
 
 def _read_csv(path: Path) -> list[tuple[str, dict]]:
     text = _decode_whole(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     # Line numbers: the header is line 1, so the first row is on line 2 (multi-line cells shift this).
-    return [(_where(path, reader.line_num), dict(row)) for row in reader]
+    rows = [(_where(path, reader.line_num), dict(row)) for row in reader]
+    ragged = next((where for where, row in rows if None in row or None in row.values()), None)
+    if ragged is not None:
+        raise csv.Error(f"row {ragged} has a different number of fields than the header {reader.fieldnames}")
+    return rows
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict]]:
@@ -134,7 +139,8 @@ def read_rows(path: str, split: str = "train") -> list[tuple[str, dict]]:
         if suffix not in readers:
             raise LoraDoctorError(f"Cannot read '{p}': unknown file type {suffix!r}.",
                                   f"Use one of {', '.join(LOCAL_SUFFIXES)}.")
-        return readers[suffix](p)
+        with format_errors(p):
+            return readers[suffix](p)
     if p.is_dir():
         saved = (p / "state.json").exists() or (p / "dataset_dict.json").exists()
         has_file = next((q for q in p.rglob("*") if q.suffix.lower() in LOCAL_SUFFIXES and q.is_file()), None)

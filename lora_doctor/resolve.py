@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_doctor.configcheck import check_causal_lm, check_sizes
 from lora_doctor.errors import LoraDoctorError
 
 if TYPE_CHECKING:
@@ -266,6 +267,8 @@ def _resolved(
 ) -> ResolvedConfig:
     data = _read_config_json(config_path)
     config = _build_config(data, config_path, trust_remote_code, code_dir=code_dir, repo_id=repo_id)
+    check_causal_lm(config, config_path)
+    check_sizes(config, config_path)
     return ResolvedConfig(model_id=model, config=config, source=source, location=str(config_path))
 
 
@@ -317,6 +320,7 @@ def _build_config(
         )
     from huggingface_hub.errors import StrictDataclassError
 
+    check_sizes(data, path)
     try:
         return CONFIG_MAPPING[model_type].from_dict(data)
     # transformers 5 configs are strict dataclasses: a wrong type or an impossible shape raises here.

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .data import LOCAL_SUFFIXES, DataConfig
 from .errors import LoraDoctorError, Problem, raise_problems
+from .fileio import DuplicateKey, unique_key_loader
 from .specs import LoraSpec, QuantSpec, TrainSpec
 from .validate import DEFAULT_SEED, SPEC_FLAGS, default_label, normalise, problems_in, type_ok
 
@@ -289,7 +290,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as e:
+        raise LoraDoctorError(f"Config file '{path}' sets {e.key!r} twice (line {e.first} and line {e.second}).",
+                              f"Keep one {e.key} in {path.name}: YAML would silently use the last one.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -338,27 +342,48 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object]
         _set_dotted(raw, key, value)
         origins.setdefault(key, default_label(key))
     source = str(path) if path is not None else None
-    # Relative data/model paths in a config file are relative to the file, like litgpt's configs.
     if path is not None:
-        base = Path(path).parent
-        for section, key in (("data", "path"), ("data", "eval_path"), (None, "model")):
-            holder = raw.get(section) if section else raw
-            if not isinstance(holder, dict):
-                continue
-            dotted = f"{section}.{key}" if section else key
-            value = holder.get(key)
-            if isinstance(value, str) and dotted not in origins and not Path(value).expanduser().is_absolute():
-                if (base / value).exists():
-                    holder[key] = str(base / value)
-                elif section == "data" and _missing_data_file(value):
-                    near, here = (base / value).absolute(), Path(value).absolute()
-                    where = f"looked for '{near}'" if near == here else \
-                        f"looked next to the config ('{near}') and in the working folder ('{here}')"
-                    raise LoraDoctorError(
-                        f"Dataset file '{value}' not found: {where}.",
-                        f"Fix {dotted} in {Path(path).name} (relative paths are relative to the config file) "
-                        "or pass --data PATH.")
+        _relative_to_file(raw, Path(path), origins)
+    _check_eval_path(raw, path, origins)
     return from_dict(raw, source=source, origins=origins)
+
+
+def _set_hint(dotted: str) -> str:
+    """How to fix `dotted` from the command line: its flag when it has one, else --set."""
+    flag = default_label(dotted)
+    return f"pass {flag} PATH" if flag.startswith("--") else f"pass --set {dotted}=PATH"
+
+
+def _relative_to_file(raw: dict, path: Path, origins: dict[str, str]) -> None:
+    """Relative data/model paths in a config file are relative to the file, like litgpt's configs."""
+    base = path.parent
+    for section, key in (("data", "path"), ("data", "eval_path"), (None, "model")):
+        holder = raw.get(section) if section else raw
+        if not isinstance(holder, dict):
+            continue
+        dotted = f"{section}.{key}" if section else key
+        value = holder.get(key)
+        if isinstance(value, str) and dotted not in origins and not Path(value).expanduser().is_absolute():
+            if (base / value).exists():
+                holder[key] = str(base / value)
+            elif section == "data" and _missing_data_file(value):
+                near, here = (base / value).absolute(), Path(value).absolute()
+                where = f"looked for '{near}'" if near == here else \
+                    f"looked next to the config ('{near}') and in the working folder ('{here}')"
+                raise LoraDoctorError(
+                    f"Dataset file '{value}' not found: {where}.",
+                    f"Fix {dotted} in {path.name} (relative paths are relative to the config file) "
+                    f"or {_set_hint(dotted)}.")
+
+
+def _check_eval_path(raw: dict, path, origins: dict[str, str]) -> None:
+    """A missing eval file is named as data.eval_path, not as data.path (the data reader knows no keys)."""
+    value = (raw.get("data") or {}).get("eval_path") if isinstance(raw.get("data"), dict) else None
+    if isinstance(value, str) and _missing_data_file(str(Path(value).expanduser())):
+        where = f" in {Path(path).name}" if path is not None and "data.eval_path" not in origins else ""
+        label = origins.get("data.eval_path", "data.eval_path")
+        raise LoraDoctorError(f"Evaluation file '{value}' ({label}) not found.",
+                              f"Fix data.eval_path{where} or {_set_hint('data.eval_path')}.")
 
 
 def _missing_data_file(value: str) -> bool:

@@ -6,6 +6,8 @@ once with errors.raise_problems, so one message lists everything wrong.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import typing
 
 from .data import ALPACA_PROMPT, DATA_FORMATS, TRAIN_ON
@@ -83,8 +85,46 @@ def _positive_int(label, value, problems, example, allow_none=False, allow_zero=
         problems.append((f"{label} must be {kind}{null}; got {value!r}.", f"Try: {example}"))
 
 
+def _non_finite(cfg: RunConfig) -> list[str]:
+    """Dotted keys holding nan or ±inf: every comparison with nan is False, so range checks alone let it through."""
+    keys = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name, None)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                keys.append(f"{section.name}.{f.name}")
+    return keys
+
+
 def problems_in(cfg: RunConfig, label) -> list[Problem]:
-    """Range and choice checks across sections; `label(dotted_key)` names the key as the user typed it."""
+    """Every problem in `cfg`; `label(dotted_key)` names the key as the user typed it.
+
+    A nan/inf value gets one problem of its own, and the range check of the same key, which would
+    quote it again, is dropped.
+    """
+    bad = _non_finite(cfg)
+    finite = [(f"{label(k)} must be a finite number; got {getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])!r}.",
+               f"Try: {_example(k)}") for k in bad]
+    labels = tuple(f"{label(k)} " for k in bad)
+    return finite + [pr for pr in _range_problems(cfg, label) if not pr[0].startswith(labels)]
+
+
+def _example(key: str) -> str:
+    """A working setting of `key`: its flag when it has one, else the file key, with the default value."""
+    from .runconfig import SECTIONS
+
+    section, name = key.split(".", 1)
+    f = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    flag = KEY_TO_FLAG.get(key)
+    return f"--{flag} {default}" if flag else f"{key}: {default}"
+
+
+def _range_problems(cfg: RunConfig, label) -> list[Problem]:
+    """Range and choice checks across sections."""
     p: list[Problem] = []
     if not cfg.model or not isinstance(cfg.model, str):
         p.append((f"{label('model')} is required (a model id or a local folder); got {cfg.model!r}.",
@@ -130,6 +170,9 @@ def problems_in(cfg: RunConfig, label) -> list[Problem]:
         p.append((f"{label('loss.label_smoothing')} must be in [0, 1); got {lo.label_smoothing!r}.", "Try: loss.label_smoothing: 0.1"))
     if not isinstance(lo.focal_gamma, (int, float)) or lo.focal_gamma < 0:
         p.append((f"{label('loss.focal_gamma')} must be >= 0; got {lo.focal_gamma!r}.", "Try: loss.focal_gamma: 2.0"))
+    for key, value in (("output.dir", o.dir), ("output.reports_dir", o.reports_dir)):
+        if not isinstance(value, str) or not value.strip():
+            p.append((f"{label(key)} must name a folder; got {value!r}.", f"Try: {_example(key)}"))
     _one_of(label("output.merge_dtype"), o.merge_dtype, COMPUTE_DTYPES, p, "output.merge_dtype: bf16")
     _positive_int(label("output.keep_checkpoints"), o.keep_checkpoints, p, "output.keep_checkpoints: 2")
     return p

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from ..diagnose import diagnose, eval_loss_summary, write_reports
+from ..checkpoint import refuse_other_run
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
 from ..runconfig import RunConfig
@@ -251,7 +252,7 @@ def resume_command(ctx: click.Context) -> str:
     words = ["lora-doctor", "train"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name in ("resume", "checkpoint") or value is None:
+        if param.name in ("resume", "checkpoint", "overwrite") or value is None:
             continue
         if isinstance(param, click.Argument):
             words.append(shlex.quote(str(value)))
@@ -341,8 +342,9 @@ def _train_sweep(cfg: RunConfig, axes, resume: bool, no_report: bool, log) -> No
 @click.option("--sweep", multiple=True, metavar="KEY=V1,V2,...",
               help="Train one variant per value, one after another, each in its own folder under output.dir, "
                    "then compare them. Repeat for a grid. Any config key, e.g. --sweep loss.kind=ce,focal.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in output.dir (its checkpoints and results).")
 @click.option("--no-report", is_flag=True, help="Do not write JSON/Markdown under reports/.")
-def command(config, steps, merge, resume, checkpoint, sweep, no_report, **params):
+def command(config, steps, merge, resume, checkpoint, sweep, overwrite, no_report, **params):
     """Train with the same engine and config as `probe`: adapter, checkpoints, loss log, curve.
 
     Progress goes to stderr. Ctrl-C / SIGTERM saves a checkpoint at the next step boundary;
@@ -370,6 +372,7 @@ def command(config, steps, merge, resume, checkpoint, sweep, no_report, **params
         axes = parse_sweep(sweep)
         sweep_variants(cfg, axes)  # every variant's config is valid before anything is written
     check_output_dir(cfg.output.dir, "output folder")
+    refuse_other_run(cfg.output.dir, resuming=bool(resume or checkpoint), overwrite=overwrite)
     if not no_report:
         check_output_dir(cfg.output.reports_dir, "reports folder")
     log = (lambda m: click.echo(m, err=True))

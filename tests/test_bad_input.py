@@ -1,0 +1,266 @@
+"""Bad input, one class at a time: each case exits 2 with a single `Error:` line naming the input and the
+fix, prints no traceback, and leaves the folders as they were. Nothing here loads weights."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_doctor.cli import cli
+
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+
+
+def snapshot(folder: Path) -> set:
+    return {(str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*")}
+
+
+def assert_one_error_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    err = result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch, tiny_llama_dir):
+    """A working folder with a valid run config (tiny model, tiny data); cwd moves there."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(8)))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def invoke(args):
+    return CliRunner().invoke(cli, args)
+
+
+def run_checked(work, args, *needles):
+    before = snapshot(work)
+    result = invoke(args)
+    assert_one_error_line(result, *needles)
+    assert snapshot(work) == before
+
+
+# --- absurd numbers ------------------------------------------------------------------------------
+
+NUMERIC_FLAGS = [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-inf"), ("--dropout", "nan"), ("--dropout", "inf")]
+NUMERIC_KEYS = ["train.lr", "train.weight_decay", "train.max_grad_norm", "train.epochs", "data.eval_fraction",
+                "loss.label_smoothing", "loss.focal_gamma", "lora.dropout"]
+
+
+@pytest.mark.parametrize("flag,value", NUMERIC_FLAGS)
+def test_non_finite_flag_is_refused(work, tiny_llama_dir, flag, value):
+    run_checked(work, ["check", "--model", str(tiny_llama_dir), "--data", "data.jsonl", flag, value], flag)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_set_value_is_refused(work, tiny_llama_dir, key, value):
+    run_checked(work, ["check", "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--set", f"{key}={value}"], key)
+
+
+@pytest.mark.parametrize("key,value", [("lr", ".nan"), ("label_smoothing", ".inf"), ("max_grad_norm", "nan")])
+def test_non_finite_file_value_names_the_file_key(work, tiny_llama_dir, key, value):
+    section = "loss" if key == "label_smoothing" else "train"
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\n{section}:\n  {key}: {value}\n")
+    run_checked(work, ["check", "run.yaml"], f"{section}.{key}", "run.yaml", "Try:")
+
+
+# --- degenerate and foreign model configs --------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+                                   "intermediate_size"])
+@pytest.mark.parametrize("value", [0, -4])
+def test_zero_or_negative_size_names_the_field(work, field, value):
+    (work / "m").mkdir()
+    (work / "m" / "config.json").write_text(json.dumps({**TINY, field: value}))
+    run_checked(work, ["plan", "m"], field)
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100},
+    {"model_type": "roberta", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100},
+    {"model_type": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 100},
+    {"model_type": "t5", "d_model": 64, "num_layers": 1},
+    {"model_type": "bart", "d_model": 64, "encoder_layers": 1, "decoder_layers": 1},
+])
+@pytest.mark.parametrize("command", ["plan", "modules"])
+def test_encoder_only_and_seq2seq_configs_are_refused(work, config, command):
+    (work / "m").mkdir()
+    (work / "m" / "config.json").write_text(json.dumps(config))
+    run_checked(work, [command, "m"], config["model_type"], "lora-doctor plans causal LMs")
+
+
+def test_remote_code_that_fails_is_one_line(work):
+    (work / "m").mkdir()
+    (work / "m" / "config.json").write_text(json.dumps({"model_type": "weird", "auto_map": {"AutoConfig": "conf.Conf"}}))
+    (work / "m" / "conf.py").write_text("raise RuntimeError('broken remote code')\n")
+    run_checked(work, ["plan", "m", "--trust-remote-code"], "custom config code")
+
+
+# --- config files --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,key", [
+    ("model: a\nmodel: b\n", "'model'"),
+    ("model: a\ntrain:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", "'train.lr'"),
+    ("model: a\ntrain: {batch: 1, batch: 2}\n", "'train.batch'"),
+    ("model: a\ntrain:\n  lr: 1.0e-4\ntrain:\n  batch: 2\n", "'train'"),
+    ("model: a\ndata:\n  path: x.jsonl\n  eval_path: y.jsonl\n  eval_path: z.jsonl\n", "'data.eval_path'"),
+])
+def test_duplicate_yaml_key_is_refused(work, text, key):
+    (work / "run.yaml").write_text(text)
+    run_checked(work, ["check", "run.yaml"], key, "twice", "Keep one")
+
+
+@pytest.mark.parametrize("value", ["missing-eval.jsonl", "/nowhere/eval.jsonl"])
+def test_missing_eval_file_names_data_eval_path(work, tiny_llama_dir, value):
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata:\n  path: data.jsonl\n  eval_path: {value}\n")
+    run_checked(work, ["check", "run.yaml"], "data.eval_path")
+
+
+# --- data files ----------------------------------------------------------------------------------
+
+BROKEN_DATA = {
+    "renamed.parquet": b"just some text\nnot parquet at all\n",
+    "empty-bytes.parquet": b"",
+    "unterminated.csv": b'instruction,output\n"never closed,x\n',
+    "ragged.csv": b"instruction,output\na,b,c,d\n",
+    "short.csv": b"instruction,output\nonly-one\n",
+    "latin1.csv": "instruction,output\ncaf\xe9,x\n".encode("latin-1"),
+    "notjson.jsonl": b"{this is not json}\n",
+    "list.jsonl": b"[1, 2, 3]\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_DATA))
+def test_data_file_with_the_wrong_content_is_one_line(work, tiny_llama_dir, name):
+    (work / name).write_bytes(BROKEN_DATA[name])
+    run_checked(work, ["check", "--model", str(tiny_llama_dir), "--data", name], name)
+
+
+def test_pathological_single_line_is_refused_with_its_limit(work, tiny_llama_dir, monkeypatch):
+    from lora_doctor import fileio
+
+    # The real bound is 16 MiB; a 1 KiB bound shows the same refusal without writing hundreds of MB.
+    monkeypatch.setattr(fileio, "MAX_LINE_BYTES", 1024)
+    monkeypatch.setattr(fileio.bounded_lines, "__defaults__", (1024,))
+    (work / "huge.jsonl").write_text(json.dumps({"instruction": "a" * 5000, "output": "b"}) + "\n")
+    run_checked(work, ["check", "--model", str(tiny_llama_dir), "--data", "huge.jsonl"], "huge.jsonl", "Line 1",
+                "longer than")
+
+
+def test_bounded_lines_never_reads_past_the_limit(tmp_path):
+    from lora_doctor.errors import LoraDoctorError
+    from lora_doctor.fileio import bounded_lines
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b"{}\n" + b"x" * 10_000)
+
+    class Counting:
+        def __init__(self, f):
+            self.f, self.biggest = f, 0
+
+        def readline(self, n):
+            line = self.f.readline(n)
+            self.biggest = max(self.biggest, len(line))
+            return line
+
+    with open(path, "rb") as f:
+        counting = Counting(f)
+        with pytest.raises(LoraDoctorError, match="Line 2"):
+            list(bounded_lines(counting, path, limit=100))
+    assert counting.biggest <= 101
+
+
+# --- output folders ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--reports-dir"])
+@pytest.mark.parametrize("value", ["", "   ", "/proc/lora-doctor-x", "/proc/x/y", "/sys/lora-doctor"])
+def test_uncreatable_output_folder_is_refused_before_the_model_loads(work, tiny_llama_dir, flag, value, monkeypatch):
+    from lora_doctor import engine
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(engine.Engine, "setup", no_load)
+    run_checked(work, ["train", "--model", str(tiny_llama_dir), "--data", "data.jsonl", flag, value], flag.lstrip("-")
+                if not value.strip() else value)
+
+
+def test_output_dir_that_is_a_file_is_refused(work, tiny_llama_dir):
+    (work / "afile").write_text("x")
+    run_checked(work, ["train", "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--output-dir", "afile/run"],
+                "afile")
+
+
+# --- a fresh train into a folder holding another run ---------------------------------------------
+
+@pytest.mark.parametrize("leftover", ["checkpoints/latest", "checkpoints/step-000010/trainer_state.pt",
+                                      "train_result.json", "adapter/adapter_config.json"])
+def test_fresh_train_into_another_run_is_refused(work, tiny_llama_dir, leftover):
+    path = work / "run" / leftover
+    path.parent.mkdir(parents=True)
+    path.write_text("step-000010\n")
+    run_checked(work, ["train", "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--output-dir", "run"],
+                "holds another run", "--resume", "--overwrite")
+
+
+# --- the boundary --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,target", [
+    (["plan", "gpt2"], "lora_doctor.commands.plan.gather_plan"),
+    (["modules", "gpt2"], "lora_doctor.resolve.resolve_model_config"),
+    (["check", "CFG"], "lora_doctor.resolve.resolve_model_config"),
+])
+def test_an_unexpected_exception_is_one_line_exit_3_and_a_crash_file(work, tiny_llama_dir, monkeypatch, args, target):
+    import importlib
+
+    module_name, attr = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("hf_abcdefghijklmnopqrstuvwxyz123456 leaked")
+
+    monkeypatch.setattr(module, attr, boom)
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\n")
+    result = invoke([a if a != "CFG" else "run.yaml" for a in args])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1].startswith("Internal error: ZeroDivisionError") and "please report it" in lines[-1]
+    assert "hf_abcdefghij" not in result.stderr
+    crashes = list((work / "reports").glob("crash-*.md"))
+    assert len(crashes) == 1
+    text = crashes[0].read_text()
+    assert "ZeroDivisionError" in text and "Traceback" in text and "python:" in text
+    assert "hf_abcdefghij" not in text
+
+
+def test_keyboard_interrupt_is_still_exit_130(work, monkeypatch):
+    from lora_doctor.commands import plan
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "gather_plan", interrupt)
+    result = invoke(["plan", "gpt2"])
+    assert result.exit_code == 130 and "Interrupted." in result.stderr
+    assert not (work / "reports").exists()
+
+
+def test_a_crash_file_that_cannot_be_written_still_gives_one_line(work, monkeypatch):
+    from lora_doctor import crash
+    from lora_doctor.commands import plan
+
+    monkeypatch.setattr(plan, "gather_plan", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(crash, "crash_text", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space")))
+    result = invoke(["plan", "gpt2"])
+    assert result.exit_code == 3
+    assert result.stderr.strip().startswith("Internal error: ZeroDivisionError")
