@@ -22,7 +22,7 @@ def crash_text(exc: BaseException, argv: list[str] | None = None) -> str:
     from .report.env import redact, redact_text
 
     try:
-        from .hardware import collect_environment
+        from .environment import collect_environment
 
         env = collect_environment(include_bnb=False)
     except Exception as e:  # noqa: BLE001 - the crash file must come out even when probing the machine fails

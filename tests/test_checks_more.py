@@ -231,7 +231,9 @@ def test_eval_file_missing_empty_and_overlapping(tmp_path, tiny_tokenizer):
     assert "eval-overlaps-train" in codes(run_checks(overlap))
 
 
-def test_check_cli_reports_a_missing_eval_file_as_a_finding(tmp_path, tiny_llama_dir):
+def test_check_cli_refuses_a_missing_eval_file_as_bad_input(tmp_path, tiny_llama_dir):
+    """A missing eval file is bad input, as a missing data file is: one line naming data.eval_path, exit 2
+    (train refuses it the same way before loading anything)."""
     from click.testing import CliRunner
 
     from lora_doctor.cli import cli
@@ -242,8 +244,8 @@ def test_check_cli_reports_a_missing_eval_file_as_a_finding(tmp_path, tiny_llama
                    f"data: {{path: {data}, eval_path: {tmp_path / 'nope.jsonl'}, max_length: 64}}\n"
                    f"train: {{batch: 2}}\noutput: {{reports_dir: {tmp_path / 'r'}}}\n")
     res = CliRunner().invoke(cli, ["check", str(cfg), "--json"])
-    assert res.exit_code == 1, res.output
-    assert "eval-set-missing" in {f["code"] for f in json.loads(res.stdout)["findings"]}
+    assert res.exit_code == 2, res.output
+    assert "data.eval_path" in res.output and "nope.jsonl" in res.output and "Traceback" not in res.output
 
 
 def test_eos_ids_and_context_from_the_model_files(tmp_path, tiny_llama_dir, tiny_tokenizer):

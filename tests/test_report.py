@@ -286,3 +286,16 @@ def test_collect_environment_on_cuda():
     cap = torch.cuda.get_device_capability(0)
     assert env["cuda_capability"] == [cap[0], cap[1]] and env["bf16_supported"] == (cap >= (8, 0))
     assert env["bnb_error"] is None  # a working install loads its CUDA library
+
+
+def test_reports_in_the_same_second_get_distinct_names(tmp_path):
+    """A sweep's variants report back to back: a second report in the same second must not replace the first."""
+    from lora_doctor.report.run import default_report_path
+
+    first = default_report_path("train", "m", ".json", tmp_path)
+    first.write_text("{}")
+    second = default_report_path("train", "m", ".json", tmp_path)
+    assert second != first and second.parent == tmp_path
+    second.with_suffix(".md").write_text("")
+    third = default_report_path("train", "m", ".json", tmp_path)
+    assert third not in (first, second)

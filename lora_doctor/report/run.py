@@ -119,7 +119,13 @@ def _slug(text: str) -> str:
 def default_report_path(kind: str, model_id: str | None, suffix: str, reports_dir: str | Path = "reports") -> Path:
     """reports/check-Mistral-7B-v0.1-20260101-120000.md"""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(reports_dir) / f"{kind}-{_slug(model_id or 'model')}-{stamp}{suffix}"
+    stem = Path(reports_dir) / f"{kind}-{_slug(model_id or 'model')}-{stamp}"
+    # Two runs in one second (a sweep's variants report back to back) must not overwrite each other's
+    # report; the .json and .md of one report share a stem, so neither suffix may be taken.
+    n = 1
+    while any(Path(f"{stem}{'' if n == 1 else f'-{n}'}{ext}").exists() for ext in (".json", ".md", suffix)):
+        n += 1
+    return Path(f"{stem}{'' if n == 1 else f'-{n}'}{suffix}")
 
 
 def write_result(result: dict, *, json_path: str | Path | None = None,
