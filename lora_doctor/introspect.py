@@ -1,7 +1,8 @@
 """Exact trainable counts from peft, and the LoraConfig the engine builds; re-exports the shape and target names.
 
-peft is applied to a deep copy of the meta model (meta.py), so its counts are the ones
-`print_trainable_parameters()` prints on the real thing. Which modules a target names is targets.py (peft's own
+peft is applied to a copy of the meta model (meta.py) that keeps one decoder layer per distinct layer structure,
+each adapter tensor counted once per layer it stands for, so its counts are the ones
+`print_trainable_parameters()` prints on the real thing (tests/test_fast_counts.py checks every shipped config). Which modules a target names is targets.py (peft's own
 `check_target_module_exists`); how a model is built and read is meta.py. The names below stay importable from
 here for callers that plan, check and train.
 
@@ -228,7 +229,7 @@ def trainable_counts(
 ) -> list[TrainableCount]:
     """Trainable / all parameter counts exactly as peft reports them (print_trainable_parameters), per rank.
 
-    peft runs for real (get_peft_model on a deep copy of the meta model) at the first rank. Other ranks
+    peft runs for real (get_peft_model on a one-layer-per-structure copy of the meta model) at the first rank. Other ranks
     scale the adapter tensors peft created: every lora_A / lora_B has r (or a fixed multiple of r, e.g.
     peft's 2r on a fused gate_up_proj) as one dimension, and DoRA's magnitude vectors do not depend on r.
     Tests check the scaled counts against peft run at each rank.
