@@ -211,6 +211,16 @@ def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[i
     return untrained_rows(model, {t for seq in labels for t in seq})
 
 
+def _embedding_facts(model: Any, labels: list[list[int]] | None, input_ids: set[int] | None) -> dict:
+    """Untrained embedding rows among the label tokens and the input tokens (real weights only)."""
+    out = {}
+    if labels is not None:
+        out["untrained_label_tokens"] = untrained_label_tokens(model, labels)
+    if input_ids:
+        out["untrained_input_tokens"] = untrained_rows(model, input_ids)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _wider_facts(config: RunConfig | None, tokenizer: Any, model_config: Any, shape: ModelShape | None,
                  env: dict | None) -> dict:
     """Issue 11's facts: EOS ids of the model files, the data's rows and token ids, eval set, schedule."""
@@ -286,13 +296,6 @@ def build_context(
         values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out wins
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
-        untrained = untrained_label_tokens(model, values["labels"])
-        if untrained is not None:
-            values["untrained_label_tokens"] = untrained
-    input_ids = values.pop("input_ids_seen", None)
-    if input_ids and model is not None:
-        untrained = untrained_rows(model, input_ids)
-        if untrained is not None:
-            values["untrained_input_tokens"] = untrained
+    values.update(_embedding_facts(model, values.get("labels"), values.pop("input_ids_seen", None)))
     values.update(overrides)
     return CheckContext(**values)
