@@ -310,3 +310,10 @@ def test_docs_checks_md_is_up_to_date():
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "checks.md"
     assert doc.read_text(encoding="utf-8") == markdown(), "run: python scripts/gen_checks_docs.py"
+
+
+def test_duplicates_across_the_eval_fraction_split_overlap(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": "Same question.", "output": "Same answer."}] * 10
+    rows += [{"instruction": f"Add {i} and {i}.", "output": f"{2 * i}."} for i in range(10)]
+    ctx = build_context(config=_cfg(tmp_path, rows, eval_fraction=0.5), tokenizer=tiny_tokenizer)
+    assert ctx.n_eval_overlap and "eval-overlaps-train" in codes(run_checks(ctx))

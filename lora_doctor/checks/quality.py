@@ -68,13 +68,11 @@ def check_mixed_templates(ctx: CheckContext) -> list[Finding]:
     parts = ", ".join(f"{k}: {v} rows" for k, v in sorted(markers.items(), key=lambda kv: -kv[1]))
     wrap = (f"; lora-doctor also wraps every row in the {ctx.prompt_family} template" if ctx.prompt_family
             and ctx.prompt_family not in markers else "")
-    return [Finding(
-        Severity.WARNING, "mixed-templates",
-        f"The text fields mix prompt templates ({parts}{wrap}): the model learns several turn markers and "
-        "answers inconsistently to the one used at inference.",
-        "Strip the template markers from the fields and let one template wrap every row (data.prompt_template), "
-        "or use --format text with rows that are already fully formatted in one template.",
-    )]
+    fix = ("Strip the template markers from the fields and let one template wrap every row (data.prompt_template), "
+           "or use --format text with rows that are already fully formatted in one template.")
+    seen = (f"The text fields mix prompt templates ({parts}{wrap}): the model learns several turn markers and "
+            "answers inconsistently to the one used at inference.")
+    return [Finding(Severity.WARNING, "mixed-templates", seen, fix)]
 
 
 @register
