@@ -58,6 +58,7 @@ PLANTED = {
     "echo-all": ("response-repeats-prompt", "error", dict(n_echo_responses=1000)),
     "mixed-templates": ("mixed-templates", "warning", dict(template_markers={"vicuna": 400, "alpaca": 300})),
     "template-in-fields": ("mixed-templates", "warning", dict(template_markers={"chatml": 1000})),
+    "template-twice": ("mixed-templates", "warning", dict(template_markers={"alpaca": 1000})),
     "most-empty": ("empty-responses", "warning", dict(empty_fields={"output": 700})),
     "all-empty": ("empty-responses", "error", dict(empty_fields={"output": 1000})),
     "eval-missing": ("eval-set-missing", "error", dict(eval_path="nope.jsonl", eval_path_exists=False)),
