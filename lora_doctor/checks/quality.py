@@ -80,13 +80,11 @@ def _template_twice(ctx: CheckContext, markers: dict[str, int]) -> list[Finding]
     n = markers.get(ctx.prompt_family or "", 0)
     if not n:
         return []
-    return [Finding(
-        Severity.WARNING, "mixed-templates",
-        f"{_share(n, ctx.n_rows)} rows already hold the {ctx.prompt_family} template's markers, and lora-doctor "
-        "wraps every row in that template again: the model learns a doubled prompt it never sees at inference.",
-        "Strip the markers from the fields (keep only the instruction and the answer), or use --format text for "
-        "rows that are already fully formatted.",
-    )]
+    seen = (f"{_share(n, ctx.n_rows)} rows already hold the {ctx.prompt_family} template's markers, and lora-doctor "
+            "wraps every row in that template again: the model learns a doubled prompt it never sees at inference.")
+    fix = ("Strip the markers from the fields (keep only the instruction and the answer), or use --format text for "
+           "rows that are already fully formatted.")
+    return [Finding(Severity.WARNING, "mixed-templates", seen, fix)]
 
 
 @register
