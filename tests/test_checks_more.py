@@ -58,6 +58,7 @@ PLANTED = {
     "echo-all": ("response-repeats-prompt", "error", dict(n_echo_responses=1000)),
     "mixed-templates": ("mixed-templates", "warning", dict(template_markers={"vicuna": 400, "alpaca": 300})),
     "template-in-fields": ("mixed-templates", "warning", dict(template_markers={"chatml": 1000})),
+    "template-twice": ("mixed-templates", "warning", dict(template_markers={"alpaca": 1000})),
     "most-empty": ("empty-responses", "warning", dict(empty_fields={"output": 700})),
     "all-empty": ("empty-responses", "error", dict(empty_fields={"output": 1000})),
     "eval-missing": ("eval-set-missing", "error", dict(eval_path="nope.jsonl", eval_path_exists=False)),
@@ -326,3 +327,10 @@ def test_chat_rows_are_compared_whole_for_duplicates():
     assert distinct["n_duplicate_rows"] == 0 and distinct["template_markers"] == {}
     repeated = row_facts([("a:1", {"messages": convo}), ("a:2", {"messages": convo}), ("a:3", {"messages": other})], cfg)
     assert repeated["n_duplicate_rows"] == 1
+
+
+def test_duplicates_across_the_eval_fraction_split_overlap(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": "Same question.", "output": "Same answer."}] * 10
+    rows += [{"instruction": f"Add {i} and {i}.", "output": f"{2 * i}."} for i in range(10)]
+    ctx = build_context(config=_cfg(tmp_path, rows, eval_fraction=0.5), tokenizer=tiny_tokenizer)
+    assert ctx.n_eval_overlap and "eval-overlaps-train" in codes(run_checks(ctx))

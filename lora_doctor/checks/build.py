@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..datastats import DataStats
+from ..data import DataStats
 from ..hardware import Headroom, Verdict
 from ..measure import GradFlow, RunResult
 from ..runconfig import RunConfig
@@ -91,7 +91,7 @@ def context_from_plan(budget: Any = None, verdict: Headroom | Verdict | None = N
 
 
 def context_from_env(env: dict | None) -> dict:
-    """Environment facts from environment.collect_environment()."""
+    """Environment facts from hardware.collect_environment()."""
     if not env:
         return {}
     cap = env.get("cuda_capability")
@@ -211,6 +211,16 @@ def untrained_label_tokens(model: Any, labels: list[list[int]] | None) -> dict[i
     return untrained_rows(model, {t for seq in labels for t in seq})
 
 
+def _embedding_facts(model: Any, labels: list[list[int]] | None, input_ids: set[int] | None) -> dict:
+    """Untrained embedding rows among the label tokens and the input tokens (real weights only)."""
+    out = {}
+    if labels is not None:
+        out["untrained_label_tokens"] = untrained_label_tokens(model, labels)
+    if input_ids:
+        out["untrained_input_tokens"] = untrained_rows(model, input_ids)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _wider_facts(config: RunConfig | None, tokenizer: Any, model_config: Any, shape: ModelShape | None,
                  env: dict | None) -> dict:
     """Issue 11's facts: EOS ids of the model files, the data's rows and token ids, eval set, schedule."""
@@ -266,8 +276,6 @@ def build_context(
         optional = ("input",)
     if data_stats is not None:
         values.update(context_from_data_stats(data_stats, optional))
-        # Chat data: every ChatStats fact; other formats: the rows' shapes, for chat-format-mismatch.
-        values["chat"] = data_stats.chat
     values.update(context_from_plan(budget, verdict))
     values.update(context_from_env(env))
     if config is not None:
@@ -286,20 +294,8 @@ def build_context(
     values.update(wider)
     if data_stats is not None and data_stats.n_eval_examples:
         values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out wins
-    _add_embedding_facts(values, model, labels)
-    values.update(overrides)
-    return CheckContext(**values)
-
-
-def _add_embedding_facts(values: dict[str, Any], model: Any, labels: list[list[int]] | None) -> None:
-    """The labels, and which label / input tokens have untrained embedding rows (needs real weights)."""
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
-        untrained = untrained_label_tokens(model, values["labels"])
-        if untrained is not None:
-            values["untrained_label_tokens"] = untrained
-    input_ids = values.pop("input_ids_seen", None)
-    if input_ids and model is not None:
-        untrained = untrained_rows(model, input_ids)
-        if untrained is not None:
-            values["untrained_input_tokens"] = untrained
+    values.update(_embedding_facts(model, values.get("labels"), values.pop("input_ids_seen", None)))
+    values.update(overrides)
+    return CheckContext(**values)

@@ -55,7 +55,9 @@ def eos_facts(cfg: RunConfig | None, model_config: Any = None) -> dict:
         try:
             from ..resolve import resolve_model_config
 
-            model_config = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code).config
+            # offline: check has resolved this model already; a probe passes its loaded config instead.
+            model_config = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                                offline=True).config
         except LoraDoctorError:
             model_config = None
     out: dict[str, Any] = {}

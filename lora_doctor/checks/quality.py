@@ -64,17 +64,27 @@ def check_mixed_templates(ctx: CheckContext) -> list[Finding]:
     if ctx.prompt_family and markers:
         families.setdefault(ctx.prompt_family, ctx.n_rows or 0)
     if len(families) < 2:
-        return []
+        return _template_twice(ctx, markers)
     parts = ", ".join(f"{k}: {v} rows" for k, v in sorted(markers.items(), key=lambda kv: -kv[1]))
     wrap = (f"; lora-doctor also wraps every row in the {ctx.prompt_family} template" if ctx.prompt_family
             and ctx.prompt_family not in markers else "")
-    return [Finding(
-        Severity.WARNING, "mixed-templates",
-        f"The text fields mix prompt templates ({parts}{wrap}): the model learns several turn markers and "
-        "answers inconsistently to the one used at inference.",
-        "Strip the template markers from the fields and let one template wrap every row (data.prompt_template), "
-        "or use --format text with rows that are already fully formatted in one template.",
-    )]
+    fix = ("Strip the template markers from the fields and let one template wrap every row (data.prompt_template), "
+           "or use --format text with rows that are already fully formatted in one template.")
+    seen = (f"The text fields mix prompt templates ({parts}{wrap}): the model learns several turn markers and "
+            "answers inconsistently to the one used at inference.")
+    return [Finding(Severity.WARNING, "mixed-templates", seen, fix)]
+
+
+def _template_twice(ctx: CheckContext, markers: dict[str, int]) -> list[Finding]:
+    """Rows already holding the markers of the template lora-doctor wraps them in: the template appears twice."""
+    n = markers.get(ctx.prompt_family or "", 0)
+    if not n:
+        return []
+    seen = (f"{_share(n, ctx.n_rows)} rows already hold the {ctx.prompt_family} template's markers, and lora-doctor "
+            "wraps every row in that template again: the model learns a doubled prompt it never sees at inference.")
+    fix = ("Strip the markers from the fields (keep only the instruction and the answer), or use --format text for "
+           "rows that are already fully formatted.")
+    return [Finding(Severity.WARNING, "mixed-templates", seen, fix)]
 
 
 @register
