@@ -92,3 +92,16 @@ def test_every_data_key_a_chat_finding_names_exists():
             named |= set(re.findall(r"\bdata\.([a-z_]+)", f.hint + " " + f.message))
     assert {"chat_template", "train_on", "max_length", "path", "format"} <= named
     assert named <= {f.name for f in dataclasses.fields(DataConfig)}, named - {f.name for f in dataclasses.fields(DataConfig)}
+
+
+def test_eos_absent_from_chat_labels_is_no_finding_when_the_turn_ends_on_its_own_token():
+    """Llama 3 style: the labels teach <|eot_id|>, not EOS <|end_of_text|>: eos-never-learned stays quiet for
+    chat data (chat-eot-unsupervised owns the stop token), and still fires for the same labels without chat."""
+    from lora_doctor.checks.tokens import check_eos_learning
+
+    labels = [[-100, -100, 5, 6, 128009], [-100, 7, 128009]]
+    base = CheckContext(eos_token_id=128001, eos_token="<|end_of_text|>", pad_token_id=128004, labels=labels)
+    assert [f.code for f in check_eos_learning(base)] == ["eos-never-learned"]
+    assert check_eos_learning(dataclasses.replace(base, chat=HEALTHY)) == []
+    same_token = dataclasses.replace(HEALTHY, eot_token_id=128001)
+    assert [f.code for f in check_eos_learning(dataclasses.replace(base, chat=same_token))] == ["eos-never-learned"]

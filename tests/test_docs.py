@@ -56,3 +56,14 @@ def test_shared_option_help_comes_from_the_config_docstrings():
     flat = " ".join(check.split())
     for flag in ("lr", "max-length", "target"):
         assert " ".join(flag_help(flag).split()) in flat, flag
+
+
+def test_readme_counts_the_catalogue_as_docs_checks_md_does():
+    """The README's 'N checks that cover M failure modes' is the registry's count, not a number that drifts."""
+    import re
+
+    from lora_doctor.checks.catalogue import markdown
+
+    n_checks, n_modes = re.search(r"(\d+) checks cover (\d+) failure modes", markdown()).groups()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"{n_checks} checks that cover {n_modes} failure modes" in readme

@@ -54,6 +54,10 @@ def check_eos_learning(ctx: CheckContext) -> list[Finding]:
         return []
     pad_is_eos = ctx.pad_token_id is not None and ctx.pad_token_id == ctx.eos_token_id
     eos = f"'{ctx.eos_token}' (id {ctx.eos_token_id})" if ctx.eos_token else f"id {ctx.eos_token_id}"
+    if ctx.chat is not None and ctx.chat.eot_token_id is not None and ctx.chat.eot_token_id != ctx.eos_token_id:
+        # Chat data stops on the template's end-of-turn token, not EOS (Llama 3: <|eot_id|> vs <|end_of_text|>);
+        # chat-eot-unsupervised and eos-mismatch own that, and data.add_eos does nothing for chat rows.
+        return []
     if ctx.labels:
         if all(all(t == IGNORE_INDEX for t in seq) for seq in ctx.labels):
             return []  # nothing is labelled at all: all-labels-masked says so
