@@ -73,6 +73,54 @@ def test_non_finite_file_value_names_the_file_key(work, tiny_llama_dir, key, val
     run_checked(work, ["check", "run.yaml"], f"{section}.{key}", "run.yaml", "Try:")
 
 
+# An r past the wider side of every targeted layer: (model, --r, --target, the widest layer's line)
+OVERSIZED_RANKS = [
+    ("gpt2", "4000", "all-linear", "c_fc (768 -> 3,072, width 3,072)"),
+    ("gpt2", "4,3073", "all-linear", "r=3073"),
+    ("gpt2", "2500", "attn", "c_attn (768 -> 2,304, width 2,304)"),
+    ("meta-llama/Llama-2-7b-hf", "20000", "all-linear", "width 11,008"),
+    ("meta-llama/Llama-2-7b-hf", "5000", "qv", "q_proj (4,096 -> 4,096, width 4,096)"),
+    ("microsoft/Phi-3-mini-4k-instruct", "20000", "attn", "qkv_proj"),
+    ("mistralai/Mixtral-8x7B-v0.1", "100000", "all-linear", "r=100000"),
+    ("tiiuae/falcon-7b", "20000", "all-linear", "width 18,176"),
+]
+
+
+@pytest.mark.parametrize("model,r,target,needle", OVERSIZED_RANKS)
+def test_plan_refuses_a_rank_wider_than_every_targeted_layer(work, model, r, target, needle):
+    run_checked(work, ["plan", model, "--r", r, "--target", target], needle, "widest targeted layer", "Try: --r")
+
+
+def test_a_rank_wider_than_the_targets_but_not_the_model_names_the_wider_layers(work):
+    run_checked(work, ["plan", "gpt2", "--r", "2500", "--target", "attn"], "--target c_fc")
+
+
+def test_rank_between_a_layers_sides_is_still_only_a_note(work):
+    result = invoke(["plan", "gpt2", "--r", "3072"])
+    assert result.exit_code == 0, result.output
+    assert "note: r=3072 is larger than the smallest targeted dimension" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "probe", "train"])
+@pytest.mark.parametrize("r", ["129", "100000"])
+def test_run_commands_refuse_a_rank_wider_than_every_targeted_layer_before_loading(work, tiny_llama_dir, monkeypatch,
+                                                                                   command, r):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("no weights may load")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    # The tiny Llama's widest layers are its 64 -> 128 MLP projections.
+    run_checked(work, [command, "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--r", r], f"r={r}",
+                "(64 -> 128, width 128)", "lora.r")
+
+
+def test_a_rank_set_in_a_run_config_is_refused_by_its_key(work, tiny_llama_dir):
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\nlora: {{r: 4096, targets: qv}}\n")
+    run_checked(work, ["check", "run.yaml"], "r=4096", "q_proj (64 -> 64, width 64)", "lora.r")
+
+
 # --- degenerate and foreign model configs --------------------------------------------------------
 
 @pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
