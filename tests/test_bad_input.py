@@ -121,6 +121,38 @@ def test_a_rank_set_in_a_run_config_is_refused_by_its_key(work, tiny_llama_dir):
     run_checked(work, ["check", "run.yaml"], "r=4096", "q_proj (64 -> 64, width 64)", "lora.r")
 
 
+# Sizes past specs.MAX_SEQ_LEN (2**20 tokens) and MAX_BATCH (2**16), or ints past the float range
+@pytest.mark.parametrize("flag,value", [("--batch", 10**12), ("--batch", 2**16 + 1), ("--seq-len", 10**9),
+                                        ("--seq-len", 2**20 + 1), ("--seq-len", 10**30)])
+def test_plan_refuses_sizes_past_the_cap(work, flag, value):
+    run_checked(work, ["plan", "gpt2", flag, str(value)], flag, "at most", f"got {value}", "Try:")
+
+
+def test_plan_at_the_caps_still_runs(work):
+    result = invoke(["plan", "gpt2", "--seq-len", str(2**20), "--batch", str(2**16), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["seq_len"] == 2**20
+
+
+@pytest.mark.parametrize("key,value", [("train.batch", 10**12), ("train.batch", 2**16 + 1),
+                                       ("data.max_length", 10**9), ("data.max_length", 2**20 + 1),
+                                       ("train.grad_accum", 10**25), ("lora.alpha", 10**400), ("train.seed", 10**400)])
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_run_config_sizes_past_the_cap_are_refused(work, tiny_llama_dir, command, key, value):
+    run_checked(work, [command, "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--set", f"{key}={value}"],
+                key, "Try:")
+
+
+@pytest.mark.parametrize("section,key,value", [("train", "batch", 10**12), ("data", "max_length", 10**9)])
+def test_a_size_past_the_cap_in_a_file_names_the_file_key(work, tiny_llama_dir, section, key, value):
+    extra = "path: data.jsonl, " if section == "data" else ""
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\n" if section != "data" else
+                                   f"model: {tiny_llama_dir}\n")
+    with open(work / "run.yaml", "a") as f:
+        f.write(f"{section}: {{{extra}{key}: {value}}}\n")
+    run_checked(work, ["check", "run.yaml"], f"{section}.{key}", "run.yaml", "at most")
+
+
 # --- degenerate and foreign model configs --------------------------------------------------------
 
 @pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
