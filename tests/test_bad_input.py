@@ -323,6 +323,50 @@ def test_an_unexpected_exception_is_one_line_exit_3_and_a_crash_file(work, tiny_
     assert "hf_abcdefghij" not in text
 
 
+@pytest.mark.parametrize("args,target", [
+    (["check", "CFG"], "lora_doctor.resolve.resolve_model_config"),
+    (["train", "CFG"], "lora_doctor.engine.Engine.setup"),
+    (["probe", "CFG", "--steps", "2"], "lora_doctor.engine.Engine.setup"),
+    (["train", "--model", "TINY", "--data", "data.jsonl", "--reports-dir", "flagged/reps"], "lora_doctor.engine.Engine.setup"),
+])
+def test_the_crash_file_goes_under_the_runs_reports_dir(work, tiny_llama_dir, monkeypatch, args, target):
+    import importlib
+
+    module_name, owner, attr = (target.rsplit(".", 2) if target.endswith("setup") else (*target.rsplit(".", 1), None))
+    module = importlib.import_module(module_name)
+    holder = getattr(module, owner) if attr else module
+    monkeypatch.setattr(holder, attr or owner, lambda *a, **k: 1 / 0)
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\n"
+                                   "output: {dir: out/run, reports_dir: out/reps}\n")
+    result = invoke([{"CFG": "run.yaml", "TINY": str(tiny_llama_dir)}.get(a, a) for a in args])
+    assert result.exit_code == 3, result.output
+    folder = work / ("flagged/reps" if "--reports-dir" in args else "out/reps")
+    crashes = list(folder.glob("crash-*.md"))
+    assert len(crashes) == 1 and "ZeroDivisionError" in crashes[0].read_text()
+    assert str(folder.relative_to(work)) in result.stderr
+    assert not (work / "reports").exists()
+
+
+def test_a_crash_before_any_config_goes_under_reports(work, monkeypatch):
+    from lora_doctor import runconfig
+
+    monkeypatch.setattr(runconfig, "read_config_file", lambda *a, **k: 1 / 0)
+    (work / "run.yaml").write_text("model: x\noutput: {reports_dir: out/reps}\n")
+    result = invoke(["check", "run.yaml"])
+    assert result.exit_code == 3, result.output
+    assert len(list((work / "reports").glob("crash-*.md"))) == 1 and not (work / "out").exists()
+
+
+def test_an_unwritable_reports_dir_falls_back_to_reports(work, tmp_path):
+    from lora_doctor.crash import write_crash_report
+
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        path = write_crash_report(e, folder="/proc/lora-doctor-crash")
+    assert path is not None and path.parent == Path("reports")
+
+
 def test_keyboard_interrupt_is_still_exit_130(work, monkeypatch):
     from lora_doctor.commands import plan
 
