@@ -195,7 +195,6 @@ def _signal_mid_save(monkeypatch, signals, on_save=2):
     monkeypatch.setattr(torch, "save", save)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT",), ("SIGINT", "SIGINT")])
 def test_signal_mid_checkpoint_keeps_the_previous_one_and_resume_matches(tiny_llama_dir, secret_data, tmp_path,
                                                                          monkeypatch, signals):
