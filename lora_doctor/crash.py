@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 CRASH_DIR = "reports"
-"""Same folder as every other report (output.reports_dir's default), relative to the working folder."""
+"""Where a crash file goes when no run config is known: output.reports_dir's default, relative to the working folder."""
 
 
 def crash_text(exc: BaseException, argv: list[str] | None = None) -> str:
@@ -37,12 +37,36 @@ def crash_text(exc: BaseException, argv: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_crash_report(exc: BaseException, folder: str | os.PathLike = CRASH_DIR) -> Path | None:
-    """Write `folder/crash-<UTC time>.md` atomically; None when even that fails (a full disk)."""
+def crash_folder(exc: BaseException) -> Path:
+    """The run's output.reports_dir when a RunConfig was live where `exc` passed (the innermost one: a sweep
+    variant's own folder), else CRASH_DIR.
+
+    The boundary holds no config of its own, but every command keeps the RunConfig it built in a local, so
+    the traceback's frames carry it; typed by class, never by a guessed name.
+    """
+    runconfig = sys.modules.get("lora_doctor.runconfig")  # not imported: no RunConfig can exist yet
+    found = None
+    if runconfig is not None:
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            found = next((v for v in frame.f_locals.values() if isinstance(v, runconfig.RunConfig)), found)
+    folder = getattr(getattr(found, "output", None), "reports_dir", None)
+    return Path(folder) if isinstance(folder, str) and folder.strip() else Path(CRASH_DIR)
+
+
+def write_crash_report(exc: BaseException, folder: str | os.PathLike | None = None) -> Path | None:
+    """Write `folder/crash-<UTC time>.md` atomically (folder: crash_folder(exc) when None), falling back to
+    CRASH_DIR; None when even that fails (a full disk)."""
     from .fileio import write_text_atomic
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     try:
-        return write_text_atomic(Path(folder) / f"crash-{stamp}.md", crash_text(exc))
+        text = crash_text(exc)
+        folders = dict.fromkeys([Path(folder) if folder is not None else crash_folder(exc), Path(CRASH_DIR)])
     except Exception:  # noqa: BLE001 - reporting a crash must not crash
         return None
+    for where in folders:
+        try:
+            return write_text_atomic(where / f"crash-{stamp}.md", text)
+        except Exception:  # noqa: BLE001 - try the next folder; never raise from here
+            continue
+    return None

@@ -164,8 +164,21 @@ def resolve_source(cfg: RunConfig) -> ModelSource:
             "in the HF cache, and the hub is not asked (offline mode).",
             f"Download it first (huggingface-cli download {cfg.model}) or pass "
             "--model a local folder; lora-doctor plan/check work from the config alone.")
-    return ModelSource(model=cfg.model, path=pretrained_path(cfg.model), config=resolved.config,
-                       source=resolved.source, trust_remote_code=cfg.trust_remote_code)
+    source = ModelSource(model=cfg.model, path=pretrained_path(cfg.model), config=resolved.config,
+                         source=resolved.source, trust_remote_code=cfg.trust_remote_code)
+    _refuse_oversized_rank(cfg, source)
+    return source
+
+
+def _refuse_oversized_rank(cfg: RunConfig, source: ModelSource) -> None:
+    """targets.require_rank_fits on the meta shape, before the tokenizer, the data or any weight loads."""
+    from .targets import require_rank_fits, resolve_targets
+
+    try:
+        names = resolve_targets(source.shape, cfg.lora.targets)
+    except LoraDoctorError:
+        return  # names only the live model has (a hook's modules): peft_lora_config decides
+    require_rank_fits(source.shape, names, [cfg.lora.r], run_config=True)
 
 
 def load_tokenizer(cfg: RunConfig, source: ModelSource):

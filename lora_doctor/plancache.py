@@ -151,7 +151,7 @@ def _compute(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bo
         trainable_counts,
     )
     from .resolve import resolve_model_config
-    from .targets import match_targets
+    from .targets import match_targets, require_rank_fits
 
     resolved = resolve_model_config(model, trust_remote_code=trust_remote_code)
     meta = build_meta_model(resolved.config, trust_remote_code=trust_remote_code)
@@ -159,6 +159,7 @@ def _compute(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bo
     with peft_without_bitsandbytes():
         shape = model_shape(meta, resolved.config, model_id=resolved.model_id, source=resolved.source)
         targets = match_targets(shape, resolve_targets(shape, lora.targets))
+        require_rank_fits(shape, targets, ranks)  # before peft builds adapters that large (Mixtral r=1e5: 26 GB)
         counts = [Count(c.r, c.trainable, c.all_params)
                   for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
     return resolved, PlanInputs(shape, resolved.location, targets, counts, False)

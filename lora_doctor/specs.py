@@ -9,6 +9,12 @@ from .errors import raise_problems
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "sgd")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+MAX_SEQ_LEN = 2**20
+"""Longest sequence accepted (--seq-len, --max-length): 1,048,576 tokens, 8x the 131,072 of Llama-3.1, the
+longest context among the shipped configs. Past it the numbers are typos, and sizes that overflow torch and
+the tokenizers (issue 12)."""
+MAX_BATCH = 2**16
+"""Largest micro-batch or accumulation accepted (--batch, --grad-accum): 65,536 sequences per step."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,13 @@ class TrainSpec:
         problems = []
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
             problems.append((f"--seq-len must be a positive integer, got {self.seq_len!r}.", "Try: --seq-len 2048"))
+        elif self.seq_len > MAX_SEQ_LEN:
+            problems.append((f"--seq-len must be at most {MAX_SEQ_LEN:,} tokens, got {self.seq_len!r}.", "Try: --seq-len 2048"))
         if not isinstance(self.batch, int) or self.batch <= 0:
             problems.append((f"--batch must be a positive integer, got {self.batch!r}.", "Try: --batch 1"))
+        elif self.batch > MAX_BATCH:
+            problems.append((f"--batch must be at most {MAX_BATCH:,} sequences, got {self.batch!r}.",
+                             "Try: --batch 8, and --grad-accum for a larger effective batch"))
         if self.optim not in OPTIMIZERS:
             problems.append((f"Unknown optimizer {self.optim!r}.", f"Choose one of {', '.join(OPTIMIZERS)}."))
         if self.attn_impl not in ("sdpa", "eager", "flash_attention_2"):

@@ -145,6 +145,42 @@ def target_groups(shape: ModelShape, names: Sequence[str]) -> tuple[Group, ...]:
     return tuple(g for g, _ in targeted_groups(shape, names))
 
 
+def layer_width(g: Group) -> int:
+    """The wider side of one module of the group: max(in_features, out_features)."""
+    return max(g.in_features, g.out_features)
+
+
+def require_rank_fits(shape: ModelShape, targets: Sequence[str], ranks: Sequence[int], *,
+                      run_config: bool = False) -> None:
+    """Refuse a LoRA rank wider than every targeted layer, before anything is built at that rank.
+
+    B @ A is (out, r) @ (r, in): its rank is at most min(in, out), so an r past even the wider side
+    (max(in, out)) of the widest targeted layer only allocates adapter rows that can never matter; it is
+    a typo (an extra zero) far more often than a choice. An r between a layer's sides is plan's
+    'rank-exceeds-dim' note, not an error. peft's rank_pattern doubling on fused expert tensors is not
+    counted: the rule compares the r the user typed. `run_config`: the hint also names the file key.
+
+    Raises:
+        LoraDoctorError: naming the largest offending r, the widest targeted layer and its width, and the fix.
+    """
+    groups = [g for g, _ in targeted_groups(shape, targets)]
+    if not groups or not ranks:
+        return
+    widest = max(groups, key=layer_width)
+    r = max(ranks)
+    if r <= layer_width(widest):
+        return
+    # Only layers 'all-linear' would adapt: an embedding or lm_head is wide (the vocabulary) but no fix.
+    candidates = [*(g for g in shape.leaves if g.default_target), *shape.param_groups]
+    wider = [g.name for g in candidates if layer_width(g) >= r and g not in groups]
+    other = f", or target layers that wide: --target {','.join(dict.fromkeys(wider))}" if wider else ""
+    suggest = min(64, max(min(g.in_features, g.out_features) for g in groups))
+    raise LoraDoctorError(
+        f"r={r} is larger than the widest targeted layer, {widest.name} ({widest.in_features:,} -> "
+        f"{widest.out_features:,}, width {layer_width(widest):,}): the update B@A cannot use that rank.",
+        f"Try: --r {suggest}{f' (lora.r: {suggest} in a run config)' if run_config else ''}{other}")
+
+
 # -- presets ---------------------------------------------------------------------------------------------------
 
 

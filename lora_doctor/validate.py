@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 
 from .data import ALPACA_PROMPT, DATA_FORMATS, TRAIN_ON
-from .specs import COMPUTE_DTYPES, OPTIMIZERS
+from .specs import COMPUTE_DTYPES, MAX_BATCH, MAX_SEQ_LEN, OPTIMIZERS
 
 if typing.TYPE_CHECKING:
     from .errors import Problem
@@ -74,7 +75,8 @@ def _one_of(label, value, choices, problems, example):
         problems.append((f"{label} must be one of {', '.join(choices)}; got {value!r}.", f"Try: {example}"))
 
 
-def _positive_int(label, value, problems, example, allow_none=False, allow_zero=False):
+def _positive_int(label, value, problems, example, allow_none=False, allow_zero=False, cap=None, unit=""):
+    """A positive (or non-negative) int; at most `cap` (specs.MAX_SEQ_LEN, MAX_BATCH), counted in `unit`."""
     if value is None and allow_none:
         return
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
@@ -83,10 +85,13 @@ def _positive_int(label, value, problems, example, allow_none=False, allow_zero=
         # "or null" is YAML; a flag (--steps) is simply left out to get the default.
         null = " or null" if allow_none and not label.startswith("--") else ""
         problems.append((f"{label} must be {kind}{null}; got {value!r}.", f"Try: {example}"))
+    elif cap is not None and value > cap:
+        problems.append((f"{label} must be at most {cap:,} {unit}; got {value!r}.", f"Try: {example}"))
 
 
 def _non_finite(cfg: RunConfig) -> list[str]:
-    """Dotted keys holding nan or ±inf: every comparison with nan is False, so range checks alone let it through."""
+    """Dotted keys holding nan or ±inf, or an int past the float range (alpha / r and the schedule divide as floats,
+    raising OverflowError): every comparison with nan is False, so range checks alone let it through."""
     keys = []
     for section in dataclasses.fields(cfg):
         value = getattr(cfg, section.name, None)
@@ -94,7 +99,8 @@ def _non_finite(cfg: RunConfig) -> list[str]:
             continue
         for f in dataclasses.fields(value):
             v = getattr(value, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
+            huge = isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max
+            if huge or (isinstance(v, float) and not math.isfinite(v)):
                 keys.append(f"{section.name}.{f.name}")
     return keys
 
@@ -131,7 +137,7 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
                   "Try: --model examples/tiny-llama (python examples/make_tiny_model.py writes it)"))
     d, t, lo, o = cfg.data, cfg.train, cfg.loss, cfg.output
     _one_of(label("data.format"), d.format, DATA_FORMATS, p, "--format instruction")
-    _positive_int(label("data.max_length"), d.max_length, p, "--max-length 512")
+    _positive_int(label("data.max_length"), d.max_length, p, "--max-length 512", cap=MAX_SEQ_LEN, unit="tokens")
     _one_of(label("data.padding_side"), d.padding_side, PADDING_SIDES, p, "data.padding_side: right")
     if not (isinstance(d.eval_fraction, (int, float)) and 0.0 <= d.eval_fraction < 1.0):
         p.append((f"{label('data.eval_fraction')} must be in [0, 1); got {d.eval_fraction!r}.", "Try: data.eval_fraction: 0.1"))
@@ -143,8 +149,8 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     if d.prompt_template is not None and "{instruction}" not in d.prompt_template:
         p.append((f"{label('data.prompt_template')} must contain {{instruction}}; got {d.prompt_template!r}.",
                   f"Try: prompt_template: {ALPACA_PROMPT!r}"))
-    _positive_int(label("train.batch"), t.batch, p, "--batch 1")
-    _positive_int(label("train.grad_accum"), t.grad_accum, p, "--grad-accum 16")
+    _positive_int(label("train.batch"), t.batch, p, "--batch 1", cap=MAX_BATCH, unit="sequences")
+    _positive_int(label("train.grad_accum"), t.grad_accum, p, "--grad-accum 16", cap=MAX_BATCH, unit="micro-batches")
     if not isinstance(t.lr, (int, float)) or isinstance(t.lr, bool) or t.lr < 0:
         p.append((f"{label('train.lr')} must be a number >= 0; got {t.lr!r}.", "Try: --lr 2e-4"))
     if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:

@@ -73,6 +73,86 @@ def test_non_finite_file_value_names_the_file_key(work, tiny_llama_dir, key, val
     run_checked(work, ["check", "run.yaml"], f"{section}.{key}", "run.yaml", "Try:")
 
 
+# An r past the wider side of every targeted layer: (model, --r, --target, the widest layer's line)
+OVERSIZED_RANKS = [
+    ("gpt2", "4000", "all-linear", "c_fc (768 -> 3,072, width 3,072)"),
+    ("gpt2", "4,3073", "all-linear", "r=3073"),
+    ("gpt2", "2500", "attn", "c_attn (768 -> 2,304, width 2,304)"),
+    ("meta-llama/Llama-2-7b-hf", "20000", "all-linear", "width 11,008"),
+    ("meta-llama/Llama-2-7b-hf", "5000", "qv", "q_proj (4,096 -> 4,096, width 4,096)"),
+    ("microsoft/Phi-3-mini-4k-instruct", "20000", "attn", "qkv_proj"),
+    ("mistralai/Mixtral-8x7B-v0.1", "100000", "all-linear", "r=100000"),
+    ("tiiuae/falcon-7b", "20000", "all-linear", "width 18,176"),
+]
+
+
+@pytest.mark.parametrize("model,r,target,needle", OVERSIZED_RANKS)
+def test_plan_refuses_a_rank_wider_than_every_targeted_layer(work, model, r, target, needle):
+    run_checked(work, ["plan", model, "--r", r, "--target", target], needle, "widest targeted layer", "Try: --r")
+
+
+def test_a_rank_wider_than_the_targets_but_not_the_model_names_the_wider_layers(work):
+    run_checked(work, ["plan", "gpt2", "--r", "2500", "--target", "attn"], "--target c_fc")
+
+
+def test_rank_between_a_layers_sides_is_still_only_a_note(work):
+    result = invoke(["plan", "gpt2", "--r", "3072"])
+    assert result.exit_code == 0, result.output
+    assert "note: r=3072 is larger than the smallest targeted dimension" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "probe", "train"])
+@pytest.mark.parametrize("r", ["129", "100000"])
+def test_run_commands_refuse_a_rank_wider_than_every_targeted_layer_before_loading(work, tiny_llama_dir, monkeypatch,
+                                                                                   command, r):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("no weights may load")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    # The tiny Llama's widest layers are its 64 -> 128 MLP projections.
+    run_checked(work, [command, "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--r", r], f"r={r}",
+                "(64 -> 128, width 128)", "lora.r")
+
+
+def test_a_rank_set_in_a_run_config_is_refused_by_its_key(work, tiny_llama_dir):
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\nlora: {{r: 4096, targets: qv}}\n")
+    run_checked(work, ["check", "run.yaml"], "r=4096", "q_proj (64 -> 64, width 64)", "lora.r")
+
+
+# Sizes past specs.MAX_SEQ_LEN (2**20 tokens) and MAX_BATCH (2**16), or ints past the float range
+@pytest.mark.parametrize("flag,value", [("--batch", 10**12), ("--batch", 2**16 + 1), ("--seq-len", 10**9),
+                                        ("--seq-len", 2**20 + 1), ("--seq-len", 10**30)])
+def test_plan_refuses_sizes_past_the_cap(work, flag, value):
+    run_checked(work, ["plan", "gpt2", flag, str(value)], flag, "at most", f"got {value}", "Try:")
+
+
+def test_plan_at_the_caps_still_runs(work):
+    result = invoke(["plan", "gpt2", "--seq-len", str(2**20), "--batch", str(2**16), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["seq_len"] == 2**20
+
+
+@pytest.mark.parametrize("key,value", [("train.batch", 10**12), ("train.batch", 2**16 + 1),
+                                       ("data.max_length", 10**9), ("data.max_length", 2**20 + 1),
+                                       ("train.grad_accum", 10**25), ("lora.alpha", 10**400), ("train.seed", 10**400)])
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_run_config_sizes_past_the_cap_are_refused(work, tiny_llama_dir, command, key, value):
+    run_checked(work, [command, "--model", str(tiny_llama_dir), "--data", "data.jsonl", "--set", f"{key}={value}"],
+                key, "Try:")
+
+
+@pytest.mark.parametrize("section,key,value", [("train", "batch", 10**12), ("data", "max_length", 10**9)])
+def test_a_size_past_the_cap_in_a_file_names_the_file_key(work, tiny_llama_dir, section, key, value):
+    extra = "path: data.jsonl, " if section == "data" else ""
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\n" if section != "data" else
+                                   f"model: {tiny_llama_dir}\n")
+    with open(work / "run.yaml", "a") as f:
+        f.write(f"{section}: {{{extra}{key}: {value}}}\n")
+    run_checked(work, ["check", "run.yaml"], f"{section}.{key}", "run.yaml", "at most")
+
+
 # --- degenerate and foreign model configs --------------------------------------------------------
 
 @pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
@@ -241,6 +321,50 @@ def test_an_unexpected_exception_is_one_line_exit_3_and_a_crash_file(work, tiny_
     text = crashes[0].read_text()
     assert "ZeroDivisionError" in text and "Traceback" in text and "python:" in text
     assert "hf_abcdefghij" not in text
+
+
+@pytest.mark.parametrize("args,target", [
+    (["check", "CFG"], "lora_doctor.resolve.resolve_model_config"),
+    (["train", "CFG"], "lora_doctor.engine.Engine.setup"),
+    (["probe", "CFG", "--steps", "2"], "lora_doctor.engine.Engine.setup"),
+    (["train", "--model", "TINY", "--data", "data.jsonl", "--reports-dir", "flagged/reps"], "lora_doctor.engine.Engine.setup"),
+])
+def test_the_crash_file_goes_under_the_runs_reports_dir(work, tiny_llama_dir, monkeypatch, args, target):
+    import importlib
+
+    module_name, owner, attr = (target.rsplit(".", 2) if target.endswith("setup") else (*target.rsplit(".", 1), None))
+    module = importlib.import_module(module_name)
+    holder = getattr(module, owner) if attr else module
+    monkeypatch.setattr(holder, attr or owner, lambda *a, **k: 1 / 0)
+    (work / "run.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: data.jsonl}}\n"
+                                   "output: {dir: out/run, reports_dir: out/reps}\n")
+    result = invoke([{"CFG": "run.yaml", "TINY": str(tiny_llama_dir)}.get(a, a) for a in args])
+    assert result.exit_code == 3, result.output
+    folder = work / ("flagged/reps" if "--reports-dir" in args else "out/reps")
+    crashes = list(folder.glob("crash-*.md"))
+    assert len(crashes) == 1 and "ZeroDivisionError" in crashes[0].read_text()
+    assert str(folder.relative_to(work)) in result.stderr
+    assert not (work / "reports").exists()
+
+
+def test_a_crash_before_any_config_goes_under_reports(work, monkeypatch):
+    from lora_doctor import runconfig
+
+    monkeypatch.setattr(runconfig, "read_config_file", lambda *a, **k: 1 / 0)
+    (work / "run.yaml").write_text("model: x\noutput: {reports_dir: out/reps}\n")
+    result = invoke(["check", "run.yaml"])
+    assert result.exit_code == 3, result.output
+    assert len(list((work / "reports").glob("crash-*.md"))) == 1 and not (work / "out").exists()
+
+
+def test_an_unwritable_reports_dir_falls_back_to_reports(work, tmp_path):
+    from lora_doctor.crash import write_crash_report
+
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        path = write_crash_report(e, folder="/proc/lora-doctor-crash")
+    assert path is not None and path.parent == Path("reports")
 
 
 def test_keyboard_interrupt_is_still_exit_130(work, monkeypatch):

@@ -175,3 +175,49 @@ def test_disk_full_at_the_last_checkpoint_then_resume_matches(tiny_llama_dir, se
     assert TOKEN not in (root / "step-000002" / "run_config.json").read_text()
     _, got, _ = train(cfg, resume=True, write_report=False)
     torch.testing.assert_close([s.loss for s in got.steps], [s.loss for s in want.steps])
+
+
+# --- a signal while a checkpoint is being written, then a resume -----------------------------------
+
+def _signal_mid_save(monkeypatch, signals, on_save=2):
+    """torch.save that delivers `signals` to this process during the `on_save`-th trainer-state write."""
+    import signal
+
+    saves, real = [], torch.save
+
+    def save(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == on_save:
+            for sig in signals:
+                os.kill(os.getpid(), getattr(signal, sig))  # handled synchronously, inside this write
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT",), ("SIGINT", "SIGINT")])
+def test_signal_mid_checkpoint_keeps_the_previous_one_and_resume_matches(tiny_llama_dir, secret_data, tmp_path,
+                                                                         monkeypatch, signals):
+    from lora_doctor.commands.train import StopFlag
+
+    # 6 steps, saves at 2 and 4: the signal lands inside the step-4 write, with step-2 already on disk.
+    def cfg6(out):
+        return cfg_for(tiny_llama_dir, secret_data, out).replace(**{"train.max_steps": 6})
+
+    _, want, _ = train(cfg6(tmp_path / "want"), write_report=False)
+    cfg = cfg6(tmp_path / "got")
+    _signal_mid_save(monkeypatch, signals)
+    root = tmp_path / "got" / "checkpoints"
+    with StopFlag() as stop:
+        if signals == ("SIGINT", "SIGINT"):  # a second Ctrl-C aborts the write itself
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg, should_stop=stop, write_report=False)
+            assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002"]
+        else:  # one signal: the write finishes, the run stops at that step boundary
+            _, stopped, _ = train(cfg, should_stop=stop, write_report=False)
+            assert stopped.stopped_early == "signal" and stopped.steps[-1].step == 4
+            assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000004"]
+    monkeypatch.undo()
+    assert all(checkpoint_damage(p) is None for p in root.glob("step-*"))
+    _, got, _ = train(cfg, resume=True, write_report=False)
+    torch.testing.assert_close([s.loss for s in got.steps], [s.loss for s in want.steps])

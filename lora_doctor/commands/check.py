@@ -50,6 +50,7 @@ class StaticFacts:
 def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None) -> None:
     from .. import introspect
     from ..resolve import resolve_model_config
+    from ..targets import require_rank_fits
 
     resolved = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     # Read the checkpoint dtype before the meta build, which may stamp its own dtype on the config.
@@ -69,6 +70,7 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
         # peft skips names that match nothing when others match: count what it would train.
         names = introspect.resolve_targets(facts.shape, list(coverage.matched))
     facts.resolved_targets = names
+    require_rank_fits(facts.shape, names, [cfg.lora.r], run_config=True)
     try:
         (count,) = introspect.trainable_counts(meta, cfg.lora, targets=names, shape=facts.shape)
     except LoraDoctorError:

@@ -63,10 +63,12 @@ def gather_plan(
     """
     from .. import hardware
     from ..plancache import shape_and_counts
+    from ..targets import require_rank_fits
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
     shape, location, targets, counts, hit = shape_and_counts(model, lora, ranks, trust_remote_code=trust_remote_code,
                                                              use_cache=use_cache)
+    require_rank_fits(shape, targets, ranks)  # a cache hit skips plancache's own call
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
     train, seq_len_default, notes = _train_that_runs(shape, train, seq_len_is_default)
