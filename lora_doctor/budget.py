@@ -12,7 +12,7 @@ Each is broken into the same terms (integer bytes):
 
   base_weights_bytes       frozen or trained base parameters as stored on the device
   quant_constants_bytes    bitsandbytes QuantState tensors of every Linear4bit
-  adapter_weights_bytes    LoRA A/B (and DoRA magnitude) parameters
+  adapter_weights_bytes    LoRA A/B (and DoRA magnitude) parameters, modules_to_save copies, trainable tokens
   gradients_bytes          .grad of every trainable parameter
   optimizer_states_bytes   optimizer state tensors (and fp32 master weights under mixed precision)
   activations_bytes        tensors saved for backward, peak over the step
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from math import ceil
 
 from .activations import activation_bytes, dora_transient_bytes, logits_bytes
-from .inventory import Tensors, base_param_tensors, lora_param_count, lora_param_tensors, numel
+from .inventory import Tensors, base_param_tensors, lora_param_count, lora_param_tensors, numel, saved_copy_tensors
 from .shape import ModelShape
 from .specs import LoraSpec, QuantSpec, TrainSpec
 from .targets import match_targets, targeted_groups
@@ -292,18 +292,33 @@ def _full_bf16(shape: ModelShape, train: TrainSpec) -> MethodBudget:
     )
 
 
+def _trainable_terms(shape: ModelShape, lora: LoraSpec, train: TrainSpec, targets, copy_bytes: int):
+    """(trainable params, weight bytes (= gradient bytes), optimizer bytes) of adapters plus saved copies.
+
+    LoRA tensors and trainable-token rows are fp32 (peft's autocast_adapter_dtype; the delta is created fp32);
+    a modules_to_save copy keeps its module's dtype, `copy_bytes`, and so do its gradient and torch AdamW states.
+    """
+    adapters = lora_param_tensors(shape, targets, lora)
+    copies, tokens = saved_copy_tensors(shape, lora)
+    fp32 = adapters + tokens
+    weights = 4 * numel(fp32) + copy_bytes * numel(copies)
+    optim = optimizer_state_bytes(train.optim, fp32 + copies)
+    if train.optim == "adamw":  # torch AdamW keeps exp_avg / exp_avg_sq in each parameter's dtype
+        optim -= adamw_state_bytes(copies, 4 - copy_bytes)
+    return numel(fp32) + numel(copies), weights, optim
+
+
 def _lora_bf16(shape: ModelShape, lora: LoraSpec, train: TrainSpec, targets) -> MethodBudget:
     """Frozen 16-bit base as loaded (dtype=torch.bfloat16, no prepare_model_for_kbit_training), fp32
     adapters: peft's get_peft_model(autocast_adapter_dtype=True), the default, upcasts bf16/fp16 adapter
     weights to fp32 (peft/tuners/tuners_utils.py _cast_adapter_dtype). Gradients and optimizer states
     exist only for the adapters."""
     c = DTYPE_BYTES[train.dtype] if train.dtype != "fp32" else 2
-    adapters = lora_param_tensors(shape, targets, lora)
-    n = numel(adapters)
+    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=c)
     return _finish(
         "lora-bf16", METHOD_LABELS["lora-bf16"], n,
-        base_weights_bytes=c * shape.total_params, quant_constants_bytes=0, adapter_weights_bytes=4 * n,
-        gradients_bytes=4 * n, optimizer_states_bytes=optimizer_state_bytes(train.optim, adapters),
+        base_weights_bytes=c * shape.total_params, quant_constants_bytes=0, adapter_weights_bytes=weights,
+        gradients_bytes=weights, optimizer_states_bytes=optim,
         activations_bytes=activation_bytes(shape, train, base_trains=False, c=c, targets=targets, lora=lora),
         logits_bytes=logits_bytes(shape, train, c),
     )
@@ -316,14 +331,14 @@ def _qlora(shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec
     Adapters are fp32 as in `_lora_bf16`."""
     c = DTYPE_BYTES[quant.compute_dtype]  # bnb_4bit_compute_dtype: the dtype activations flow in
     packed, consts, unquantized = quantized_base_bytes(shape, quant)
-    adapters = lora_param_tensors(shape, targets, lora)
-    n = numel(adapters)
+    # prepare_model_for_kbit_training ran first, so a modules_to_save copy is of an fp32 module.
+    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=4)
     key = f"qlora-{quant.mode}" + ("-dq" if quant.double_quant else "")
     label = f"QLoRA {quant.mode}" + ("+DQ" if quant.double_quant else "")
     return _finish(
         key, label, n, fp32_upcast=4 * unquantized,
-        base_weights_bytes=packed + 4 * unquantized, quant_constants_bytes=consts, adapter_weights_bytes=4 * n,
-        gradients_bytes=4 * n, optimizer_states_bytes=optimizer_state_bytes(train.optim, adapters),
+        base_weights_bytes=packed + 4 * unquantized, quant_constants_bytes=consts, adapter_weights_bytes=weights,
+        gradients_bytes=weights, optimizer_states_bytes=optim,
         activations_bytes=activation_bytes(shape, train, base_trains=False, c=c, targets=targets, lora=lora,
                                            kbit_prepared=True),
         logits_bytes=logits_bytes(shape, train, c),

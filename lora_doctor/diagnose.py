@@ -254,7 +254,8 @@ def run_eta(cfg: RunConfig, engine, result: RunResult, prediction: Prediction | 
 
 
 def out_of_memory_finding(oom) -> Finding:
-    return Finding(Severity.ERROR, "out-of-memory", oom.message, oom.hint or "")
+    """The error finding for a run that stopped itself: out of memory, or data it refused (engine.BadData.code)."""
+    return Finding(Severity.ERROR, getattr(oom, "code", "out-of-memory"), oom.message, oom.hint or "")
 
 
 def diagnose(kind: str, cfg: RunConfig, engine, result: RunResult | None, *, extra: dict | None = None,

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 from . import checkpoint
 from .checkpoint import ADAPTER_DIR, CHECKPOINT_DIR
+from .checks.datafacts import optimizer_steps, out_of_range_finding
 from .data import TokenizedData, collate, epoch_order, load_data
 from .distributed import place_process
 from .errors import LoraDoctorError
@@ -43,6 +44,12 @@ StepCallback = Callable[["Engine", StepRecord], None]
 
 class OutOfMemory(LoraDoctorError):
     """The run did not fit: raised with the peak memory seen and what to change."""
+
+
+class BadData(LoraDoctorError):
+    """Data the model cannot run on, found before the first step; `code` is the doctor's finding for it."""
+
+    code = "token-id-out-of-range"
 
 
 class Engine:
@@ -131,6 +138,10 @@ class Engine:
     def _setup_data(self) -> None:
         self.data = load_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, model_id=self.cfg.model,
                               embedding_rows=getattr(self.base_config, "vocab_size", None))
+        # An id past the embedding rows is an IndexError inside the first step holding it: refuse it before the load.
+        bad = out_of_range_finding(self.data.train + self.data.eval, getattr(self.source, "shape", None))
+        if bad is not None:
+            raise BadData(bad.message, bad.hint)
 
     def _setup_model(self) -> None:
         self.peft_model, self.model_info = load_peft_model(
@@ -148,10 +159,9 @@ class Engine:
 
     @property
     def total_steps(self) -> int:
+        # The one formula check's schedule findings use too, so check and train count the same steps.
         t = self.cfg.train
-        if t.max_steps is not None:
-            return t.max_steps
-        return max(1, math.ceil(t.epochs * self.micro_batches_per_epoch / t.grad_accum))
+        return optimizer_steps(len(self.data.train), t.batch, self.world_size, t.grad_accum, t.epochs, t.max_steps)
 
     def _setup_optimizer(self) -> None:
         import torch

@@ -43,7 +43,7 @@ from .targets import (
 
 __all__ = [
     "PRESETS", "Coverage", "FusedTarget", "TrainableCount", "build_meta_model", "layer_representatives",
-    "load_shape", "lora_config", "model_shape", "partial_coverage", "peft_without_bitsandbytes", "preset_targets", "resolve_targets", "target_groups", "trainable_counts",
+    "load_shape", "lora_config", "saved_kwargs", "model_shape", "partial_coverage", "peft_without_bitsandbytes", "preset_targets", "resolve_targets", "target_groups", "trainable_counts",
 ]
 
 
@@ -139,7 +139,18 @@ def lora_config(shape: ModelShape, lora: LoraSpec, targets: str | Sequence[str] 
         target_modules=target_modules,
         target_parameters=target_parameters,
         task_type="CAUSAL_LM",
+        **saved_kwargs(lora),
     )
+
+
+def saved_kwargs(lora: LoraSpec) -> dict:
+    """LoraConfig's modules_to_save / trainable_token_indices for `lora`, as peft takes them (lists, None if unset)."""
+    ids = lora.trainable_token_indices
+    if isinstance(ids, dict):
+        ids = {name: list(v) for name, v in ids.items()}
+    elif ids is not None:
+        ids = list(ids)
+    return {"modules_to_save": list(lora.modules_to_save) or None, "trainable_token_indices": ids}
 
 
 # Adapter tensors whose size is a multiple of r (peft/tuners/lora/layer.py update_layer); anything else that

@@ -71,3 +71,31 @@ def numel(tensors: Tensors) -> int:
 def lora_param_count(shape: ModelShape, targets, lora: LoraSpec) -> int:
     """Trainable parameters peft adds for these targets (equals get_nb_trainable_parameters()[0])."""
     return numel(lora_param_tensors(shape, targets, lora))
+
+
+def saved_copy_tensors(shape: ModelShape, lora: LoraSpec) -> tuple[Tensors, Tensors]:
+    """(full copies, token rows) that train besides LoRA: lora.modules_to_save and lora.trainable_token_indices.
+
+    peft's ModulesToSaveWrapper (peft/utils/other.py) deep-copies each named module, so a tied lm_head gets a
+    whole weight of its own; the original stays frozen in the base. TrainableTokensLayer
+    (peft/tuners/trainable_tokens/layer.py) trains one `trainable_tokens_delta` row per id, shared with a tied
+    lm_head (counted once). A list of ids goes to the input embedding (taken as the table with vocab_size rows).
+    tests/test_budget.py checks both against peft on the meta model.
+    """
+    groups = list(shape.embeddings) + list(shape.leaves)
+    copies: Tensors = []
+    for name in lora.modules_to_save:
+        for g in groups:
+            if g.name == name.rsplit(".", 1)[-1]:
+                copies.append((g.in_features * g.out_features, g.count))
+                if g.bias:
+                    copies.append((g.out_features, g.count))
+    ids = lora.trainable_token_indices
+    if ids is None:
+        return copies, []
+    inputs = next((g.name for g in shape.embeddings if g.in_features == shape.vocab_size), "embed_tokens")
+    per_module = ids if isinstance(ids, dict) else {inputs: ids}
+    dims = {g.name: g.out_features for g in shape.embeddings}
+    tokens = [(len(set(v)) * dims.get(name.rsplit(".", 1)[-1], shape.hidden_size), 1) for name, v in per_module.items()]
+    return copies, tokens
+

@@ -302,7 +302,7 @@ def peft_lora_config(cfg: RunConfig, source: ModelSource, model):
     explicit names that only the live model has (e.g. modules added by a hook) go to peft as they are."""
     from peft import LoraConfig
 
-    from .introspect import lora_config
+    from .introspect import lora_config, saved_kwargs
     from .targets import matches, split_targets
 
     lora = cfg.lora
@@ -315,7 +315,7 @@ def peft_lora_config(cfg: RunConfig, source: ModelSource, model):
         if not all(any(matches(p, [t]) for p in live) for t in names):
             raise
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
-                      use_rslora=lora.use_rslora, target_modules=names, task_type="CAUSAL_LM")
+                      use_rslora=lora.use_rslora, target_modules=names, task_type="CAUSAL_LM", **saved_kwargs(lora))
 
 
 def _model_info(model, cfg: RunConfig, device: str, dtype, world_size: int) -> ModelInfo:

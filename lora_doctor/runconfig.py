@@ -28,7 +28,7 @@ from .data import LOCAL_SUFFIXES, DataConfig
 from .errors import LoraDoctorError, Problem, raise_problems
 from .fileio import DuplicateKey, unique_key_loader
 from .specs import LoraSpec, QuantSpec, TrainSpec
-from .validate import DEFAULT_SEED, SPEC_FLAGS, default_label, normalise, problems_in, type_ok
+from .validate import DEFAULT_SEED, SPEC_FLAGS, default_label, normalise, plain, problems_in, type_ok
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
-        lora = d["lora"]
-        lora["targets"] = lora["targets"] if isinstance(lora["targets"], str) else list(lora["targets"])
+        d["lora"] = {k: plain(f"lora.{k}", v) for k, v in d["lora"].items()}
         return d
 
     def replace(self, **overrides) -> RunConfig:

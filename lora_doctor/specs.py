@@ -33,6 +33,10 @@ class LoraSpec:
     """Weight-decomposed LoRA (--dora): one extra magnitude vector per targeted module."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r)."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full and saved with the adapter (peft's modules_to_save), e.g. [embed_tokens, lm_head]."""
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
+    """Embedding rows trained and saved with the adapter (peft's trainable_token_indices): token ids, or {module: [ids]}."""
 
     def __post_init__(self):
         problems = []
@@ -42,11 +46,25 @@ class LoraSpec:
             problems.append((f"--alpha must be positive, got {self.alpha!r}.", "Try: --alpha 32 (2*r)"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append((f"--dropout must be in [0, 1), got {self.dropout!r}.", "Try: --dropout 0.05"))
+        problems += _saved_problems(self.modules_to_save, self.trainable_token_indices)
         raise_problems(problems)
 
     @property
     def lora_alpha(self) -> int:
         return self.alpha if self.alpha is not None else 2 * self.r
+
+
+def _saved_problems(modules, indices) -> list[tuple[str, str]]:
+    """Problems in lora.modules_to_save / lora.trainable_token_indices (names non-empty, ids non-negative)."""
+    problems = []
+    if not all(isinstance(m, str) and m for m in modules):
+        problems.append((f"lora.modules_to_save must list module names; got {list(modules)!r}.",
+                         "Try: lora.modules_to_save: [embed_tokens, lm_head]"))
+    groups = indices.values() if isinstance(indices, dict) else [indices or ()]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for ids in groups for i in ids):
+        problems.append((f"lora.trainable_token_indices must be token ids >= 0 (or {{module: [ids]}}); got {indices!r}.",
+                         "Try: lora.trainable_token_indices: [32000, 32001]"))
+    return problems
 
 
 @dataclass(frozen=True)

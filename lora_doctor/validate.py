@@ -192,14 +192,34 @@ def normalise(key: str, value):
         return value.replace("_", "-").lower()
     if key == "quant.mode" and isinstance(value, str) and value.lower() in ("none", "null", "off", "16bit", "no"):
         return None
-    if key == "lora.targets":
-        if isinstance(value, str) and "," in value:
+    if key in ("lora.targets", "lora.modules_to_save"):
+        if isinstance(value, str) and ("," in value or key == "lora.modules_to_save"):
             return tuple(s.strip() for s in value.split(",") if s.strip())
         if isinstance(value, list):
             return tuple(value)
+    if key == "lora.trainable_token_indices":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+        if isinstance(value, dict):
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
     if key in ("train.precision", "quant.compute_dtype", "output.merge_dtype") and isinstance(value, str):
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value.lower(), value.lower())
     return value
+
+
+def plain(key: str, value):
+    """`value` of `key` as YAML and JSON write it: tuples as lists (the inverse of `normalise`)."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict) and key == "lora.trainable_token_indices":
+        return {k: list(v) for k, v in value.items()}
+    return value
+
+
+def _ints(value) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def type_ok(value, annotation) -> tuple[bool, object]:
@@ -230,6 +250,10 @@ def type_ok(value, annotation) -> tuple[bool, object]:
             return False, value
     if isinstance(value, str):
         return ("str" in allowed or "str|tuple[str,...]" in ann), value
+    if isinstance(value, (tuple, list)) and "tuple[int,...]" in ann.split("|"):
+        return _ints(tuple(value)), tuple(value)
     if isinstance(value, (tuple, list)):
         return "tuple[str,...]" in ann and all(isinstance(v, str) for v in value), tuple(value)
+    if isinstance(value, dict) and "dict[str,tuple[int,...]]" in ann:
+        return all(isinstance(k, str) and _ints(v) for k, v in value.items()), value
     return False, value

@@ -612,3 +612,70 @@ def test_qlora_checkpointed_step_peak(tmp_path):
     est = b.activations_bytes + b.logits_bytes + b.gradients_bytes
     measured = _peak_step_bytes(model, torch.randint(4, shape.vocab_size, (B, T)))
     assert 0.85 <= measured / est <= 1.05, (measured, est)
+
+
+# -- lora.modules_to_save / lora.trainable_token_indices --------------------------------------------------------
+
+SAVED_SPECS = [
+    LoraSpec(r=8, dropout=0.0, modules_to_save=("embed_tokens", "lm_head")),
+    LoraSpec(r=8, dropout=0.0, modules_to_save=("lm_head",)),
+    LoraSpec(r=8, dropout=0.0, trainable_token_indices=(1, 2, 3)),
+    LoraSpec(r=8, dropout=0.0, trainable_token_indices={"embed_tokens": (5, 6)}),
+]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("lora", SAVED_SPECS, ids=lambda s: f"{s.modules_to_save}-{s.trainable_token_indices}")
+def test_saved_copies_counted_as_peft_counts_them(tied, lora):
+    from lora_doctor.introspect import build_meta_model, trainable_counts
+    from lora_doctor.tiny import tiny_config
+
+    config = tiny_config("llama", tie_word_embeddings=tied)
+    meta = build_meta_model(config)
+    shape = _shape(meta)
+    targets = resolve_targets(shape, "all-linear")
+    (count,) = trainable_counts(meta, lora, targets, shape=shape)
+    plain = lora_param_count(shape, targets, lora)
+    assert count.trainable > plain  # the saved copies train too
+    for m in memory_budget(shape, lora, QuantSpec(), TrainSpec(seq_len=64), targets).methods:
+        if m.key.startswith(("lora", "qlora")):
+            assert m.trainable_params == count.trainable
+
+
+def test_saved_copies_bytes_keep_their_dtype():
+    """A bf16 base's modules_to_save copy stays bf16 (2 B weight, grad and AdamW state); under QLoRA
+    prepare_model_for_kbit_training made it fp32 first. Trainable-token rows are fp32 in both."""
+    from lora_doctor.introspect import build_meta_model
+    from lora_doctor.tiny import tiny_config
+
+    shape = _shape(build_meta_model(tiny_config("llama", tie_word_embeddings=False)))
+    targets = resolve_targets(shape, "all-linear")
+    train = TrainSpec(seq_len=64, optim="adamw")
+    base = LoraSpec(r=8)
+    head = 512 * 64  # tiny llama: vocab 512, hidden 64
+    plain = memory_budget(shape, base, QuantSpec(), train, targets)
+    saved = memory_budget(shape, dataclasses.replace(base, modules_to_save=("lm_head",), trainable_token_indices=(7,)),
+                          QuantSpec(), train, targets)
+    bf16, q = saved.method("lora-bf16"), saved.method(saved.primary)
+    dbf16 = bf16.adapter_weights_bytes - plain.method("lora-bf16").adapter_weights_bytes
+    dq = q.adapter_weights_bytes - plain.method(plain.primary).adapter_weights_bytes
+    assert dbf16 == 2 * head + 4 * 64
+    assert dq == 4 * head + 4 * 64
+    assert bf16.gradients_bytes - plain.method("lora-bf16").gradients_bytes == dbf16
+    assert bf16.optimizer_states_bytes - plain.method("lora-bf16").optimizer_states_bytes == 2 * dbf16
+
+
+def test_saved_keys_validated_and_round_trip():
+    from lora_doctor.errors import LoraDoctorError
+    from lora_doctor.runconfig import from_dict
+
+    cfg = from_dict({"model": "m", "lora": {"modules_to_save": "embed_tokens,lm_head",
+                                            "trainable_token_indices": {"embed_tokens": [1, 2]}}})
+    assert cfg.lora.modules_to_save == ("embed_tokens", "lm_head")
+    assert cfg.lora.trainable_token_indices == {"embed_tokens": (1, 2)}
+    assert cfg.to_dict()["lora"]["trainable_token_indices"] == {"embed_tokens": [1, 2]}
+    assert cfg.replace(**{"lora.trainable_token_indices": [9]}).lora.trainable_token_indices == (9,)
+    with pytest.raises(LoraDoctorError, match="trainable_token_indices must be token ids >= 0"):
+        from_dict({"model": "m", "lora": {"trainable_token_indices": [-1]}})
+    with pytest.raises(LoraDoctorError, match="lora.modules_to_save has the wrong type"):
+        from_dict({"model": "m", "lora": {"modules_to_save": [1]}})

@@ -334,3 +334,22 @@ def test_duplicates_across_the_eval_fraction_split_overlap(tmp_path, tiny_tokeni
     rows += [{"instruction": f"Add {i} and {i}.", "output": f"{2 * i}."} for i in range(10)]
     ctx = build_context(config=_cfg(tmp_path, rows, eval_fraction=0.5), tokenizer=tiny_tokenizer)
     assert ctx.n_eval_overlap and "eval-overlaps-train" in codes(run_checks(ctx))
+
+
+def test_untrained_rows_hints_name_the_lora_keys_and_the_keys_silence_them(healthy):
+    from lora_doctor.checks.build import context_from_config
+    from lora_doctor.runconfig import from_dict
+
+    planted = healthy.replace(untrained_input_tokens={32000: 0.0, 32001: 0.0})
+    (f,) = [f for f in run_checks(planted) if f.code == "untrained-input-embeddings"]
+    assert "lora.trainable_token_indices: [32000, 32001]" in f.hint and "lora.modules_to_save: [" in f.hint
+    # Rows trained by the config keys, as the engine passes them to peft, are no longer untrained.
+    cfg = from_dict({"model": "m", "lora": {"trainable_token_indices": [32000, 32001]}})
+    covered = planted.replace(**{k: context_from_config(cfg)[k] for k in ("modules_to_save", "trainable_token_indices")})
+    assert "untrained-input-embeddings" not in codes(run_checks(covered))
+    partly = planted.replace(trainable_token_indices={"embed_tokens": (32000,)})
+    (f,) = [f for f in run_checks(partly) if f.code == "untrained-input-embeddings"]
+    assert "[32001]" in f.hint
+    saved = from_dict({"model": "m", "lora": {"modules_to_save": ["embed_tokens", "lm_head"]}})
+    assert "untrained-input-embeddings" not in codes(run_checks(planted.replace(
+        modules_to_save=context_from_config(saved)["modules_to_save"])))

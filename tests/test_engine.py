@@ -441,3 +441,31 @@ def test_gemma2_runs_eager_attention_when_sdpa_was_asked():
     assert notes and "eager" in notes[0]
     assert attention_implementation(llama, "sdpa") == "sdpa"
     assert attention_implementation(gemma2, "flash_attention_2") == "flash_attention_2"
+
+
+def test_token_id_past_the_embedding_is_a_finding_before_the_step(tmp_path):
+    """A tokenizer larger than the model's embedding: probe reports token-id-out-of-range instead of an
+    IndexError inside the first step, and the engine refuses the data before loading any weights."""
+    import json
+
+    from lora_doctor.commands.probe import run_probe
+    from lora_doctor.engine import BadData, Engine
+    from lora_doctor.runconfig import from_dict
+    from lora_doctor.tiny import build_tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    build_tiny_model("llama", vocab_size=260).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rows = [{"instruction": f"Say the word number {i}.", "output": "Blue sky, green grass."} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict({"model": str(tmp_path / "m"), "quant": {"mode": None}, "lora": {"r": 4},
+                     "data": {"path": str(tmp_path / "d.jsonl"), "max_length": 32},
+                     "train": {"batch": 2, "max_steps": 2, "optim": "adamw", "precision": "fp32"},
+                     "output": {"dir": str(tmp_path / "out"), "reports_dir": str(tmp_path / "r")}})
+    assert max(i for r in rows for f in r.values() for i in tok(f)["input_ids"]) >= 260  # the planted fault is there
+    with pytest.raises(BadData, match="past the model.s 260 embedding rows"):
+        Engine(cfg).setup()
+    result, _, findings = run_probe(cfg, steps=1)
+    assert result is None
+    (f,) = [f for f in findings if f.code == "token-id-out-of-range"]
+    assert f.severity.value == "error" and "d.jsonl:" in f.message

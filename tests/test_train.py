@@ -382,3 +382,33 @@ def test_trajectory_changes_ignore_resumable_keys():
     old = {"train": {"lr": 1e-2, "max_steps": 6, "eval_every": 3}, "output": {"dir": "a"}, "lora": {"targets": ("q",)}}
     new = {"train": {"lr": 1e-3, "max_steps": 50, "eval_every": 5}, "output": {"dir": "b"}, "lora": {"targets": ["q"]}}
     assert trajectory_changes(old, new) == ["train.lr 0.01 -> 0.001"]
+
+
+def test_saved_modules_and_token_rows_train_save_and_reload(tiny_llama_dir, data_path, tmp_path):
+    """lora.modules_to_save and lora.trainable_token_indices reach peft, train, are saved with the adapter
+    and come back through PeftModel.from_pretrained with the trained logits; plan's count is peft's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_doctor.budget import memory_budget
+    from lora_doctor.introspect import load_shape, resolve_targets
+
+    cfg = qlora_cfg(tiny_llama_dir, data_path, tmp_path, **{
+        "quant.mode": "none", "train.precision": "fp32", "train.optim": "adamw", "train.max_steps": 2,
+        "train.eval_every": None, "train.grad_ckpt": False, "lora.dropout": 0.0, "output.plot": False,
+        "lora.modules_to_save": ["lm_head"], "lora.trainable_token_indices": [3, 4]})
+    engine, _, outputs = train(cfg)
+    adapter = Path(outputs["adapter"])
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["lm_head"] and saved["trainable_token_indices"] == [3, 4]
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert any("lm_head" in k for k in keys) and any("trainable_tokens" in k for k in keys)
+    shape, _ = load_shape(str(tiny_llama_dir))
+    plan = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(), resolve_targets(shape, cfg.lora.targets))
+    assert plan.method("lora-bf16").trainable_params == engine.model.get_nb_trainable_parameters()[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    engine.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, engine.model(input_ids=ids).logits)

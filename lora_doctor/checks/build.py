@@ -41,9 +41,10 @@ def context_from_config(cfg: RunConfig) -> dict:
         gradient_checkpointing=cfg.train.grad_ckpt, batch_size=cfg.train.batch, max_length=cfg.data.max_length,
         padding_side=cfg.data.padding_side,
         # The engine: non-reentrant checkpointing with input grads enabled; collate pads labels with -100 by
-        # position whatever the pad id is; no embedding resize, no modules_to_save, no trainable tokens.
+        # position whatever the pad id is; no embedding resize; lora.modules_to_save / trainable_token_indices
+        # go to peft as they are (introspect.lora_config).
         use_reentrant=False, input_require_grads=True, padding_masked_by_position=True, resize_embeddings=False,
-        modules_to_save=None, trainable_token_indices=None,
+        modules_to_save=tuple(lora.modules_to_save) or None, trainable_token_indices=lora.trainable_token_indices,
     )
 
 

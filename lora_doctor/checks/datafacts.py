@@ -135,12 +135,30 @@ def row_facts(rows: list[tuple[str, dict]], cfg: RunConfig) -> dict:
     return dict(n_rows=len(rows), n_duplicate_rows=dup, n_echo_responses=echo, template_markers=markers)
 
 
+def _input_id_max(examples: list) -> dict:
+    top = max(examples, key=lambda e: max(e.input_ids, default=-1))
+    return dict(input_id_max=max(top.input_ids, default=0), input_id_max_origin=top.origin)
+
+
+def out_of_range_finding(examples: list, shape):
+    """The token-id-out-of-range finding for these examples (data.Example), as check words it; None if every id fits.
+
+    The engine asks before the first step: such an id is an IndexError (CUDA: device-side assert) inside it.
+    """
+    from .context import CheckContext
+    from .tokens import check_token_ids_in_range
+
+    if not examples or shape is None:
+        return None
+    found = check_token_ids_in_range(CheckContext(shape=shape, **_input_id_max(examples)))
+    return found[0] if found else None
+
+
 def example_facts(examples: list, bos_id: int | None, max_positions: int | None) -> dict:
     """Token-id facts of the tokenized training examples (data.Example)."""
     out: dict[str, Any] = {}
     if examples:
-        top = max(examples, key=lambda e: max(e.input_ids, default=-1))
-        out.update(input_id_max=max(top.input_ids, default=0), input_id_max_origin=top.origin)
+        out.update(_input_id_max(examples))
         # Not a CheckContext field: build.py reads the embedding rows of these ids, then drops it.
         out["input_ids_seen"] = {t for e in examples for t in e.input_ids}
         out["n_prompt_fills"] = sum(1 for e in examples if e.truncated and all(x == IGNORE_INDEX for x in e.labels))

@@ -113,6 +113,22 @@ def check_left_padding(ctx: CheckContext) -> list[Finding]:
     )]
 
 
+def _rows_trained(ctx: CheckContext) -> set[int]:
+    """Token ids lora.trainable_token_indices trains, in either of peft's forms (ids, or {module: ids})."""
+    indices = ctx.trainable_token_indices
+    if isinstance(indices, dict):
+        return {i for ids in indices.values() for i in ids}
+    return set(indices or ())
+
+
+def _train_rows_hint(emb: str, out: str, ids: list[int] | None = None) -> str:
+    """The two config keys that train embedding rows: the rows alone, or both full matrices."""
+    shown = "[...the new ids...]" if ids is None else f"{list(ids)}"
+    return (f"lora.trainable_token_indices: {shown} (peft's trainable_token_indices={shown}: trains and saves only "
+            "those rows), or "
+            f"lora.modules_to_save: {[emb, out]} (trains and saves the full matrices)")
+
+
 @register
 def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
     if ctx.vocab_len is None or ctx.shape is None:
@@ -129,8 +145,8 @@ def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
             f"The tokenizer has {ctx.vocab_len:,} tokens but the model's embedding has {rows:,} rows: the {new} "
             "token id(s) past the end crash the embedding lookup ('index out of range in self', or a CUDA "
             "device-side assert).",
-            f"model.resize_token_embeddings(len(tokenizer)) before get_peft_model, and train the new rows: "
-            f"LoraConfig(modules_to_save=['{emb}', '{out}']) or trainable_token_indices=[...new ids...].",
+            "model.resize_token_embeddings(len(tokenizer)) before get_peft_model, and train the new rows: "
+            + _train_rows_hint(emb, out, list(range(rows, ctx.vocab_len))[:8]),
         )]
     if covered:
         return []
@@ -138,8 +154,7 @@ def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
         Severity.WARNING, "new-tokens-untrained",
         f"{new} token(s) added beyond the model's {rows:,} embedding rows get freshly initialised embeddings, but "
         "LoRA freezes embeddings: they are never trained, and not saved in the adapter either.",
-        f"LoraConfig(modules_to_save=['{emb}', '{out}']) (saves full matrices) or "
-        "LoraConfig(trainable_token_indices=[...new ids...]) (trains and saves only those rows).",
+        _train_rows_hint(emb, out, list(range(rows, ctx.vocab_len))[:8]),
     )]
 
 
@@ -151,9 +166,7 @@ def check_untrained_label_tokens(ctx: CheckContext) -> list[Finding]:
         return []
     emb, out = _embed_names(ctx)
     trained = set(ctx.modules_to_save or ()) & {emb, out}
-    indices = ctx.trainable_token_indices
-    covered = set(indices if isinstance(indices, (list, tuple)) else
-                  [i for ids in (indices or {}).values() for i in ids] if isinstance(indices, dict) else [])
+    covered = _rows_trained(ctx)
     todo = {i: r for i, r in bad.items() if i not in covered}
     if not todo or emb in trained:
         return []
@@ -162,8 +175,8 @@ def check_untrained_label_tokens(ctx: CheckContext) -> list[Finding]:
         Severity.WARNING, "untrained-token-embeddings",
         f"{len(todo)} token(s) the model must learn to emit have near-zero input embeddings ({shown}): the base "
         "never trained them, and LoRA keeps embeddings frozen, so they stay untrained (and can give NaN or garbage).",
-        f"Train those rows: LoraConfig(trainable_token_indices={sorted(todo)[:8]}) (small, saved with the adapter), or "
-        f"modules_to_save=['{emb}', '{out}']; or use a tokenizer whose EOS/template tokens the base was trained on.",
+        f"Train those rows: {_train_rows_hint(emb, out, sorted(todo)[:8])}; or use a tokenizer whose EOS/template "
+        "tokens the base was trained on.",
     )]
 
 
@@ -246,7 +259,7 @@ def check_token_ids_in_range(ctx: CheckContext) -> list[Finding]:
         f"Token id {ctx.input_id_max}{where} is past the model's {ctx.shape.vocab_size:,} embedding rows: the "
         "first batch holding it crashes with 'index out of range in self' (CUDA: device-side assert).",
         "Use the tokenizer that ships with the model, or model.resize_token_embeddings(len(tokenizer)) and train "
-        f"the new rows (LoraConfig(modules_to_save=['{emb}', '{out}']) or trainable_token_indices=[...]).",
+        f"the new rows ({_train_rows_hint(emb, out)}).",
     )]
 
 
@@ -259,11 +272,13 @@ def check_untrained_input_tokens(ctx: CheckContext) -> list[Finding]:
     emb, out = _embed_names(ctx)
     if emb in set(ctx.modules_to_save or ()):
         return []
-    ids = sorted(bad)
+    ids = sorted(set(bad) - _rows_trained(ctx))
+    if not ids:
+        return []
     return [Finding(
         Severity.WARNING, "untrained-input-embeddings",
         f"{len(ids)} token(s) in the training inputs have untrained embedding rows (zero, or the mean of all rows "
         f"as resize_token_embeddings initialises them): ids {ids[:8]}. Embeddings and {out} stay frozen under "
         "LoRA, so the model reads them as noise throughout training.",
-        f"Train those rows: LoraConfig(trainable_token_indices={ids[:8]}) or modules_to_save=['{emb}', '{out}'].",
+        f"Train those rows: {_train_rows_hint(emb, out, ids[:8])}.",
     )]

@@ -23,7 +23,7 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
 
     An out-of-memory during load or the steps becomes an error finding (exit 1), not exit 2.
     """
-    from ..engine import Engine, OutOfMemory
+    from ..engine import BadData, Engine, OutOfMemory
 
     log = log or (lambda msg: None)
     engine = Engine(cfg, model_hook=model_hook)
@@ -36,7 +36,7 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
             log(f"note: the full run is only {engine.total_steps} step(s); the probe goes past it.")
         engine.run_steps(steps, callbacks=[
             lambda e, rec: log(f"  step {rec.step}/{steps}: loss {rec.loss:.4f}  {rec.step_time_s:.2f} s")])
-    except OutOfMemory as e:
+    except (OutOfMemory, BadData) as e:  # findings, not crashes
         oom = e
     first = (out_of_memory_finding(oom),) if oom is not None else ()
     if engine.data is None or getattr(engine, "model_info", None) is None:
