@@ -105,8 +105,12 @@ def shape_from_dict(d: dict) -> ModelShape:
     return ModelShape(**d)
 
 
-def _counts_key(targets, dora: bool, r: int) -> str:
-    return f"{targets}|{int(dora)}|{r}"
+def _counts_key(targets, lora: LoraSpec, r: int) -> str:
+    """Everything besides r and the targets that changes peft's count: DoRA's magnitude vectors, the
+    saved module copies and the trainable token rows."""
+    saved = f"|{','.join(lora.modules_to_save)}|{lora.trainable_token_indices!r}" if (
+        lora.modules_to_save or lora.trainable_token_indices) else ""
+    return f"{targets}|{int(lora.use_dora)}|{r}{saved}"
 
 
 def _read(path: Path) -> dict | None:
@@ -130,7 +134,7 @@ def _write(path: Path, entry: dict) -> None:
 def _hit(entry: dict | None, requested: str, lora: LoraSpec, ranks: list[int]) -> PlanInputs | None:
     if entry is None or requested not in entry["targets"] or requested not in entry.get("matched", {}):
         return None
-    keys = [_counts_key(requested, lora.use_dora, r) for r in ranks]
+    keys = [_counts_key(requested, lora, r) for r in ranks]
     if not all(k in entry["counts"] for k in keys):
         return None
     shape = entry["shape_obj"]
@@ -186,7 +190,7 @@ def shape_and_counts(model: str, lora: LoraSpec, ranks: list[int], *, trust_remo
                      "counts": {}}
         entry.setdefault("matched", {})[requested] = out.targets.counts(out.shape)
         entry["targets"][requested] = list(out.targets)
-        entry["counts"].update({_counts_key(requested, lora.use_dora, c.r): [c.trainable, c.all_params]
+        entry["counts"].update({_counts_key(requested, lora, c.r): [c.trainable, c.all_params]
                                 for c in out.counts})
         _write(key[0], entry)
     return out

@@ -421,3 +421,19 @@ def test_step_time_per_gpu_from_flops_at_the_assumed_mfu(tmp_path):
     md = tmp_path / "p.md"
     assert plan("meta-llama/Llama-2-7b-hf", "--markdown", str(md)).exit_code == 0
     assert "### Step time (estimate)" in md.read_text()
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_plan_costs_saved_modules_and_trainable_tokens_as_peft_counts_them(tmp_path, monkeypatch, use_cache):
+    """modules_to_save / trainable_token_indices reach every rank's budget (no count-mismatch note), and the
+    plan cache keys on them: a cached count for the plain LoRA is not reused for the one with saved copies."""
+    from lora_doctor.commands.plan import gather_plan
+    from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
+
+    monkeypatch.setenv("LORA_DOCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    kw = dict(ranks=[4, 8], quant=QuantSpec(), train=TrainSpec(seq_len=128), detect_gpu=False, use_cache=use_cache)
+    plain = gather_plan("gpt2", lora=LoraSpec(r=4), **kw)
+    saved = gather_plan("gpt2", lora=LoraSpec(r=4, trainable_token_indices=(1, 2, 3)), **kw)
+    assert not [n for n in saved["notes"] if n.get("kind") == "count-mismatch"]
+    for p, s in zip(plain["trainable"], saved["trainable"]):
+        assert s["trainable_params"] == p["trainable_params"] + 3 * 768  # three rows of gpt2's 768-wide wte

@@ -161,8 +161,8 @@ def _budgets(shape, lora, quant, train, targets, counts, chosen, notes) -> tuple
 
     rows, first = [], None
     for count in counts:
-        spec = LoraSpec(r=count.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
-                        use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+        # replace, not a rebuild: every LoRA field (modules_to_save, trainable tokens, ...) is costed.
+        spec = replace(lora, r=count.r, targets=targets)
         b = budget.memory_budget(shape, spec, quant, train, targets)
         ours = b.primary_method.trainable_params
         if ours != count.trainable:
