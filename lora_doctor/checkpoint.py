@@ -186,9 +186,29 @@ def checkpoint_damage(path: str | os.PathLike) -> str | None:
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` checkpoints, and drop the temp folders of writers that died (SIGKILL mid-write)."""
     done = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in (*Path(root).glob(".tmp-step-*"), *Path(root).glob(".old-step-*")):
+        if stale.is_dir() and not _writer_alive(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process whose pid ends the temp folder's name ('.tmp-step-000004-1234') still runs."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _candidates(root: Path) -> list[Path]:

@@ -221,3 +221,27 @@ def test_signal_mid_checkpoint_keeps_the_previous_one_and_resume_matches(tiny_ll
     assert all(checkpoint_damage(p) is None for p in root.glob("step-*"))
     _, got, _ = train(cfg, resume=True, write_report=False)
     torch.testing.assert_close([s.loss for s in got.steps], [s.loss for s in want.steps])
+
+
+def test_pruning_drops_temp_folders_of_dead_writers_only(tmp_path):
+    """A writer killed mid-save (SIGKILL) leaves .tmp-step-*-PID behind; the next save's prune removes it,
+    but never a live writer's (this process's, or another running one's)."""
+    import subprocess
+    import sys
+
+    from lora_doctor.checkpoint import prune_checkpoints
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its pid is free (reuse within the test is vanishingly unlikely)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for name in ("step-000002", "step-000004", f".tmp-step-000006-{dead_pid}", f".old-step-000004-{dead_pid}",
+                     f".tmp-step-000006-{os.getpid()}", f".tmp-step-000008-{live.pid}"):
+            (tmp_path / name).mkdir()
+        prune_checkpoints(tmp_path, keep=2)
+        left = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        live.kill()
+        live.wait()
+    assert left == sorted(["step-000002", "step-000004", f".tmp-step-000006-{os.getpid()}",
+                           f".tmp-step-000008-{live.pid}"])
