@@ -356,12 +356,14 @@ def _set_hint(dotted: str) -> str:
 def _relative_to_file(raw: dict, path: Path, origins: dict[str, str]) -> None:
     """Relative data/model paths in a config file are relative to the file, like litgpt's configs."""
     base = path.parent
-    for section, key in (("data", "path"), ("data", "eval_path"), (None, "model")):
+    for section, key in (("data", "path"), ("data", "eval_path"), ("data", "chat_template"), (None, "model")):
         holder = raw.get(section) if section else raw
         if not isinstance(holder, dict):
             continue
         dotted = f"{section}.{key}" if section else key
         value = holder.get(key)
+        if key == "chat_template" and isinstance(value, str) and _inline_jinja(value):
+            continue  # the template text itself, not a path
         if isinstance(value, str) and dotted not in origins and not Path(value).expanduser().is_absolute():
             if (base / value).exists():
                 holder[key] = str(base / value)
@@ -373,6 +375,11 @@ def _relative_to_file(raw: dict, path: Path, origins: dict[str, str]) -> None:
                     f"Dataset file '{value}' not found: {where}.",
                     f"Fix {dotted} in {path.name} (relative paths are relative to the config file) "
                     f"or {_set_hint(dotted)}.")
+
+
+def _inline_jinja(value: str) -> bool:
+    """data.chat_template given as the template text (as chat/render.py tells the two apart)."""
+    return "{%" in value or "{{" in value or "\n" in value
 
 
 def _check_eval_path(raw: dict, path, origins: dict[str, str]) -> None:

@@ -148,3 +148,23 @@ def test_check_counts_chat_data_with_load_datas_code(tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_chat_model_dir())
     stats = load_data(cfg.data, tok, model_id=cfg.model, embedding_rows=len(tok)).stats
     assert json.loads(res.stdout)["data"] == json.loads(json.dumps(stats.to_dict()))
+
+
+def test_a_relative_chat_template_file_is_read_next_to_the_config(tmp_path, monkeypatch):
+    """data.chat_template: templates/chatml.jinja in a config file means the file beside the config, as
+    data.path does; inline Jinja in the same key stays the template text."""
+    from lora_doctor.chat.templates import CHATML_TAGGED
+    from lora_doctor.runconfig import load_run_config
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chatml.jinja").write_text(CHATML_TAGGED)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text("model: m\ndata: {format: chat, chat_template: templates/chatml.jinja}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_run_config(cfg_path)
+    assert cfg.data.chat_template == str(tmp_path / "templates" / "chatml.jinja")
+    inline = tmp_path / "inline.yaml"
+    inline.write_text("model: m\ndata:\n  format: chat\n  chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}\"\n")
+    assert load_run_config(inline).data.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
