@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat.render import is_inline_template
 from .data import LOCAL_SUFFIXES, DataConfig
 from .errors import LoraDoctorError, Problem, raise_problems
 from .fileio import DuplicateKey, unique_key_loader
@@ -362,8 +363,8 @@ def _relative_to_file(raw: dict, path: Path, origins: dict[str, str]) -> None:
             continue
         dotted = f"{section}.{key}" if section else key
         value = holder.get(key)
-        if key == "chat_template" and isinstance(value, str) and _inline_jinja(value):
-            continue  # the template text itself, not a path
+        if key == "chat_template" and isinstance(value, str) and (is_inline_template(value) or "\n" in value):
+            continue  # the template text itself (multi-line text is never a path), not a path
         if isinstance(value, str) and dotted not in origins and not Path(value).expanduser().is_absolute():
             if (base / value).exists():
                 holder[key] = str(base / value)
@@ -375,11 +376,6 @@ def _relative_to_file(raw: dict, path: Path, origins: dict[str, str]) -> None:
                     f"Dataset file '{value}' not found: {where}.",
                     f"Fix {dotted} in {path.name} (relative paths are relative to the config file) "
                     f"or {_set_hint(dotted)}.")
-
-
-def _inline_jinja(value: str) -> bool:
-    """data.chat_template given as the template text (as chat/render.py tells the two apart)."""
-    return "{%" in value or "{{" in value or "\n" in value
 
 
 def _check_eval_path(raw: dict, path, origins: dict[str, str]) -> None:

@@ -30,6 +30,11 @@ class MaskMethod(str, Enum):
     PREFIX_DIFF = "prefix-diff"
 
 
+def is_inline_template(value: str) -> bool:
+    """data.chat_template given as the template text itself rather than a path to a file."""
+    return "{%" in value or "{{" in value
+
+
 def has_generation_tags(template: str) -> bool:
     return GENERATION_TAG.search(template) is not None
 
@@ -42,7 +47,7 @@ def resolve_chat_template(tokenizer, chat_template: str | None = None, model_id:
             tokenizer has a template (a base model), naming data.chat_template and the instruct model.
     """
     if chat_template:
-        if "{%" in chat_template or "{{" in chat_template:
+        if is_inline_template(chat_template):
             return chat_template
         path = Path(chat_template).expanduser()
         if path.is_file():
