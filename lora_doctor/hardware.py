@@ -323,13 +323,19 @@ def _largest(fits, hi_cap: int) -> int | None:
     return lo
 
 
-def headroom(budget: MemoryBudget, shape, gpu: GPU, method: str | None = None) -> Headroom:
-    """Largest batch (at the budget's seq_len) and largest seq_len (at batch 1) that fit `gpu` for one method."""
+def headroom(budget: MemoryBudget, shape, gpu: GPU, method: str | None = None, *, cost=None) -> Headroom:
+    """Largest batch (at the budget's seq_len) and largest seq_len (at batch 1) that fit `gpu` for one method.
+
+    cost(key, train) -> total bytes re-costs one method at another step shape; default: one GPU's
+    budget.method_budget (sharding.per_gpu_cost gives the per-GPU figure of a multi-GPU plan).
+    """
     key = method or budget.primary
     m: MethodBudget = budget.method(key)
 
     def total(batch: int, seq_len: int) -> int:
         train = replace(budget.train, batch=batch, seq_len=seq_len)
+        if cost is not None:
+            return cost(key, train)
         return method_budget(key, shape, budget.lora, budget.quant, train, budget.targets).total_bytes
 
     cap = shape.extra.get("max_position_embeddings") or shape.extra.get("n_positions")

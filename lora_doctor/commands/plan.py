@@ -48,6 +48,8 @@ def gather_plan(
     trust_remote_code: bool = False,
     use_cache: bool = True,
     seq_len_is_default: bool = False,
+    gpus: int = 1,
+    strategy: str | None = None,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -57,22 +59,26 @@ def gather_plan(
         lora: adapter spec (targets, alpha, dropout, DoRA); its r is ignored in favour of `ranks`.
         gpu: --gpu (table name or GiB). None: the local GPU if `detect_gpu` finds one, else no headroom.
         seq_len_is_default: the user gave no --seq-len; cap train.seq_len at the model's context length.
+        gpus, strategy: --gpus N and --strategy ddp|fsdp; with N > 1 (or a strategy named) every budget, verdict
+            and headroom is per GPU (sharding.py), ddp by default. One GPU and no strategy: the plain plan.
 
     Raises:
-        LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU.
+        LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU, bad --gpus/--strategy.
     """
     from .. import hardware
+    from ..sharding import check_parallel
     from ..plancache import shape_and_counts
     from ..targets import require_rank_fits
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
+    parallel = check_parallel(gpus, strategy)
     shape, location, targets, counts, hit = shape_and_counts(model, lora, ranks, trust_remote_code=trust_remote_code,
                                                              use_cache=use_cache)
     require_rank_fits(shape, targets, ranks)  # a cache hit skips plancache's own call
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
     train, seq_len_default, notes = _train_that_runs(shape, train, seq_len_is_default)
-    budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes)
+    budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes, (gpus, parallel))
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
     return {
@@ -95,6 +101,7 @@ def gather_plan(
                                             "marketed_gb": chosen.marketed_gb, "source": chosen.source},
         "constants": _constants(),
         "notes": notes,
+        **({} if parallel is None else {"parallel": {"gpus": gpus, "strategy": parallel}}),
     }
 
 
@@ -155,9 +162,10 @@ def _train_that_runs(shape, train: TrainSpec, seq_len_is_default: bool) -> tuple
     return runs, seq_len_default, notes
 
 
-def _budgets(shape, lora, quant, train, targets, counts, chosen, notes) -> tuple[list[dict], object]:
-    """One budget row per rank (headroom on the chosen GPU), and the first rank's MemoryBudget."""
-    from .. import budget, hardware
+def _budgets(shape, lora, quant, train, targets, counts, chosen, notes, parallel) -> tuple[list[dict], object]:
+    """One budget row per rank (headroom on the chosen GPU), and the first rank's MemoryBudget; per GPU when
+    parallel = (gpus, strategy) names a strategy."""
+    from .. import budget, hardware, sharding
 
     rows, first = [], None
     for count in counts:
@@ -167,10 +175,14 @@ def _budgets(shape, lora, quant, train, targets, counts, chosen, notes) -> tuple
         ours = b.primary_method.trainable_params
         if ours != count.trainable:
             notes.append({"kind": "count-mismatch", "r": count.r, "budget_params": ours, "peft_params": count.trainable})
+        cost = None
+        if parallel[1] is not None:
+            cost = sharding.per_gpu_cost(shape, b, *parallel)
+            b = sharding.per_gpu_budget(b, shape, *parallel)
         first = first or b
         row = {"r": count.r, "primary": b.primary, "methods": [m.to_dict() for m in b.methods]}
         if chosen is not None:
-            row["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen))
+            row["headroom"] = _headroom_dict(hardware.headroom(b, shape, chosen, cost=cost))
         rows.append(row)
     return rows, first
 
@@ -268,12 +280,17 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--gpu", default=None, metavar="NAME|GiB",
               help="Card for the largest-batch search: 'RTX 4090', 'A100 80GB', ... or a size in GiB. "
                    "Default: the local GPU if any.")
+@click.option("--gpus", type=int, default=1, show_default=True, metavar="N",
+              help="GPUs sharing the run: memory, verdicts and the largest batch / seq_len become per GPU.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="How N GPUs split the run: ddp replicates everything; fsdp (FSDP2) shards weights, "
+                   "gradients and optimizer states.  [default: ddp when --gpus > 1]")
 @click.option("--trust-remote-code", is_flag=True, help="Allow configs that need the model repository's own code.")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure (integer bytes) as JSON on stdout.")
 @click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
               help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
 def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
-            attn, gpu, trust_remote_code, as_json, markdown):
+            attn, gpu, gpus, strategy, trust_remote_code, as_json, markdown):
     """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
 
     MODEL is a hub id, a local directory or config.json, or a shipped config (works offline).
@@ -287,6 +304,7 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
       lora-doctor plan meta-llama/Llama-2-7b-hf --r 4,8,16,64 --target qv --gpu "RTX 4090"
       lora-doctor plan Qwen/Qwen2.5-7B --seq-len 4096 --batch 4 --no-grad-ckpt --json | jq '.budgets[0]'
       lora-doctor plan gpt2 --markdown
+      lora-doctor plan meta-llama/Llama-3.1-70B --gpus 2 --strategy fsdp --gpu "RTX 4090"
     """
     from ..report.plan import render_notes, render_plan, render_plan_markdown
     from ..fileio import check_output_dir, write_text_atomic
@@ -298,7 +316,8 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
         check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
     train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
-                       trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None)
+                       trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None,
+                       gpus=gpus, strategy=strategy)
 
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -36,10 +36,26 @@ def _step_line(data: dict) -> str:
             f"lora_alpha {_alpha(data)}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else ""))
 
 
+COLLECTIVE_LABELS = {"ddp": "DDP gradient buckets", "fsdp": "FSDP all-gather / reduce-scatter"}
+"""Row label of a multi-GPU plan's collective_buffers_bytes (sharding.PerGpuBudget), by strategy."""
+
+
+def parallel_words(data: dict) -> str:
+    """'' for a one-GPU plan, else ' per GPU (2 × RTX 4090, fsdp)'-style words for headings."""
+    p = data.get("parallel")
+    if not p:
+        return ""
+    card = f" × {data['gpu']['name']}" if data.get("gpu") else " GPUs"
+    return f" per GPU ({p['gpus']}{card}, {p['strategy']})"
+
+
 def memory_rows(budget: dict) -> tuple[list[str], list[list[str]]]:
     methods = budget["methods"]
     headers = ["term"] + [m["label"] + (" *" if m["key"] == budget["primary"] else "") for m in methods]
-    rows = [[label] + [format_bytes(m[field]) for m in methods] for field, label in TERM_LABELS]
+    terms = list(TERM_LABELS)
+    if "collective_buffers_bytes" in methods[0]:  # a multi-GPU plan: its own row, before runtime overhead
+        terms.insert(-1, ("collective_buffers_bytes", COLLECTIVE_LABELS[methods[0]["strategy"]]))
+    rows = [[label] + [format_bytes(m[field]) for m in methods] for field, label in terms]
     rows.append(["total"] + [format_bytes(m["total_bytes"]) for m in methods])
     return headers, rows
 
@@ -141,7 +157,8 @@ def _headroom_lines(data: dict) -> list[str]:
     h = b["headroom"]
     label = next(m["label"] for m in b["methods"] if m["key"] == h["method"])
     lines = [
-        f"{gpu['name']} ({gpu['source']}, {format_bytes(gpu['usable_bytes'])} usable), {label}, r={b['r']}: "
+        f"{gpu['name']} ({gpu['source']}, {format_bytes(gpu['usable_bytes'])} usable){parallel_words(data)}, "
+        f"{label}, r={b['r']}: "
         f"needs {format_bytes(h['total_bytes'])} → {h['verdict']} ({100 * h['total_bytes'] / gpu['usable_bytes']:.0f}%).",
     ]
     t = data["train"]
@@ -226,14 +243,14 @@ def render_plan(data: dict) -> str:
     lines += [f"  r={c['r']:<4} {peft_line(c)}" for c in data["trainable"]]
     b0 = data["budgets"][0]
     headers, rows = memory_rows(b0)
-    lines += ["", f"Memory per training step, r={b0['r']} (GiB = 2^30 bytes; * = your flags):",
+    lines += ["", f"Memory per training step{parallel_words(data)}, r={b0['r']} (GiB = 2^30 bytes; * = your flags):",
               tabulate(rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1))]
     if len(data["budgets"]) > 1:
         headers, rows = sweep_rows(data)
         lines += ["", f"Rank sweep ({next(x['label'] for x in b0['methods'] if x['key'] == b0['primary'])}):",
                   tabulate(rows, headers=headers, colalign=("right",) + ("right",) * (len(headers) - 1))]
     headers, rows = verdict_rows(data)
-    lines += ["", f"GPU verdicts, r={b0['r']} (⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% "
+    lines += ["", f"GPU verdicts{parallel_words(data)}, r={b0['r']} (⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% "
                   "of usable memory):",
               tabulate(rows, headers=headers, colalign=("left", "right") + ("left",) * (len(headers) - 2))]
     lines += [""] + _headroom_lines(data)
@@ -272,7 +289,7 @@ def render_plan_markdown(data: dict) -> str:
         *[f"r={c['r']:<4} {peft_line(c)}" for c in data["trainable"]],
         "```",
         "",
-        f"### Memory per training step, r={b0['r']}",
+        f"### Memory per training step{parallel_words(data)}, r={b0['r']}",
         "",
     ]
     headers, rows = memory_rows(b0)
@@ -281,7 +298,7 @@ def render_plan_markdown(data: dict) -> str:
         headers, rows = sweep_rows(data)
         out += ["### Rank sweep", "", tabulate(rows, headers=headers, tablefmt="github"), ""]
     headers, rows = verdict_rows(data)
-    out += [f"### GPU verdicts, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), "",
+    out += [f"### GPU verdicts{parallel_words(data)}, r={b0['r']}", "", tabulate(rows, headers=headers, tablefmt="github"), "",
             f"⚠ tight = over {100 * data['constants']['tight_fraction']:.0f}% of usable memory.", ""]
     out += [f"- {line.strip()}" for line in _headroom_lines(data)]
     if "timing" in data:
