@@ -48,8 +48,7 @@ def gather_plan(
     trust_remote_code: bool = False,
     use_cache: bool = True,
     seq_len_is_default: bool = False,
-    gpus: int = 1,
-    strategy: str | None = None,
+    gpus: int = 1, strategy: str | None = None,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -59,19 +58,17 @@ def gather_plan(
         lora: adapter spec (targets, alpha, dropout, DoRA); its r is ignored in favour of `ranks`.
         gpu: --gpu (table name or GiB). None: the local GPU if `detect_gpu` finds one, else no headroom.
         seq_len_is_default: the user gave no --seq-len; cap train.seq_len at the model's context length.
-        gpus, strategy: --gpus N and --strategy ddp|fsdp; with N > 1 (or a strategy named) every budget, verdict
-            and headroom is per GPU (sharding.py), ddp by default. One GPU and no strategy: the plain plan.
+        gpus, strategy: --gpus/--strategy: N > 1 or a strategy makes every figure per GPU (sharding.py; ddp default).
 
     Raises:
         LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU, bad --gpus/--strategy.
     """
-    from .. import hardware
-    from ..sharding import check_parallel
+    from .. import hardware, sharding
     from ..plancache import shape_and_counts
     from ..targets import require_rank_fits
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
-    parallel = check_parallel(gpus, strategy)
+    parallel = sharding.check_parallel(gpus, strategy)
     shape, location, targets, counts, hit = shape_and_counts(model, lora, ranks, trust_remote_code=trust_remote_code,
                                                              use_cache=use_cache)
     require_rank_fits(shape, targets, ranks)  # a cache hit skips plancache's own call
@@ -82,27 +79,40 @@ def gather_plan(
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
     return {
-        "model": {"id": shape.model_id, "source": shape.source, "location": location,
-                  "architecture": shape.architecture, "model_type": shape.model_type,
-                  "total_params": shape.total_params},
+        "model": _model_dict(shape, location),
         "targets": {"requested": lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets),
                     "resolved": list(targets)},
         "lora": {**asdict(lora), "r": counts[0].r, "lora_alpha": lora.alpha if lora.alpha is not None else 2 * counts[0].r,
                  "targets": list(targets)},
         "quant": asdict(quant),
         "train": asdict(train),
-        "trainable": [{"r": c.r, "trainable_params": c.trainable, "all_params": c.all_params,
-                       "trainable_fraction": c.trainable / c.all_params} for c in counts],
+        "trainable": _trainable_rows(counts),
         "cached": hit,
         "budgets": budgets,
         "gpus": _gpu_table(first),
         "timing": _timing(shape, counts[0].r, targets, train),
-        "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
-                                            "marketed_gb": chosen.marketed_gb, "source": chosen.source},
+        "gpu": _gpu_dict(chosen),
         "constants": _constants(),
         "notes": notes,
         **({} if parallel is None else {"parallel": {"gpus": gpus, "strategy": parallel}}),
     }
+
+
+def _model_dict(shape, location) -> dict:
+    return {"id": shape.model_id, "source": shape.source, "location": location, "architecture": shape.architecture,
+            "model_type": shape.model_type, "total_params": shape.total_params}
+
+
+def _trainable_rows(counts) -> list[dict]:
+    return [{"r": c.r, "trainable_params": c.trainable, "all_params": c.all_params,
+             "trainable_fraction": c.trainable / c.all_params} for c in counts]
+
+
+def _gpu_dict(chosen) -> dict | None:
+    if chosen is None:
+        return None
+    return {"name": chosen.name, "usable_bytes": chosen.usable_bytes, "marketed_gb": chosen.marketed_gb,
+            "source": chosen.source}
 
 
 def _gpu_table(budget) -> list[dict]:
