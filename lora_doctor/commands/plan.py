@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..data import DATA_FORMATS
 from ..errors import LoraDoctorError
 from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
 
@@ -48,6 +49,7 @@ def gather_plan(
     trust_remote_code: bool = False,
     use_cache: bool = True,
     seq_len_is_default: bool = False,
+    data=None,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -57,6 +59,7 @@ def gather_plan(
         lora: adapter spec (targets, alpha, dropout, DoRA); its r is ignored in favour of `ranks`.
         gpu: --gpu (table name or GiB). None: the local GPU if `detect_gpu` finds one, else no headroom.
         seq_len_is_default: the user gave no --seq-len; cap train.seq_len at the model's context length.
+        data: a dataplan.DataPlanRequest (--data): the dataset's real lengths priced, under "data".
 
     Raises:
         LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU.
@@ -75,6 +78,12 @@ def gather_plan(
     budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes)
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
+    data_section = None
+    if data is not None:
+        from ..dataplan import gather_data_plan
+
+        data_section = gather_data_plan(model, shape, r=counts[0].r, targets=targets, lora=lora, quant=quant,
+                                        train=train, request=data, trust_remote_code=trust_remote_code)
     return {
         "model": {"id": shape.model_id, "source": shape.source, "location": location,
                   "architecture": shape.architecture, "model_type": shape.model_type,
@@ -95,6 +104,7 @@ def gather_plan(
                                             "marketed_gb": chosen.marketed_gb, "source": chosen.source},
         "constants": _constants(),
         "notes": notes,
+        "data": data_section,
     }
 
 
@@ -268,12 +278,24 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--gpu", default=None, metavar="NAME|GiB",
               help="Card for the largest-batch search: 'RTX 4090', 'A100 80GB', ... or a size in GiB. "
                    "Default: the local GPU if any.")
+@click.option("--data", "data", default=None, metavar="PATH",
+              help="Dataset whose real token lengths price padding, packing and time per epoch.")
+@click.option("--format", "format_", type=click.Choice(DATA_FORMATS), default=None,
+              help="Dataset format for --data.  [default: instruction]")
+@click.option("--max-length", type=int, default=None, help="Tokens per example after truncation.  [default: 512]")
+@click.option("--tokenizer", default=None, metavar="PATH",
+              help="Tokenizer folder for --data (default: the model's own; a shipped config has none).")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (--data).  [default: 1]")
+@click.option("--epochs", type=float, default=None, help="Passes over --data for the run time.  [default: 1]")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False), metavar="RUN.yaml",
+              help="Run config: its data section, batch, grad_accum, epochs and seed price --data.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow configs that need the model repository's own code.")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure (integer bytes) as JSON on stdout.")
 @click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
               help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
 def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
-            attn, gpu, trust_remote_code, as_json, markdown):
+            attn, gpu, data, format_, max_length, tokenizer, grad_accum, epochs, config, trust_remote_code, as_json,
+            markdown):
     """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
 
     MODEL is a hub id, a local directory or config.json, or a shipped config (works offline).
@@ -287,8 +309,10 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
       lora-doctor plan meta-llama/Llama-2-7b-hf --r 4,8,16,64 --target qv --gpu "RTX 4090"
       lora-doctor plan Qwen/Qwen2.5-7B --seq-len 4096 --batch 4 --no-grad-ckpt --json | jq '.budgets[0]'
       lora-doctor plan gpt2 --markdown
+      lora-doctor plan ./my-llama --data train.jsonl --max-length 1024 --batch 4
     """
     from ..report.plan import render_notes, render_plan, render_plan_markdown
+    from ..dataplan import request_from_options
     from ..fileio import check_output_dir, write_text_atomic
 
     rank_list = parse_ranks(ranks)
@@ -296,9 +320,14 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
     if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
         check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
+    request, config_batch = request_from_options(model, config=config, data=data, format_=format_,
+                                                 max_length=max_length, tokenizer=tokenizer, grad_accum=grad_accum,
+                                                 epochs=epochs)
+    if config_batch is not None and click.get_current_context().get_parameter_source("batch").name == "DEFAULT":
+        batch = config_batch  # --config's train.batch, unless --batch was typed
     train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
-                       trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None)
+                       trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None, data=request)
 
     if as_json:
         click.echo(json.dumps(data, indent=2))

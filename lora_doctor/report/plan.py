@@ -214,6 +214,7 @@ def render_notes(data: dict) -> list[str]:
 
 def render_plan(data: dict) -> str:
     """Terminal view."""
+    from .dataplan import data_lines  # report/dataplan imports this module's formatters
     m = data["model"]
     lines = [
         f"{m['id']}  ({m['architecture']}, model_type {m['model_type']})",
@@ -242,6 +243,7 @@ def render_plan(data: dict) -> str:
         lines += ["", "Step time (estimate):",
                   tabulate(rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1))]
         lines += timing_lines(data)
+    lines += data_lines(data)
     lines += ["", _assumptions_line(data)]
     return "\n".join(lines) + "\n"
 
@@ -256,6 +258,7 @@ def _assumptions_line(data: dict) -> str:
 
 def render_plan_markdown(data: dict) -> str:
     """GitHub-flavoured Markdown that pastes into an issue: headings, pipe tables, an assumptions list."""
+    from .dataplan import data_markdown
     m = data["model"]
     b0 = data["budgets"][0]
     out = [
@@ -291,6 +294,7 @@ def render_plan_markdown(data: dict) -> str:
         out += [f"- **{name}** ({peak} dense bf16): {step} per step, {tps} tokens/s, {per_m} per 1M tokens"
                 for name, peak, step, tps, per_m in rows]
         out += [""] + [f"- {line}" for line in timing_lines(data)]
+    out += data_markdown(data)
     notes = render_notes(data)
     if notes:
         out += ["", "### Notes", ""] + [f"- {line}" for line in notes]
