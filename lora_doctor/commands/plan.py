@@ -38,18 +38,9 @@ def parse_ranks(value: str) -> list[int]:
 
 
 def gather_plan(
-    model: str,
-    *,
-    ranks: list[int],
-    lora: LoraSpec,
-    quant: QuantSpec,
-    train: TrainSpec,
-    gpu: str | None = None,
-    detect_gpu: bool = True,
-    trust_remote_code: bool = False,
-    use_cache: bool = True,
-    seq_len_is_default: bool = False,
-    data=None,
+    model: str, *, ranks: list[int], lora: LoraSpec, quant: QuantSpec, train: TrainSpec,
+    gpu: str | None = None, detect_gpu: bool = True, trust_remote_code: bool = False, use_cache: bool = True,
+    seq_len_is_default: bool = False, data=None,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -78,12 +69,6 @@ def gather_plan(
     budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes)
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
-    data_section = None
-    if data is not None:
-        from ..dataplan import gather_data_plan
-
-        data_section = gather_data_plan(model, shape, r=counts[0].r, targets=targets, lora=lora, quant=quant,
-                                        train=train, request=data, trust_remote_code=trust_remote_code)
     return {
         "model": {"id": shape.model_id, "source": shape.source, "location": location,
                   "architecture": shape.architecture, "model_type": shape.model_type,
@@ -102,10 +87,18 @@ def gather_plan(
         "timing": _timing(shape, counts[0].r, targets, train),
         "gpu": None if chosen is None else {"name": chosen.name, "usable_bytes": chosen.usable_bytes,
                                             "marketed_gb": chosen.marketed_gb, "source": chosen.source},
-        "constants": _constants(),
-        "notes": notes,
-        "data": data_section,
+        "constants": _constants(), "notes": notes,
+        "data": None if data is None else _data(model, shape, counts[0].r, targets, lora, quant, train, data,
+                                                trust_remote_code),
     }
+
+
+def _data(model, shape, r, targets, lora, quant, train, request, trust_remote_code) -> dict:
+    """--data: the dataset's lengths price padding, packing and time per epoch (dataplan.py)."""
+    from ..dataplan import gather_data_plan
+
+    return gather_data_plan(model, shape, r=r, targets=targets, lora=lora, quant=quant, train=train,
+                            request=request, trust_remote_code=trust_remote_code)
 
 
 def _gpu_table(budget) -> list[dict]:

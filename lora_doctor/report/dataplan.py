@@ -5,7 +5,6 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from . import format_bytes
-from .plan import format_duration, format_flops
 
 _LAYOUTS = (("padded", "padded to the longest in each batch"), ("packed", "packed into rows of max_length"))
 
@@ -26,6 +25,7 @@ def layout_rows(d: dict) -> tuple[list[str], list[list[str]]]:
 
 def time_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     """One row per card: time per epoch padded and packed, and the run's time as it is configured to run."""
+    from .plan import format_duration  # report/plan imports this module
     headers = ["GPU", "epoch, padded", "epoch, packed", f"run ({d[d['runs']]['run_steps']:,} steps, {d['runs']})"]
     padded = d["padded"]["gpus"]
     packed = {g["name"]: g for g in d["packed"]["gpus"]}
@@ -41,6 +41,7 @@ def _summary(d: dict) -> str:
 
 
 def _basis(d: dict) -> list[str]:
+    from .plan import format_flops
     runs = d[d["runs"]]
     return [f"Batch {d['batch']} x grad_accum {d['grad_accum']}, seed {d['seed']} order; "
             f"{format_flops(runs['epoch_flops'])} per epoch as it runs ({d['runs']}); time at "

@@ -9,6 +9,7 @@ from tabulate import tabulate
 
 from ..budget import TERMS
 from . import format_bytes, format_count
+from .dataplan import data_lines, data_markdown
 
 # budget.py is pure arithmetic (no torch), so the one list of terms and labels lives there.
 TERM_LABELS = TERMS
@@ -214,7 +215,6 @@ def render_notes(data: dict) -> list[str]:
 
 def render_plan(data: dict) -> str:
     """Terminal view."""
-    from .dataplan import data_lines  # report/dataplan imports this module's formatters
     m = data["model"]
     lines = [
         f"{m['id']}  ({m['architecture']}, model_type {m['model_type']})",
@@ -258,7 +258,6 @@ def _assumptions_line(data: dict) -> str:
 
 def render_plan_markdown(data: dict) -> str:
     """GitHub-flavoured Markdown that pastes into an issue: headings, pipe tables, an assumptions list."""
-    from .dataplan import data_markdown
     m = data["model"]
     b0 = data["budgets"][0]
     out = [
