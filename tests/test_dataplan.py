@@ -186,3 +186,10 @@ def test_plan_data_on_a_shipped_config_needs_a_tokenizer(tiny_dir):
 def test_plan_data_flags_without_data_are_refused():
     res = plan("meta-llama/Llama-2-7b-hf", "--max-length", "64")
     assert res.exit_code == 2 and "--data" in res.output
+
+
+def test_plan_format_choices_are_the_data_formats():
+    from lora_doctor.commands import plan as plan_command
+    from lora_doctor.data import DATA_FORMATS
+
+    assert plan_command.DATA_FORMATS == DATA_FORMATS
