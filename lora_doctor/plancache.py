@@ -147,6 +147,14 @@ def _hit(entry: dict | None, requested: str, lora: LoraSpec, ranks: list[int]) -
 
 
 def _compute(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bool):
+    """(config source, PlanInputs): by arithmetic for a plain Llama config (fastshape.py, no torch), else from
+    the meta build and peft."""
+    from .fastshape import fast_inputs
+
+    fast = fast_inputs(model, lora, ranks, trust_remote_code)
+    if fast is not None:
+        shape, location, source, targets, counts = fast
+        return source, PlanInputs(shape, location, targets, [Count(*c) for c in counts], False)
     from .introspect import (
         build_meta_model,
         model_shape,
@@ -166,7 +174,7 @@ def _compute(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code: bo
         require_rank_fits(shape, targets, ranks)  # before peft builds adapters that large (Mixtral r=1e5: 26 GB)
         counts = [Count(c.r, c.trainable, c.all_params)
                   for c in trainable_counts(meta, lora, targets, ranks, shape=shape)]
-    return resolved, PlanInputs(shape, resolved.location, targets, counts, False)
+    return resolved.source, PlanInputs(shape, resolved.location, targets, counts, False)
 
 
 def shape_and_counts(model: str, lora: LoraSpec, ranks: list[int], *, trust_remote_code: bool = False,
@@ -183,10 +191,10 @@ def shape_and_counts(model: str, lora: LoraSpec, ranks: list[int], *, trust_remo
     hit = _hit(entry, requested, lora, ranks)
     if hit is not None:
         return hit
-    resolved, out = _compute(model, lora, ranks, trust_remote_code)
-    if key and resolved.source == key[1]:  # only cache what resolve found where _locate_config looked
-        if entry is None or entry.get("location") != resolved.location:
-            entry = {"shape": asdict(out.shape), "location": resolved.location, "targets": {}, "matched": {},
+    source, out = _compute(model, lora, ranks, trust_remote_code)
+    if key and source == key[1]:  # only cache what resolve found where _locate_config looked
+        if entry is None or entry.get("location") != out.location:
+            entry = {"shape": asdict(out.shape), "location": out.location, "targets": {}, "matched": {},
                      "counts": {}}
         entry.setdefault("matched", {})[requested] = out.targets.counts(out.shape)
         entry["targets"][requested] = list(out.targets)

@@ -14,6 +14,8 @@ from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
 
 DEFAULT_REPORT_DIR = Path("reports")
 DEFAULT_SEQ_LEN = 2048
+# data.DATA_FORMATS, written out: importing data (and chat) would slow every plan (tests/test_dataplan.py checks it).
+DATA_FORMATS = ("instruction", "text", "chat")
 _AUTO = "\0auto"
 
 
@@ -37,18 +39,9 @@ def parse_ranks(value: str) -> list[int]:
 
 
 def gather_plan(
-    model: str,
-    *,
-    ranks: list[int],
-    lora: LoraSpec,
-    quant: QuantSpec,
-    train: TrainSpec,
-    gpu: str | None = None,
-    detect_gpu: bool = True,
-    trust_remote_code: bool = False,
-    use_cache: bool = True,
-    seq_len_is_default: bool = False,
-    gpus: int = 1, strategy: str | None = None,
+    model: str, *, ranks: list[int], lora: LoraSpec, quant: QuantSpec, train: TrainSpec,
+    gpu: str | None = None, detect_gpu: bool = True, trust_remote_code: bool = False, use_cache: bool = True,
+    seq_len_is_default: bool = False, gpus: int = 1, strategy: str | None = None, data=None,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -59,6 +52,7 @@ def gather_plan(
         gpu: --gpu (table name or GiB). None: the local GPU if `detect_gpu` finds one, else no headroom.
         seq_len_is_default: the user gave no --seq-len; cap train.seq_len at the model's context length.
         gpus, strategy: --gpus/--strategy: N > 1 or a strategy makes every figure per GPU (sharding.py; ddp default).
+        data: a dataplan.DataPlanRequest (--data): the dataset's real lengths priced, under "data".
 
     Raises:
         LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU, bad --gpus/--strategy.
@@ -95,6 +89,8 @@ def gather_plan(
         "constants": _constants(),
         "notes": notes,
         **({} if parallel is None else {"parallel": {"gpus": gpus, "strategy": parallel}}),
+        "data": None if data is None else _data(model, shape, counts[0].r, targets, lora, quant, train, data,
+                                                trust_remote_code),
     }
 
 
@@ -113,6 +109,14 @@ def _gpu_dict(chosen) -> dict | None:
         return None
     return {"name": chosen.name, "usable_bytes": chosen.usable_bytes, "marketed_gb": chosen.marketed_gb,
             "source": chosen.source}
+
+
+def _data(model, shape, r, targets, lora, quant, train, request, trust_remote_code) -> dict:
+    """--data: the dataset's lengths price padding, packing and time per epoch (dataplan.py)."""
+    from ..dataplan import gather_data_plan
+
+    return gather_data_plan(model, shape, r=r, targets=targets, lora=lora, quant=quant, train=train,
+                            request=request, trust_remote_code=trust_remote_code)
 
 
 def _gpu_table(budget) -> list[dict]:
@@ -295,12 +299,24 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
               help="How N GPUs split the run: ddp replicates everything; fsdp (FSDP2) shards weights, "
                    "gradients and optimizer states.  [default: ddp when --gpus > 1]")
+@click.option("--data", "data", default=None, metavar="PATH",
+              help="Dataset whose real token lengths price padding, packing and time per epoch.")
+@click.option("--format", "format_", type=click.Choice(DATA_FORMATS), default=None,
+              help="Dataset format for --data.  [default: instruction]")
+@click.option("--max-length", type=int, default=None, help="Tokens per example after truncation.  [default: 512]")
+@click.option("--tokenizer", default=None, metavar="PATH",
+              help="Tokenizer folder for --data (default: the model's own; a shipped config has none).")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (--data).  [default: 1]")
+@click.option("--epochs", type=float, default=None, help="Passes over --data for the run time.  [default: 1]")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False), metavar="RUN.yaml",
+              help="Run config: its data section, batch, grad_accum, epochs and seed price --data.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow configs that need the model repository's own code.")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure (integer bytes) as JSON on stdout.")
 @click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
               help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
 def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
-            attn, gpu, gpus, strategy, trust_remote_code, as_json, markdown):
+            attn, gpu, gpus, strategy, data, format_, max_length, tokenizer, grad_accum, epochs, config,
+            trust_remote_code, as_json, markdown):
     """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
 
     MODEL is a hub id, a local directory or config.json, or a shipped config (works offline).
@@ -315,8 +331,10 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
       lora-doctor plan Qwen/Qwen2.5-7B --seq-len 4096 --batch 4 --no-grad-ckpt --json | jq '.budgets[0]'
       lora-doctor plan gpt2 --markdown
       lora-doctor plan meta-llama/Llama-3.1-70B --gpus 2 --strategy fsdp --gpu "RTX 4090"
+      lora-doctor plan ./my-llama --data train.jsonl --max-length 1024 --batch 4
     """
     from ..report.plan import render_notes, render_plan, render_plan_markdown
+    from ..dataplan import request_from_options
     from ..fileio import check_output_dir, write_text_atomic
 
     rank_list = parse_ranks(ranks)
@@ -324,10 +342,15 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
     if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
         check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
+    request, config_batch = request_from_options(model, config=config, data=data, format_=format_,
+                                                 max_length=max_length, tokenizer=tokenizer, grad_accum=grad_accum,
+                                                 epochs=epochs)
+    if config_batch is not None and click.get_current_context().get_parameter_source("batch").name == "DEFAULT":
+        batch = config_batch  # --config's train.batch, unless --batch was typed
     train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
                        trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None,
-                       gpus=gpus, strategy=strategy)
+                       gpus=gpus, strategy=strategy, data=request)
 
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -9,6 +9,7 @@ from tabulate import tabulate
 
 from ..budget import TERMS
 from . import format_bytes, format_count
+from .dataplan import data_lines, data_markdown
 
 # budget.py is pure arithmetic (no torch), so the one list of terms and labels lives there.
 TERM_LABELS = TERMS
@@ -259,6 +260,7 @@ def render_plan(data: dict) -> str:
         lines += ["", "Step time (estimate):",
                   tabulate(rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1))]
         lines += timing_lines(data)
+    lines += data_lines(data)
     lines += ["", _assumptions_line(data)]
     return "\n".join(lines) + "\n"
 
@@ -308,6 +310,7 @@ def render_plan_markdown(data: dict) -> str:
         out += [f"- **{name}** ({peak} dense bf16): {step} per step, {tps} tokens/s, {per_m} per 1M tokens"
                 for name, peak, step, tps, per_m in rows]
         out += [""] + [f"- {line}" for line in timing_lines(data)]
+    out += data_markdown(data)
     notes = render_notes(data)
     if notes:
         out += ["", "### Notes", ""] + [f"- {line}" for line in notes]
