@@ -44,8 +44,9 @@ RUN_FILES = ("train_result.json", ADAPTER_DIR)
 """What a finished run leaves in output.dir besides its checkpoints (commands/train.py's RESULT_JSON)."""
 
 # Keys that may change between a run and its resumption without changing the trajectory so far.
+# train.distributed: 'auto' and 'fsdp' may name the same strategy; a sharded checkpoint refuses an unsharded run.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
-                     "train.log_every", "train.device", "output.", "data.eval_path")
+                     "train.log_every", "train.device", "train.distributed", "output.", "data.eval_path")
 
 
 # --- atomic folders -------------------------------------------------------------------------------
