@@ -343,17 +343,19 @@ class Engine:
             raise LoraDoctorError("No evaluation data.", "Set data.eval_path or data.eval_fraction: 0.1")
         eval_mode(self.model, self.device, self.cfg.quant.mode)
         b = self.cfg.train.batch
-        batches = [self.data.eval[i:i + b] for i in range(0, len(self.data.eval), b)]
-        batches = batches[self.rank::self.world_size]
-        if self.cfg.train.eval_batches:
-            batches = batches[:self.cfg.train.eval_batches]
+        every = [self.data.eval[i:i + b] for i in range(0, len(self.data.eval), b)]
+        cap = self.cfg.train.eval_batches or len(every)
+        batches = every[self.rank::self.world_size][:cap]
+        # FSDP all-gathers in every forward: a rank with fewer batches runs the first one again, uncounted.
+        runs = min(math.ceil(len(every) / self.world_size), cap) if self.placement.sharded else len(batches)
         total, count = 0.0, 0
         with torch.no_grad():
-            for ex in batches:
+            for i, ex in enumerate(batches + every[:1] * (runs - len(batches))):
                 batch = self._to_device(collate(ex, self.data.pad_token_id, self.data.padding_side))
                 with self._autocast():
-                    total += float(self._loss_step(batch, kind="ce"))
-                count += label_token_count(batch["labels"])
+                    loss = float(self._loss_step(batch, kind="ce"))
+                if i < len(batches):
+                    total, count = total + loss, count + label_token_count(batch["labels"])
         self.model.train()
         total, count = self.placement.all_reduce_sum([total, float(count)])
         return total / count if count else float("nan")

@@ -244,6 +244,6 @@ output: {{dir: {tmp_path / 'a'}, plot: false}}
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "a" / "adapter"))
     got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     ckpt = load_file(str(tmp_path / "a" / "checkpoints" / "step-000004" / "adapter_weights.safetensors"))
-    assert len(got) == len(ckpt) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert sorted(got) == sorted(ckpt) and len(ckpt) == 2 * 7 * 2  # 2 layers x all-linear (7) x (A, B)
     for n, w in ckpt.items():
         torch.testing.assert_close(got[n], w, msg=n)
