@@ -195,7 +195,8 @@ def _launch(launcher: list[str], args: list[str], tmp_path) -> None:
 def test_two_process_fsdp_matches_one_process_resumes_and_saves_a_loadable_adapter(tiny_llama_dir, tmp_path):
     """torchrun, 2 ranks x batch 2 x grad_accum 2, FSDP2: the losses of one process with batch 4; resuming the
     sharded step-2 checkpoint under `accelerate launch --config_file examples/fsdp.yaml` ends where the
-    uninterrupted run ended; the gathered adapter loads with PeftModel.from_pretrained."""
+    uninterrupted run ended; the gathered adapter loads with PeftModel.from_pretrained. Evaluation on an eval
+    set that splits unevenly over the ranks gives the one-process eval loss."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -210,8 +211,8 @@ def test_two_process_fsdp_matches_one_process_resumes_and_saves_a_loadable_adapt
 model: {tiny_llama_dir}
 quant: {{mode: none}}
 lora: {{r: 4, dropout: 0.0}}
-data: {{path: {data}, max_length: 32}}
-train: {{batch: 2, grad_accum: 2, max_steps: 4, save_every: 2, lr: 1.0e-2, optim: adamw, precision: fp32}}
+data: {{path: {data}, max_length: 32, eval_fraction: 0.4}}
+train: {{batch: 2, grad_accum: 2, max_steps: 4, save_every: 2, eval_every: 2, lr: 1.0e-2, optim: adamw, precision: fp32}}
 output: {{dir: {tmp_path / 'a'}, plot: false}}
 """)
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
@@ -225,6 +226,9 @@ output: {{dir: {tmp_path / 'a'}, plot: false}}
     single = from_dict({**a["config"], "output": {"dir": str(tmp_path / "one"), "plot": False}})
     _, one, _ = train(single.replace(**{"train.batch": 4, "train.distributed": "auto"}), write_report=False)
     torch.testing.assert_close([s["loss"] for s in a["steps"]], [s.loss for s in one.steps], rtol=1e-5, atol=1e-5)
+    # 5 eval examples in batches of 2: rank 0 runs 2 forwards, rank 1 one (and one uncounted, for the all-gathers).
+    assert len(one.eval_losses) == 2
+    torch.testing.assert_close([e for _, e in a["eval_losses"]], [e for _, e in one.eval_losses], rtol=1e-4, atol=1e-4)
 
     # accelerate launch with the shipped FSDP config (use_cpu here): strategy 'auto' picks FSDP up from it.
     accel_cfg = tmp_path / "accelerate.yaml"
