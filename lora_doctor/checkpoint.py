@@ -44,8 +44,9 @@ RUN_FILES = ("train_result.json", ADAPTER_DIR)
 """What a finished run leaves in output.dir besides its checkpoints (commands/train.py's RESULT_JSON)."""
 
 # Keys that may change between a run and its resumption without changing the trajectory so far.
+# train.distributed: 'auto' and 'fsdp' may name the same strategy; a sharded checkpoint refuses an unsharded run.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
-                     "train.log_every", "train.device", "output.", "data.eval_path")
+                     "train.log_every", "train.device", "train.distributed", "output.", "data.eval_path")
 
 
 # --- atomic folders -------------------------------------------------------------------------------
@@ -337,11 +338,23 @@ def engine_state(engine) -> dict:
 def restore_engine(engine, path: str | os.PathLike) -> None:
     """Put a checkpoint back into a set-up engine: adapter weights, optimizer, scheduler, RNG, position, history."""
     weights, state = read_checkpoint(path, engine.cfg.to_dict(), root_hint=engine.output_dir / CHECKPOINT_DIR)
+    if state.get("sharded"):  # fsdp_state.py wrote it; its optimizer state lives in the shards
+        raise LoraDoctorError(f"Checkpoint '{path}' holds FSDP shards; this run is not sharded.",
+                              "Resume it with train.distributed: fsdp and the same number of processes.")
     restore_weights(engine.peft_model, weights, path)
-    if state.get("world_size", 1) != engine.world_size:
-        raise LoraDoctorError(f"Checkpoint '{path}' was written with {state.get('world_size')} processes; this run has {engine.world_size}.",
-                              "Resume with the same number of processes (the data order depends on it).")
+    check_world_size(state, engine.world_size, path)
     engine.optimizer.load_state_dict(state["optimizer"])
+    restore_trainer_state(engine, state)
+
+
+def check_world_size(state: dict, world_size: int, path) -> None:
+    if state.get("world_size", 1) != world_size:
+        raise LoraDoctorError(f"Checkpoint '{path}' was written with {state.get('world_size')} processes; this run has {world_size}.",
+                              "Resume with the same number of processes (the data order depends on it).")
+
+
+def restore_trainer_state(engine, state: dict) -> None:
+    """Scheduler, scaler, step, data position, history and RNG from a checkpoint's trainer state."""
     engine.scheduler.load_state_dict(state["scheduler"])
     if engine.scaler is not None and state.get("scaler"):
         engine.scaler.load_state_dict(state["scaler"])

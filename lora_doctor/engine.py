@@ -9,8 +9,8 @@ distributed.py (rank, DDP, collectives), checkpoint.py (files), gradflow.py and 
 
 Determinism: the adapter init, LoRA dropout and data order all derive from `train.seed`. The data
 order of epoch e is a permutation seeded by (seed, e), so the data position is just a counter; a
-checkpoint stores that counter, the RNG states, the optimizer and the scheduler. Under DDP each rank
-takes its slice of every global micro-batch, and only the main process writes files.
+checkpoint stores that counter, the RNG states, the optimizer and the scheduler. Under DDP or FSDP each
+rank takes its slice of every global micro-batch, and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import os
 import re
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import checkpoint
+from . import checkpoint, fsdp_state
 from .checkpoint import ADAPTER_DIR, CHECKPOINT_DIR
 from .checks.datafacts import optimizer_steps, out_of_range_finding
 from .data import TokenizedData, collate, epoch_order, load_data
 from .distributed import place_process
+from .fsdp import check_fsdp, compute_dtype, gathered_trainable
 from .errors import LoraDoctorError
 from .gradflow import GradFlowRecorder
 from .loading import (eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config, preload_libraries,
@@ -91,7 +92,7 @@ class Engine:
     # --- setup ---------------------------------------------------------------------------------
 
     def _setup_distributed(self) -> None:
-        self.placement = place_process(self.cfg.train.device)
+        self.placement = place_process(self.cfg.train.device, self.cfg.train.distributed)
         p = self.placement
         self.device, self.device_index, self.is_main = p.device, p.device_index, p.is_main
         self.rank, self.local_rank, self.world_size = p.rank, p.local_rank, p.world_size
@@ -126,6 +127,8 @@ class Engine:
 
     def _resolve_model(self) -> None:
         self.source = resolve_source(self.cfg)
+        if self.placement.sharded:
+            check_fsdp(self.cfg, self.device, self.base_config)  # before any weight loads
 
     @property
     def base_config(self):
@@ -144,10 +147,13 @@ class Engine:
             raise BadData(bad.message, bad.hint)
 
     def _setup_model(self) -> None:
-        self.peft_model, self.model_info = load_peft_model(
-            self.cfg, self.device, source=self.source, device_index=self.device_index, world_size=self.world_size,
-            model_hook=self.model_hook, note=self._note)
-        self.model = self.placement.wrap(self.peft_model)
+        # FSDP: the base loads on CPU and fully_shard moves each unit's 1/N to this rank's GPU (fsdp.py).
+        sharded = self.placement.sharded
+        self.peft_model, info = load_peft_model(
+            self.cfg, "cpu" if sharded else self.device, source=self.source, device_index=None if sharded else
+            self.device_index, world_size=self.world_size, model_hook=self.model_hook, note=self._note, fsdp=sharded)
+        self.model_info = replace(info, device=self.device)
+        self.model = self.placement.wrap(self.peft_model, compute_dtype(self.cfg))
 
     def _lora_config(self, model):
         """The peft LoraConfig this engine applies (bench builds its Trainer baseline with the same)."""
@@ -210,10 +216,8 @@ class Engine:
         loss_sum = None  # kept on the device: one host sync per step, not per micro-batch
         for i, batch in enumerate(micro):
             batch = self._to_device(batch)
-            sync = contextlib.nullcontext()
-            if self.world_size > 1 and i < len(micro) - 1:
-                sync = self.model.no_sync()  # all-reduce gradients once per optimizer step, not per micro-batch
-            with sync:
+            # Reduce gradients across ranks once per optimizer step, not per micro-batch.
+            with self.placement.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
                 with self._autocast():
                     loss = self._loss_step(batch) / denom
                 if self.scaler is not None:
@@ -339,17 +343,19 @@ class Engine:
             raise LoraDoctorError("No evaluation data.", "Set data.eval_path or data.eval_fraction: 0.1")
         eval_mode(self.model, self.device, self.cfg.quant.mode)
         b = self.cfg.train.batch
-        batches = [self.data.eval[i:i + b] for i in range(0, len(self.data.eval), b)]
-        batches = batches[self.rank::self.world_size]
-        if self.cfg.train.eval_batches:
-            batches = batches[:self.cfg.train.eval_batches]
+        every = [self.data.eval[i:i + b] for i in range(0, len(self.data.eval), b)]
+        cap = self.cfg.train.eval_batches or len(every)
+        batches = every[self.rank::self.world_size][:cap]
+        # FSDP all-gathers in every forward: a rank with fewer batches runs the first one again, uncounted.
+        runs = min(math.ceil(len(every) / self.world_size), cap) if self.placement.sharded else len(batches)
         total, count = 0.0, 0
         with torch.no_grad():
-            for ex in batches:
+            for i, ex in enumerate(batches + every[:1] * (runs - len(batches))):
                 batch = self._to_device(collate(ex, self.data.pad_token_id, self.data.padding_side))
                 with self._autocast():
-                    total += float(self._loss_step(batch, kind="ce"))
-                count += label_token_count(batch["labels"])
+                    loss = float(self._loss_step(batch, kind="ce"))
+                if i < len(batches):
+                    total, count = total + loss, count + label_token_count(batch["labels"])
         self.model.train()
         total, count = self.placement.all_reduce_sum([total, float(count)])
         return total / count if count else float("nan")
@@ -366,8 +372,8 @@ class Engine:
                          duration_s=time.perf_counter() - self._t_start, extra=dict(extra or {}))
 
     def trainable_state(self) -> dict:
-        """The adapter weights (every requires_grad parameter), by their peft names, on CPU."""
-        return {n: p.detach().to("cpu").contiguous() for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        """The adapter weights (requires_grad parameters) by peft name, whole, on CPU; collective under FSDP."""
+        return gathered_trainable(self.peft_model)
 
     # --- checkpoints (checkpoint.py does the I/O) ----------------------------------------------
 
@@ -378,6 +384,8 @@ class Engine:
     def save_checkpoint(self, root: str | os.PathLike | None = None) -> Path:
         """Write a resumable checkpoint atomically (checkpoint.py); only the main process writes."""
         root = Path(root) if root is not None else self.output_dir / CHECKPOINT_DIR
+        if self.placement.sharded:
+            return fsdp_state.save_sharded_checkpoint(self, root)
         final = root / f"step-{self.step:06d}"
         self.placement.barrier()
         if self.is_main:
@@ -388,7 +396,7 @@ class Engine:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore adapter weights, optimizer, scheduler, RNG, data position and history from `path`."""
-        checkpoint.restore_engine(self, path)
+        (fsdp_state.restore_sharded if self.placement.sharded else checkpoint.restore_engine)(self, path)
         self.grad_flow = GradFlowRecorder(self.peft_model)  # grad-flow deltas are measured from here on
 
     def latest_checkpoint(self) -> Path | None:
@@ -397,6 +405,8 @@ class Engine:
     def save_adapter(self, path: str | os.PathLike | None = None) -> Path:
         """peft's save_pretrained and the tokenizer, atomically (checkpoint.save_adapter); main process only."""
         path = Path(path) if path is not None else self.output_dir / ADAPTER_DIR
+        if self.placement.sharded:
+            return fsdp_state.save_gathered_adapter(self, path)
         if self.is_main:
             checkpoint.save_adapter(self.peft_model, self.tokenizer, path)
         self.placement.barrier()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .fsdp import full  # under FSDP2 gradients and their norms are DTensors: reduced across ranks
+
 
 @dataclass(frozen=True)
 class ModuleGradFlow:
@@ -128,7 +130,7 @@ class GradFlowRecorder:
             values = [0.0] * len(norms)
         else:
             zero = torch.zeros((), device=device)
-            values = torch.stack([n if n is not None else zero for n in norms]).tolist()
+            values = full(torch.stack([n if n is not None else zero for n in norms])).tolist()
         i = 0
         for module in self._groups:
             self._norms[module]["A"].append(values[i])
@@ -146,7 +148,7 @@ class GradFlowRecorder:
             for module, g in self._groups.items():
                 def delta(kind):
                     pairs = zip(g[kind], self._start[module][kind])
-                    sq = sum(float(torch.sum((p.detach().float() - p0.float()) ** 2)) for p, p0 in pairs)
+                    sq = sum(float(full(torch.sum((p.detach().float() - p0.float()) ** 2))) for p, p0 in pairs)
                     return math.sqrt(sq)
 
                 out.append(ModuleGradFlow(

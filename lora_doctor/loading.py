@@ -197,7 +197,7 @@ def load_tokenizer(cfg: RunConfig, source: ModelSource):
 
 def load_peft_model(cfg: RunConfig, device: str, *, source: ModelSource | None = None, device_index: int | None = None,
                     world_size: int = 1, model_hook: Callable | None = None,
-                    note: Callable[[str], None] | None = None) -> tuple[object, ModelInfo]:
+                    note: Callable[[str], None] | None = None, fsdp: bool = False) -> tuple[object, ModelInfo]:
     """Load the base on `device`, prepare it for training, wrap it with LoRA; returns (peft model, ModelInfo).
 
     Args:
@@ -206,13 +206,14 @@ def load_peft_model(cfg: RunConfig, device: str, *, source: ModelSource | None =
         world_size: recorded in ModelInfo; DDP wrapping is the caller's.
         model_hook: applied to the loaded base before LoRA (tests plant faults with it).
         note: where one-line notes go (e.g. eager attention instead of sdpa).
+        fsdp: the model will be FSDP-sharded: 4-bit weights are stored in the compute dtype (fsdp.py).
 
     Raises:
         LoraDoctorError: the weights cannot load, bitsandbytes is missing, or the targets adapt nothing.
         torch.OutOfMemoryError: as raised, for the caller to report with its measured peak.
     """
     source = source if source is not None else resolve_source(cfg)
-    model, dtype = _load_base(cfg, source, device, device_index, note)
+    model, dtype = _load_base(cfg, source, device, device_index, note, fsdp)
     if model_hook is not None:
         model = model_hook(model) or model
     model = _prepare_for_training(model, cfg)
@@ -220,7 +221,8 @@ def load_peft_model(cfg: RunConfig, device: str, *, source: ModelSource | None =
     return model, _model_info(model, cfg, device, dtype, world_size)
 
 
-def _load_base(cfg: RunConfig, source: ModelSource, device: str, device_index: int | None, note) -> tuple[object, object]:
+def _load_base(cfg: RunConfig, source: ModelSource, device: str, device_index: int | None, note,
+               fsdp: bool = False) -> tuple[object, object]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -235,7 +237,10 @@ def _load_base(cfg: RunConfig, source: ModelSource, device: str, device_index: i
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.mode, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype))
+            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+            # FSDP shards float parameters only: the packed 4-bit bytes stored as compute-dtype elements
+            # shard like any weight (fsdp_qlora; accelerate's fsdp2_prepare_model). uint8 otherwise.
+            bnb_4bit_quant_storage=torch_dtype(q.compute_dtype) if fsdp else torch.uint8)
         # QLoRA loads the non-quantized parts in the compute dtype; prepare_model_for_kbit_training
         # then upcasts them to fp32 (memory budget.py counts).
         kwargs["dtype"] = torch_dtype(q.compute_dtype)

@@ -74,6 +74,9 @@ class TrainConfig:
     """Print progress every N optimizer steps."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu' or 'cuda' (--device)."""
+    distributed: str = "auto"
+    """Several processes: 'ddp' (each GPU holds the model), 'fsdp' (FSDP2 shards it per decoder layer)
+    or 'auto' (fsdp under accelerate launch with an FSDP config, else ddp)."""
 
 
 @dataclass(frozen=True)

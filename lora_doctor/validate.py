@@ -22,6 +22,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 LOSS_KINDS = ("ce", "label_smoothing", "focal")
 PADDING_SIDES = ("right", "left")
 DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 DEFAULT_SEED = 3407
 
 # CLI flag -> dotted key, shared by probe, train and check (commands/options.py builds the Click
@@ -171,6 +172,7 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     _positive_int(label("train.save_every"), t.save_every, p, "--save-every 100", allow_none=True)
     _positive_int(label("train.log_every"), t.log_every, p, "train.log_every: 10")
     _one_of(label("train.device"), t.device, DEVICES, p, "--device auto")
+    _one_of(label("train.distributed"), t.distributed, DISTRIBUTED, p, "train.distributed: fsdp")
     _one_of(label("loss.kind"), lo.kind, LOSS_KINDS, p, "--loss ce")
     if not isinstance(lo.label_smoothing, (int, float)) or not 0.0 <= lo.label_smoothing < 1.0:
         p.append((f"{label('loss.label_smoothing')} must be in [0, 1); got {lo.label_smoothing!r}.", "Try: loss.label_smoothing: 0.1"))

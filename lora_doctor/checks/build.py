@@ -190,7 +190,9 @@ def untrained_rows(model: Any, ids: set[int]) -> dict[int, float] | None:
     import torch
 
     with torch.no_grad():
-        w = weight.detach().float()
+        from ..fsdp import full  # an FSDP-sharded embedding is gathered whole (a collective: every rank runs this)
+
+        w = full(weight.detach()).float()
         norms = w.norm(dim=-1)
         median = float(norms.median())
         if median <= 0:

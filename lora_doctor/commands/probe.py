@@ -45,9 +45,25 @@ def run_probe(cfg: RunConfig, steps: int = DEFAULT_PROBE_STEPS, *, model_hook=No
         # OOM while loading: nothing measured but the peak.
         d = diagnose("probe", cfg, None, None, extra={"error": oom.message}, findings_first=first)
         return None, d.report, list(d.findings)
-    result = engine.result("probe", stopped_early="oom" if oom else None, error=oom.message if oom else None)
+    result = engine.result("probe", stopped_early="oom" if oom else None, error=oom.message if oom else None,
+                           extra=rank_peaks(engine, log))
     d = diagnose("probe", cfg, engine, result, findings_first=first)
     return result, d.report, list(d.findings)
+
+
+def rank_peaks(engine, log) -> dict:
+    """Under several processes, every rank's MemoryStats gathered to all (rank 0 reports them): FSDP and DDP
+    ranks differ (rank 0 holds the eval and the writes; shards can be uneven). {} with one process."""
+    if engine.world_size == 1:
+        return {}
+    from ..report import format_bytes
+
+    per_rank = engine.placement.gather_objects({phase: m.to_dict() for phase, m in engine.memory.items()})
+    for rank, phases in enumerate(per_rank):
+        if engine.is_main:
+            peaks = ", ".join(f"{phase} {format_bytes(m.get('peak_bytes'))}" for phase, m in phases.items())
+            log(f"rank {rank} peak: {peaks} ({engine.placement.strategy})")
+    return {"memory_per_rank": per_rank, "strategy": engine.placement.strategy}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

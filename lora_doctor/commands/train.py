@@ -349,7 +349,8 @@ def command(config, steps, merge, resume, checkpoint, sweep, overwrite, no_repor
 
     Progress goes to stderr. Ctrl-C / SIGTERM saves a checkpoint at the next step boundary;
     --resume continues from it and reaches the same result as an uninterrupted run. Multi-GPU:
-    accelerate launch -m lora_doctor.cli train CONFIG.
+    accelerate launch -m lora_doctor.cli train CONFIG (DDP), or with --config_file examples/fsdp.yaml
+    (FSDP2, train.distributed).
 
     With --sweep every variant keeps the config's seed, data order and eval set; the compare table
     goes to stdout and compare.md (with compare.png) into output.dir.
