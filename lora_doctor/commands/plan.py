@@ -63,6 +63,7 @@ def gather_plan(
     """
     from .. import hardware
     from ..plancache import shape_and_counts
+    from ..stack import stack_name
     from ..targets import require_rank_fits
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
@@ -85,6 +86,7 @@ def gather_plan(
                  "targets": list(targets)},
         "quant": asdict(quant),
         "train": asdict(train),
+        "stack": stack_name(train.levers),
         "trainable": [{"r": c.r, "trainable_params": c.trainable, "all_params": c.all_params,
                        "trainable_fraction": c.trainable / c.all_params} for c in counts],
         "cached": hit,
@@ -221,11 +223,11 @@ def _shape_notes(shape, budget) -> list[dict]:
     if unquantized:
         n = sum(g.weight_numel for g in unquantized)
         notes.append({"kind": "linears-not-quantized", "names": list(dict.fromkeys(g.name for g in unquantized)),
-                      "params": n, "fp32_bytes": 4 * n})
+                      "params": n, "fp32_bytes": 4 * n, "upcast": budget.train.levers.upcast_frozen})
     if shape.param_groups:
         n = sum(g.numel for g in shape.param_groups)
         notes.append({"kind": "experts-not-quantized", "names": [g.name for g in shape.param_groups],
-                      "params": n, "fp32_bytes": 4 * n})
+                      "params": n, "fp32_bytes": 4 * n, "upcast": budget.train.levers.upcast_frozen})
     qlora = next((m for m in budget.methods if m.fp32_upcast_bytes), None)
     if qlora is not None:
         notes.append({"kind": "fp32-upcast", "method": qlora.key, "fp32_bytes": qlora.fp32_upcast_bytes,
@@ -265,6 +267,9 @@ def default_markdown_path(data: dict) -> Path:
               help="Quantize the 4-bit absmax constants too (QLoRA's double quantization).")
 @click.option("--attn", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default="sdpa", show_default=True,
               help="Attention implementation; eager keeps a (T, T) matrix per head.")
+@click.option("--stack", type=click.Choice(["lora-doctor", "hf"]), default="lora-doctor", show_default=True,
+              help="Whose step is costed: lora-doctor's engine (chunked loss, frozen weights 16-bit) or the "
+                   "Trainer/TRL/Axolotl path (fp32 upcast by prepare_model_for_kbit_training, full logits).")
 @click.option("--gpu", default=None, metavar="NAME|GiB",
               help="Card for the largest-batch search: 'RTX 4090', 'A100 80GB', ... or a size in GiB. "
                    "Default: the local GPU if any.")
@@ -273,7 +278,7 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
               help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
 def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
-            attn, gpu, trust_remote_code, as_json, markdown):
+            attn, stack, gpu, trust_remote_code, as_json, markdown):
     """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
 
     MODEL is a hub id, a local directory or config.json, or a shipped config (works offline).
@@ -296,7 +301,10 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
     if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
         check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
-    train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
+    from ..stack import STACKS
+
+    train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt,
+                      optim=optim, attn_impl=attn, levers=STACKS[stack])
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
                        trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None)
 
