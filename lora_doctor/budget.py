@@ -39,7 +39,7 @@ from .inventory import base_param_tensors, lora_param_count, lora_param_tensors,
 from .optimstate import adamw_state_bytes, optimizer_state_bytes
 from .shape import ModelShape
 from .specs import LoraSpec, QuantSpec, TrainSpec
-from .stack import loss_bytes, resident_layers
+from .stack import loss_beyond_recompute, loss_bytes, resident_layers
 from .targets import match_targets, targeted_groups
 from .units import BYTES_PER_MIB, DTYPE_BYTES
 
@@ -220,12 +220,13 @@ def _finish(key: str, label: str, trainable: int, fp32_upcast: int | None = None
 def _dynamic(shape: ModelShape, train: TrainSpec, c: int, base_trains: bool, stream_c: int | None = None,
              **act) -> dict:
     """activations_bytes and logits_bytes of one method under the stack's levers (stack.py): offload keeps
-    `stack.resident_layers` layers' saved tensors on the device, the loss is chunked or full."""
-    return dict(
-        activations_bytes=activation_bytes(shape, train, base_trains=base_trains, c=c,
-                                           resident_layers=resident_layers(train), **act),
-        logits_bytes=loss_bytes(shape, train, c, stream_c or c, base_trains),
-    )
+    `stack.resident_layers` layers' saved tensors on the device; the loss is chunked or full, and a chunked loss
+    under checkpointing counts only what it adds beyond the layer recompute (`stack.loss_beyond_recompute`)."""
+    activations = activation_bytes(shape, train, base_trains=base_trains, c=c, resident_layers=resident_layers(train),
+                                   **act)
+    loss = loss_bytes(shape, train, c, stream_c or c, base_trains)
+    return dict(activations_bytes=activations,
+                logits_bytes=loss_beyond_recompute(shape, train, loss, activations, stream_c or c))
 
 
 def _full_fp32(shape: ModelShape, train: TrainSpec) -> MethodBudget:

@@ -77,7 +77,8 @@ def test_run_config_selects_the_levers_its_keys_name():
 def test_chunked_loss_is_one_chunk_plus_the_hidden_states_and_their_gradient():
     shape, lora, targets = _hand_shape(), LoraSpec(r=16), ("q_proj", "v_proj")
     for T, B, n in [(2048, 2, 8), (2047, 1, 8), (4096, 4, 16), (100, 3, 1)]:
-        t = TrainSpec(seq_len=T, batch=B, levers=dataclasses.replace(ENGINE, loss_chunks=n))
+        # no checkpointing: the loss term is the chunked loss's whole peak (see the overlap test below)
+        t = TrainSpec(seq_len=T, batch=B, grad_ckpt=False, levers=dataclasses.replace(ENGINE, loss_chunks=n))
         chunk = -(-T // n)
         assert chunk_len(t) == chunk
         lora_col = method_budget("lora-bf16", shape, lora, QuantSpec(), t, targets)
@@ -87,6 +88,25 @@ def test_chunked_loss_is_one_chunk_plus_the_hidden_states_and_their_gradient():
         # the HF path at the same step: the whole (B, T, V) at 12 bytes
         hf = method_budget("lora-bf16", shape, lora, QuantSpec(), dataclasses.replace(t, levers=Levers()), targets)
         assert hf.logits_bytes == B * T * 32000 * 12
+
+
+def test_checkpointed_chunked_loss_counts_only_what_it_adds_beyond_the_recompute():
+    from lora_doctor.stack import loss_bytes
+
+    lora, targets = LoraSpec(r=16), ("q_proj", "v_proj")
+    for vocab, T in [(32000, 2048), (256000, 2048), (32000, 64)]:
+        shape = _hand_shape(vocab_size=vocab)
+        t = TrainSpec(seq_len=T, batch=2, levers=ENGINE)
+        b = method_budget("lora-bf16", shape, lora, QuantSpec(), t, targets)
+        loss = loss_bytes(shape, t, 2, 2, base_trains=False)
+        recompute = b.activations_bytes - 2 * T * 32 * 2 * 4096  # everything but the checkpointed inputs
+        assert b.logits_bytes == max(0, loss - recompute)
+        # the HF path keeps its sum: full logits, whatever the recompute
+        hf = method_budget("lora-bf16", shape, lora, QuantSpec(), dataclasses.replace(t, levers=Levers()), targets)
+        assert hf.logits_bytes == 2 * T * vocab * 12
+    big = method_budget("lora-bf16", _hand_shape(vocab_size=256000), lora, QuantSpec(),
+                        TrainSpec(seq_len=2048, batch=2, levers=ENGINE), targets)
+    assert big.logits_bytes > 0  # Gemma-size vocabularies: the loss phase is the larger one
 
 
 def test_no_upcast_keeps_frozen_weights_and_the_stream_16bit():
@@ -309,7 +329,9 @@ def test_plan_stack_flag_names_the_stack_and_hf_keeps_the_full_logits():
     hf = {m["key"]: m for m in data["hf"]["budgets"][0]["methods"]}
     ours = {m["key"]: m for m in data["lora-doctor"]["budgets"][0]["methods"]}
     assert hf["lora-bf16"]["logits_bytes"] == 512 * 50257 * 12
-    assert ours["lora-bf16"]["logits_bytes"] == 64 * 50257 * 12 + 2 * 512 * 768 * 2
+    # checkpointed: the chunked loss (64-token chunks + hidden states and gradient) beyond the layer recompute
+    assert ours["lora-bf16"]["logits_bytes"] == max(0, 64 * 50257 * 12 + 2 * 512 * 768 * 2 - (
+        ours["lora-bf16"]["activations_bytes"] - 12 * 512 * 768 * 2))
     assert ours["qlora-nf4-dq"]["total_bytes"] < hf["qlora-nf4-dq"]["total_bytes"]
     assert "stack lora-doctor" in CliRunner().invoke(cli, ["plan", "gpt2", "--seq-len", "512"]).stdout
     bad = CliRunner().invoke(cli, ["plan", "gpt2", "--stack", "axolotl"])
