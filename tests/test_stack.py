@@ -273,10 +273,10 @@ B, T = 2, 1024
 
 
 @pytest.mark.slow  # torch.profiler start-up (~10 s in a fresh process)
-@pytest.mark.parametrize(("grad_ckpt", "low"), [(True, 0.8), (False, 0.93)])
+@pytest.mark.parametrize(("grad_ckpt", "low"), [(True, 0.95), (False, 0.95)])  # measured 1.016, 0.988
 def test_chunked_loss_terms_bound_a_measured_lora_step(grad_ckpt, low):
-    """activations + logits + gradients vs the real peak with the engine's chunked loss on a bf16 base: as tight
-    as the HF path's bound (tests/test_budget.py: 0.95-1.05 without checkpointing, 0.8-1.05 with it)."""
+    """activations + logits + gradients vs the real peak with the engine's chunked loss on a bf16 base: at least as
+    tight as the HF path's bound (tests/test_budget.py: 0.95-1.05 without checkpointing, 0.8-1.05 with it)."""
     from lora_doctor.tiny import build_tiny_model
 
     torch.manual_seed(0)
@@ -298,19 +298,17 @@ def test_chunked_loss_terms_bound_a_measured_lora_step(grad_ckpt, low):
 def test_no_upcast_chunked_qlora_step_is_bounded(tmp_path):
     """nf4 base, frozen weights kept bf16 (no prepare_model_for_kbit_training), checkpointing, chunked loss: the
     QLoRA column under the engine's levers bounds the measured peak."""
-    from transformers import AutoModelForCausalLM
+    from lora_doctor.tiny import build_tiny_model
 
-    from lora_doctor.tiny import save_tiny_model
-
-    path = save_tiny_model(tmp_path / "q", "llama", vocab_size=32000, hidden_size=256, intermediate_size=768,
-                           num_hidden_layers=4)
-    shape = model_shape(AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).config,
-                        model_id="tiny", source="test")
+    full = build_tiny_model("llama", dtype=torch.bfloat16, vocab_size=32000, hidden_size=256, intermediate_size=768,
+                            num_hidden_layers=4, attn_implementation="sdpa")
+    full.save_pretrained(tmp_path / "q")
+    shape, path = model_shape(full, full.config, model_id="tiny", source="test"), tmp_path / "q"
     model, lora, targets = _engine_prepared(_load_4bit_bf16(path), shape, grad_ckpt=True)
     b = method_budget("qlora-nf4-dq", shape, lora, QuantSpec(), TrainSpec(seq_len=T, batch=B, levers=ENGINE), targets)
     est = b.activations_bytes + b.logits_bytes + b.gradients_bytes
     measured = _peak_bytes(model, _chunked_step(model, torch.randint(4, 32000, (B, T)), ENGINE.loss_chunks))
-    assert 0.8 <= measured / est <= 1.05, (measured, est)
+    assert 0.95 <= measured / est <= 1.05, (measured, est)  # measured 1.016
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
@@ -336,3 +334,37 @@ def test_plan_stack_flag_names_the_stack_and_hf_keeps_the_full_logits():
     assert "stack lora-doctor" in CliRunner().invoke(cli, ["plan", "gpt2", "--seq-len", "512"]).stdout
     bad = CliRunner().invoke(cli, ["plan", "gpt2", "--stack", "axolotl"])
     assert bad.exit_code == 2 and "lora-doctor" in bad.output
+
+
+# -- torchtune's published run (bench/bench_torchtune.py) ---------------------------------------------------------
+
+
+@pytest.mark.slow  # builds the 8B on the meta device and asks peft for its counts (~8 s)
+def test_torchtune_llama31_8b_qlora_arithmetic_pinned():
+    """The arithmetic behind bench/bench_torchtune.py, every term derived by hand from the Llama-3.1-8B config
+    (32 layers, h 4096, KV 1024, I 14336, V 128256, untied); the comparison with 7.4 GiB is the bench's, not this."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_torchtune.py"
+    spec = importlib.util.spec_from_file_location("bench_torchtune", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["variant"]: r for r in bench.comparison()}
+    ours, hf = rows["lora-doctor defaults"]["terms"], rows["hf (Trainer path)"]["terms"]
+    layer_linears = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    unquantized = 2 * 128256 * 4096 + (2 * 32 + 1) * 4096  # embed_tokens, lm_head, norms
+    assert ours["base_weights_bytes"] == layer_linears // 2 + 2 * unquantized == 5_591_539_712
+    assert hf["base_weights_bytes"] == layer_linears // 2 + 4 * unquantized  # prepare_model_for_kbit_training
+    adapters = 20_971_520  # peft: r=8 all-linear on Llama-3.1-8B
+    assert ours["adapter_weights_bytes"] == ours["gradients_bytes"] == 4 * adapters
+    assert ours["optimizer_states_bytes"] == 8 * adapters  # torch AdamW, fp32 adapters
+    tokens = 2 * 2048
+    inputs = 32 * tokens * 4096 * 2  # bf16 checkpointed layer inputs
+    layer = 2 * 4 * 4096 + 2 * (2 * 4096 + 2 * 1024) + 4 * 32 + 2 * 3 * 14336  # norms, sdpa attention, SwiGLU
+    lora = 6 * (2 * 4096 + 2 * 8) + (2 * 14336 + 2 * 8)  # one layer's LoRA inputs (dropout 0)
+    assert ours["activations_bytes"] == inputs + tokens * (layer + lora + 4 * 4096) + 2 * adapters
+    assert ours["logits_bytes"] == 0  # one 256-token chunk's buffers fit in the recompute phase
+    assert hf["logits_bytes"] == tokens * 128256 * 12
+    assert rows["lora-doctor defaults"]["allocated_bytes"] == sum(v for k, v in ours.items()
+                                                                  if k != "runtime_overhead_bytes") == 8_111_053_696

@@ -11,6 +11,7 @@ import click
 
 from ..errors import LoraDoctorError
 from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
+from ..stack import STACKS, stack_name
 
 DEFAULT_REPORT_DIR = Path("reports")
 DEFAULT_SEQ_LEN = 2048
@@ -63,7 +64,6 @@ def gather_plan(
     """
     from .. import hardware
     from ..plancache import shape_and_counts
-    from ..stack import stack_name
     from ..targets import require_rank_fits
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
@@ -84,9 +84,7 @@ def gather_plan(
                     "resolved": list(targets)},
         "lora": {**asdict(lora), "r": counts[0].r, "lora_alpha": lora.alpha if lora.alpha is not None else 2 * counts[0].r,
                  "targets": list(targets)},
-        "quant": asdict(quant),
-        "train": asdict(train),
-        "stack": stack_name(train.levers),
+        "quant": asdict(quant), "train": asdict(train), "stack": stack_name(train.levers),
         "trainable": [{"r": c.r, "trainable_params": c.trainable, "all_params": c.all_params,
                        "trainable_fraction": c.trainable / c.all_params} for c in counts],
         "cached": hit,
@@ -267,7 +265,7 @@ def default_markdown_path(data: dict) -> Path:
               help="Quantize the 4-bit absmax constants too (QLoRA's double quantization).")
 @click.option("--attn", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default="sdpa", show_default=True,
               help="Attention implementation; eager keeps a (T, T) matrix per head.")
-@click.option("--stack", type=click.Choice(["lora-doctor", "hf"]), default="lora-doctor", show_default=True,
+@click.option("--stack", type=click.Choice(list(STACKS)), default="lora-doctor", show_default=True,
               help="Whose step is costed: lora-doctor's engine (chunked loss, frozen weights 16-bit) or the "
                    "Trainer/TRL/Axolotl path (fp32 upcast by prepare_model_for_kbit_training, full logits).")
 @click.option("--gpu", default=None, metavar="NAME|GiB",
@@ -301,8 +299,6 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
     if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
         check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
-    from ..stack import STACKS
-
     train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt,
                       optim=optim, attn_impl=attn, levers=STACKS[stack])
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
