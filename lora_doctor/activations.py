@@ -180,6 +180,7 @@ def activation_bytes(
     targets=(),
     lora: LoraSpec | None = None,
     kbit_prepared: bool = False,
+    resident_layers: int | None = None,
 ) -> int:
     """Peak bytes saved for backward over one micro-batch of train.batch x train.seq_len tokens.
 
@@ -195,6 +196,9 @@ def activation_bytes(
     is an upper bound (measured 0.8-1.0 of it), because the recomputed layer and the loss buffers are never
     live together. DoRA adds one module's forward scratch (`dora_transient_bytes`), the (in x in) identity
     peft builds. Not modelled: dropout masks other than LoRA's, and allocator rounding (runtime overhead).
+
+    resident_layers: with activation offload (stack.resident_layers), how many layers' saved tensors stay on the
+    device (checkpointed inputs, or every saved tensor without checkpointing); None keeps all of them.
     """
     targets = match_targets(shape, targets)  # match once for the four terms below
     tokens = train.batch * train.seq_len
@@ -214,9 +218,12 @@ def activation_bytes(
     adapter_copies = (c * lora_param_count(shape, targets, replace(lora, use_dora=False))
                       if lora is not None and c < 4 else 0)
     fixed = dora + head_copy + adapter_copies
+    kept = shape.num_layers if resident_layers is None else min(resident_layers, shape.num_layers)
     if train.grad_ckpt:
-        per_token = shape.num_layers * stream_c * h + layer + lora_one + outside
+        per_token = kept * stream_c * h + layer + lora_one + outside
         return tokens * per_token + merged_one + fixed + layer_copies // max(shape.num_layers, 1)
+    if kept < shape.num_layers:  # offloaded: `kept` layers' saved tensors (LoRA branches included) on the device
+        return tokens * (kept * (layer + lora_one) + outside) + kept * merged_one + fixed + layer_copies
     per_token = shape.num_layers * layer + lora_all + outside
     return tokens * per_token + merged_all + fixed + layer_copies
 

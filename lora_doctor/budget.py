@@ -1,9 +1,10 @@
 """Memory budget of one fine-tuning step: ModelShape + specs -> MemoryBudget. Pure arithmetic, no torch.
 
-Five ways to train the same model are costed side by side (columns of `lora-doctor plan`):
+Six ways to train the same model are costed side by side (columns of `lora-doctor plan`):
 
   full-fp32      full fine-tune, fp32 weights, fp32 activations
   full-bf16      full fine-tune, bf16 mixed precision (ZeRO convention, see `_full_bf16`)
+  full-bf16-pure full fine-tune, bf16 weights, gradients and optimizer states (8 bytes/param with AdamW)
   lora-bf16      LoRA adapters on a frozen bf16 base
   qlora-nf4      QLoRA: frozen 4-bit base (nf4 or fp4, --quant), bf16 compute
   qlora-nf4-dq   the same with double quantization of the absmax constants
@@ -24,6 +25,8 @@ included) and compare the bytes of every parameter and QuantState tensor with th
 Gradient and optimizer-state bytes are exact for the optimizers named below (tested against
 real torch / bitsandbytes optimizers after one step). Activations, logits and runtime overhead
 are models of a training step, not measurements; see their docstrings for what they leave out.
+The stack's levers (train.levers: chunked loss, fp32 upcast, activation offload; stack.py) select which
+activation and loss terms apply: `plan --stack hf` costs the Trainer path, `--stack lora-doctor` the engine.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from dataclasses import asdict, dataclass, replace
 from math import ceil
 
 from .activations import activation_bytes, dora_transient_bytes, logits_bytes
-from .inventory import Tensors, base_param_tensors, lora_param_count, lora_param_tensors, numel, saved_copy_tensors
+from .inventory import base_param_tensors, lora_param_count, lora_param_tensors, numel, saved_copy_tensors
+from .optimstate import adamw_state_bytes, optimizer_state_bytes
 from .shape import ModelShape
 from .specs import LoraSpec, QuantSpec, TrainSpec
+from .stack import loss_beyond_recompute, loss_bytes, resident_layers
 from .targets import match_targets, targeted_groups
 from .units import BYTES_PER_MIB, DTYPE_BYTES
 
@@ -58,22 +63,6 @@ DQ_BLOCKSIZE = 256
 DQ_OFFSET_BYTES = 4
 DQ_CODE_BYTES = 256 * 4
 
-# --- optimizers ---------------------------------------------------------------------------------
-# torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype. Its 0-d `step` counter lives
-# on the host unless capturable/fused (torch/optim/adam.py _init_group), so it is not device memory.
-ADAMW_STATES = 2
-# bitsandbytes Optimizer2State.init_state (bitsandbytes/optim/optimizer.py), used by AdamW8bit and
-# PagedAdamW8bit (HF Trainer's adamw_bnb_8bit / paged_adamw_8bit): a parameter with fewer than
-# `min_8bit_size` = 4096 elements keeps two float32 states; a larger one keeps two uint8 states plus
-# two float32 absmax vectors, one entry per block of 256 ("blockwise" 8-bit, Dettmers et al. 2022,
-# "8-bit Optimizers via Block-wise Quantization" sec. 2). qmap1/qmap2 (float32[256] each) are shared
-# by all parameters, counted once. Paged states live in CUDA unified memory and may be evicted to the
-# host under pressure; the budget counts them on the device (their steady state).
-BNB_MIN_8BIT_SIZE = 4096
-BNB_OPTIM_BLOCKSIZE = 256
-BNB_SHARED_QMAP_BYTES = 2 * 256 * 4
-# torch.optim.SGD with momentum=0 (HF Trainer's "sgd") stores no state tensor.
-
 # --- runtime ----------------------------------------------------------------------------------------
 CUDA_CONTEXT_BYTES = 512 * BYTES_PER_MIB
 """CUDA context, kernel images and cuBLAS/cuDNN workspaces: what nvidia-smi shows for a process that
@@ -90,6 +79,7 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True usually shrinks it."""
 METHOD_LABELS = {
     "full-fp32": "full fp32",
     "full-bf16": "full bf16 mixed",
+    "full-bf16-pure": "full bf16 pure",
     "lora-bf16": "LoRA bf16",
 }
 
@@ -99,7 +89,7 @@ class MethodBudget:
     """One column of the memory table: every term in integer bytes."""
 
     key: str
-    """'full-fp32', 'full-bf16', 'lora-bf16', 'qlora-nf4', 'qlora-nf4-dq' (or fp4)."""
+    """'full-fp32', 'full-bf16', 'full-bf16-pure', 'lora-bf16', 'qlora-nf4', 'qlora-nf4-dq' (or fp4)."""
     label: str
     trainable_params: int
     base_weights_bytes: int
@@ -210,40 +200,6 @@ def quantized_base_bytes(shape: ModelShape, quant: QuantSpec) -> tuple[int, int,
 
 
 # ------------------------------------------------------------------------------------------------
-# Optimizer states
-# ------------------------------------------------------------------------------------------------
-
-
-def adamw_state_bytes(tensors: Tensors, state_dtype_bytes: int = 4) -> int:
-    """torch AdamW: exp_avg + exp_avg_sq per element, in the parameter's dtype."""
-    return ADAMW_STATES * state_dtype_bytes * numel(tensors)
-
-
-def adamw_8bit_state_bytes(tensors: Tensors) -> int:
-    """bitsandbytes AdamW8bit / PagedAdamW8bit state (see the constants above)."""
-    total = 0
-    any_8bit = False
-    for n, c in tensors:
-        if n < BNB_MIN_8BIT_SIZE:
-            total += 2 * 4 * n * c
-        else:
-            any_8bit = True
-            total += (2 * n + 2 * 4 * ceil(n / BNB_OPTIM_BLOCKSIZE)) * c
-    return total + (BNB_SHARED_QMAP_BYTES if any_8bit else 0)
-
-
-def optimizer_state_bytes(optim: str, tensors: Tensors) -> int:
-    """Device bytes of the optimizer state for these trainable tensors (fp32 parameters)."""
-    if optim == "adamw":
-        return adamw_state_bytes(tensors, 4)
-    if optim in ("adamw-8bit", "paged-adamw-8bit"):
-        return adamw_8bit_state_bytes(tensors)
-    if optim == "sgd":
-        return 0
-    raise ValueError(optim)
-
-
-# ------------------------------------------------------------------------------------------------
 # The budget
 # ------------------------------------------------------------------------------------------------
 
@@ -261,6 +217,18 @@ def _finish(key: str, label: str, trainable: int, fp32_upcast: int | None = None
     )
 
 
+def _dynamic(shape: ModelShape, train: TrainSpec, c: int, base_trains: bool, stream_c: int | None = None,
+             **act) -> dict:
+    """activations_bytes and logits_bytes of one method under the stack's levers (stack.py): offload keeps
+    `stack.resident_layers` layers' saved tensors on the device; the loss is chunked or full, and a chunked loss
+    under checkpointing counts only what it adds beyond the layer recompute (`stack.loss_beyond_recompute`)."""
+    activations = activation_bytes(shape, train, base_trains=base_trains, c=c, resident_layers=resident_layers(train),
+                                   **act)
+    loss = loss_bytes(shape, train, c, stream_c or c, base_trains)
+    return dict(activations_bytes=activations,
+                logits_bytes=loss_beyond_recompute(shape, train, loss, activations, stream_c or c))
+
+
 def _full_fp32(shape: ModelShape, train: TrainSpec) -> MethodBudget:
     """Everything fp32: weights, gradients, optimizer states in fp32 (4 + 4 + 8 bytes/param for AdamW)."""
     tensors = base_param_tensors(shape)
@@ -269,8 +237,7 @@ def _full_fp32(shape: ModelShape, train: TrainSpec) -> MethodBudget:
         "full-fp32", METHOD_LABELS["full-fp32"], n,
         base_weights_bytes=4 * n, quant_constants_bytes=0, adapter_weights_bytes=0,
         gradients_bytes=4 * n, optimizer_states_bytes=optimizer_state_bytes(train.optim, tensors),
-        activations_bytes=activation_bytes(shape, train, base_trains=True, c=4),
-        logits_bytes=logits_bytes(shape, train, 4),
+        **_dynamic(shape, train, 4, base_trains=True),
     )
 
 
@@ -287,8 +254,24 @@ def _full_bf16(shape: ModelShape, train: TrainSpec) -> MethodBudget:
         "full-bf16", METHOD_LABELS["full-bf16"], n,
         base_weights_bytes=c * n, quant_constants_bytes=0, adapter_weights_bytes=0,
         gradients_bytes=c * n, optimizer_states_bytes=4 * n + optimizer_state_bytes(train.optim, tensors),
-        activations_bytes=activation_bytes(shape, train, base_trains=True, c=c),
-        logits_bytes=logits_bytes(shape, train, c),
+        **_dynamic(shape, train, c, base_trains=True),
+    )
+
+
+def _full_bf16_pure(shape: ModelShape, train: TrainSpec) -> MethodBudget:
+    """Pure 16-bit: weights, gradients and torch AdamW states all bf16, no fp32 master copy: 2 + 2 + 4 = 8 bytes
+    per parameter, as peft's own benchmark measures for its full fine-tune (peft method_comparison/MetaMathQA,
+    experiments/full-finetuning: a bf16 model, torch AdamW on it; issue 9). bitsandbytes 8-bit states are the same as for fp32 parameters
+    (optimstate.optimizer_state_bytes). Updates below bf16's resolution are lost; Kahan summation or stochastic
+    rounding (torchao's _AdamW(bf16_stochastic_round=True)) is what recovers them, at no extra state here."""
+    tensors = base_param_tensors(shape)
+    n = numel(tensors)
+    c = DTYPE_BYTES[train.dtype] if train.dtype != "fp32" else 2
+    return _finish(
+        "full-bf16-pure", METHOD_LABELS["full-bf16-pure"], n,
+        base_weights_bytes=c * n, quant_constants_bytes=0, adapter_weights_bytes=0,
+        gradients_bytes=c * n, optimizer_states_bytes=optimizer_state_bytes(train.optim, tensors, param_bytes=c),
+        **_dynamic(shape, train, c, base_trains=True),
     )
 
 
@@ -319,41 +302,44 @@ def _lora_bf16(shape: ModelShape, lora: LoraSpec, train: TrainSpec, targets) -> 
         "lora-bf16", METHOD_LABELS["lora-bf16"], n,
         base_weights_bytes=c * shape.total_params, quant_constants_bytes=0, adapter_weights_bytes=weights,
         gradients_bytes=weights, optimizer_states_bytes=optim,
-        activations_bytes=activation_bytes(shape, train, base_trains=False, c=c, targets=targets, lora=lora),
-        logits_bytes=logits_bytes(shape, train, c),
+        **_dynamic(shape, train, c, base_trains=False, targets=targets, lora=lora),
     )
 
 
 def _qlora(shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec, targets) -> MethodBudget:
-    """4-bit base (QLoRA, Dettmers et al. 2023): packed weights + QuantState, then
-    peft.prepare_model_for_kbit_training casts every parameter that is not a Params4bit and is
-    fp16/bf16 to fp32 (peft/utils/other.py), so embeddings, norms, lm_head and biases cost 4 B each.
-    Adapters are fp32 as in `_lora_bf16`."""
+    """4-bit base (QLoRA, Dettmers et al. 2023): packed weights + QuantState. With levers.upcast_frozen (the HF
+    stack) peft.prepare_model_for_kbit_training casts every parameter that is not a Params4bit and is fp16/bf16
+    to fp32 (peft/utils/other.py), so embeddings, norms, lm_head and biases cost 4 B each and the residual stream
+    is fp32; without it (the engine's default) they stay in the compute dtype and the step costs activations as a
+    16-bit base does. Adapters are fp32 as in `_lora_bf16`."""
     c = DTYPE_BYTES[quant.compute_dtype]  # bnb_4bit_compute_dtype: the dtype activations flow in
+    upcast = train.levers.upcast_frozen
+    frozen_c = 4 if upcast else c
     packed, consts, unquantized = quantized_base_bytes(shape, quant)
-    # prepare_model_for_kbit_training ran first, so a modules_to_save copy is of an fp32 module.
-    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=4)
+    # The preparation ran first, so a modules_to_save copy is of a module in its prepared dtype.
+    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=frozen_c)
     key = f"qlora-{quant.mode}" + ("-dq" if quant.double_quant else "")
     label = f"QLoRA {quant.mode}" + ("+DQ" if quant.double_quant else "")
     return _finish(
-        key, label, n, fp32_upcast=4 * unquantized,
-        base_weights_bytes=packed + 4 * unquantized, quant_constants_bytes=consts, adapter_weights_bytes=weights,
-        gradients_bytes=weights, optimizer_states_bytes=optim,
-        activations_bytes=activation_bytes(shape, train, base_trains=False, c=c, targets=targets, lora=lora,
-                                           kbit_prepared=True),
-        logits_bytes=logits_bytes(shape, train, c),
+        key, label, n, fp32_upcast=4 * unquantized if upcast else None,
+        base_weights_bytes=packed + frozen_c * unquantized, quant_constants_bytes=consts,
+        adapter_weights_bytes=weights, gradients_bytes=weights, optimizer_states_bytes=optim,
+        **_dynamic(shape, train, c, base_trains=False, stream_c=frozen_c, targets=targets, lora=lora,
+                   kbit_prepared=upcast),
     )
 
 
 def method_budget(
     key: str, shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec, targets
 ) -> MethodBudget:
-    """The budget of one method by key: 'full-fp32', 'full-bf16', 'lora-bf16', 'qlora-<nf4|fp4>[-dq]'."""
+    """The budget of one method by key: 'full-fp32', 'full-bf16', 'full-bf16-pure', 'lora-bf16', 'qlora-<nf4|fp4>[-dq]'."""
     targets = match_targets(shape, targets)  # peft's rule once per budget, not once per term
     if key == "full-fp32":
         return _full_fp32(shape, train)
     if key == "full-bf16":
         return _full_bf16(shape, train)
+    if key == "full-bf16-pure":
+        return _full_bf16_pure(shape, train)
     if key == "lora-bf16":
         return _lora_bf16(shape, lora, train, targets)
     if key.startswith("qlora-"):
@@ -364,9 +350,9 @@ def method_budget(
 
 
 def method_keys(quant: QuantSpec) -> tuple[str, ...]:
-    """Table columns: full fp32, full bf16, LoRA bf16, QLoRA <mode> without and with double quantization."""
+    """Table columns: full fp32, full bf16 mixed and pure, LoRA bf16, QLoRA <mode> without and with double quant."""
     mode = quant.mode or "nf4"
-    return ("full-fp32", "full-bf16", "lora-bf16", f"qlora-{mode}", f"qlora-{mode}-dq")
+    return ("full-fp32", "full-bf16", "full-bf16-pure", "lora-bf16", f"qlora-{mode}", f"qlora-{mode}-dq")
 
 
 def primary_key(quant: QuantSpec) -> str:

@@ -131,8 +131,11 @@ class RunConfig:
 
     def train_spec(self) -> TrainSpec:
         """The memory-relevant shape of one step, as `plan`/budget.py take it."""
+        from .stack import levers_of
+
         return TrainSpec(seq_len=self.data.max_length, batch=self.train.batch, grad_ckpt=self.train.grad_ckpt,
-                         optim=self.train.optim, attn_impl=self.train.attn_impl, dtype=self.train.precision)
+                         optim=self.train.optim, attn_impl=self.train.attn_impl, dtype=self.train.precision,
+                         levers=levers_of(self))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

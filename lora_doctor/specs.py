@@ -89,6 +89,34 @@ class QuantSpec:
         raise_problems(problems)
 
 
+LOSS_CHUNKS = 8
+"""Sequence chunks of the chunked loss: torchtune's CEWithChunkedOutputLoss(num_output_chunks=8)
+(torchtune/modules/loss/ce_chunked_output_loss.py), the engine's default."""
+
+
+@dataclass(frozen=True)
+class Levers:
+    """What the training stack does with memory beyond the step's shape. The defaults are the plain HF path
+    (Trainer / TRL / Axolotl on peft); stack.STACKS names that one 'hf' and the engine's defaults 'lora-doctor'."""
+
+    chunked_loss: bool = False
+    """lm_head + loss over sequence chunks, each under torch.utils.checkpoint: no full (B, T, V) fp32 logits."""
+    loss_chunks: int = LOSS_CHUNKS
+    """Sequence chunks of the chunked loss (train.loss_chunks)."""
+    upcast_frozen: bool = True
+    """QLoRA: prepare_model_for_kbit_training casts every non-4-bit parameter (embeddings, norms, lm_head) to
+    fp32, which makes the residual stream fp32 too. False keeps them, and the stream, in the compute dtype."""
+    offload_activations: bool = False
+    """Saved activations (the checkpointed layer inputs) move to host memory; the device keeps about two layers'."""
+    packing: bool = False
+    """Examples packed into rows of seq_len tokens: the same B x T tensors per step, so no change in bytes here."""
+
+    def __post_init__(self):
+        if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks <= 0:
+            raise_problems([(f"The loss chunk count must be a positive integer, got {self.loss_chunks!r}.",
+                             f"Try: {LOSS_CHUNKS} (torchtune's CEWithChunkedOutputLoss default)")])
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """The shape of one optimizer step, as far as memory is concerned."""
@@ -105,6 +133,8 @@ class TrainSpec:
     """Attention implementation: 'sdpa'/'flash_attention_2' keep no (T, T) matrix; 'eager' does."""
     dtype: str = "bf16"
     """Activation / compute dtype."""
+    levers: Levers = Levers()
+    """What the stack does with memory (chunked loss, fp32 upcast, offload); the default is the HF path."""
 
     def __post_init__(self):
         problems = []

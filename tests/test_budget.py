@@ -481,9 +481,10 @@ def test_runtime_overhead_and_total_are_consistent():
         assert m.total_bytes == allocated + m.runtime_overhead_bytes
         assert all(isinstance(getattr(m, f), int) and getattr(m, f) >= 0 for f, _ in TERMS)
     keys = [m.key for m in b.methods]
-    assert keys == ["full-fp32", "full-bf16", "lora-bf16", "qlora-nf4", "qlora-nf4-dq"]
+    # issue 9 added the pure-bf16 full fine-tune next to the mixed-precision one; the other columns are unchanged.
+    assert keys == ["full-fp32", "full-bf16", "full-bf16-pure", "lora-bf16", "qlora-nf4", "qlora-nf4-dq"]
     totals = [m.total_bytes for m in b.methods]
-    assert totals[0] > totals[2] > totals[3] > totals[4]
+    assert totals[0] > totals[1] > totals[2] > totals[3] > totals[4] > totals[5]
     assert b.primary == "qlora-nf4-dq"
     assert memory_budget(shape, LoraSpec(), QuantSpec(mode=None), TrainSpec(), ("q_proj",)).primary == "lora-bf16"
 

@@ -113,19 +113,19 @@ def check_plan_text(out: str, r: int = 16) -> None:
     for column in METHOD_COLUMNS:
         assert column in header
     for label in TERM_LABELS:
-        assert re.search(rf"^{re.escape(label)}\s+" + r"\s+".join([SIZE] * 5) + r"\s*$", out, re.M), label
+        assert re.search(rf"^{re.escape(label)}\s+" + r"\s+".join([SIZE] * 6) + r"\s*$", out, re.M), label
     assert f"GPU verdicts, r={r} (⚠ tight = over 90% of usable memory):" in out
     from lora_doctor.hardware import GPUS
 
     for gpu in GPUS:
-        row = rf"^{re.escape(gpu.name)}(?: \(chosen\))?\s+{SIZE}\s+" + r"\s+".join([VERDICT] * 5) + r"\s*$"
+        row = rf"^{re.escape(gpu.name)}(?: \(chosen\))?\s+{SIZE}\s+" + r"\s+".join([VERDICT] * 6) + r"\s*$"
         assert re.search(row, out, re.M), gpu.name
     assert "Traceback" not in out and "note:" not in out  # notes go to stderr
 
 
 @pytest.mark.slow  # the first plan pays for importing torch/transformers/peft and the 7B meta build
 def test_readme_plan_in_process():
-    result = invoke("plan", MISTRAL, "--r", "16")
+    result = invoke("plan", MISTRAL, "--r", "16", "--stack", "hf")  # the HF path upcasts; the engine does not
     assert result.exit_code == 0, result.output
     check_plan_text(result.stdout)
     assert "prepare_model_for_kbit_training" in result.stderr  # the fp32-upcast note, on stderr

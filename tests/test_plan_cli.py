@@ -61,7 +61,9 @@ def test_json_has_every_figure_as_integer_bytes(mistral_json):
     assert data["trainable"][1]["trainable_params"] == 4 * 3_407_872
     assert data["targets"]["resolved"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     for b in data["budgets"]:
-        assert [m["key"] for m in b["methods"]] == ["full-fp32", "full-bf16", "lora-bf16", "qlora-nf4", "qlora-nf4-dq"]
+        # issue 9 added the pure-bf16 full fine-tune column; the others are unchanged.
+        assert [m["key"] for m in b["methods"]] == ["full-fp32", "full-bf16", "full-bf16-pure", "lora-bf16", "qlora-nf4",
+                                                     "qlora-nf4-dq"]
         for m in b["methods"]:
             for field, _ in TERMS:
                 assert isinstance(m[field], int) and m[field] >= 0
@@ -80,7 +82,12 @@ def test_json_matches_the_library(mistral_json):
 
     shape, _ = load_shape(MISTRAL)
     targets = tuple(mistral_json["targets"]["resolved"])
-    lib = memory_budget(shape, LoraSpec(r=4, targets=targets), QuantSpec(), TrainSpec(), targets)
+    from lora_doctor.stack import STACKS
+
+    # plan's default --stack lora-doctor is the library's TrainSpec with the engine's levers (TrainSpec() is hf)
+    lib = memory_budget(shape, LoraSpec(r=4, targets=targets), QuantSpec(), TrainSpec(levers=STACKS["lora-doctor"]),
+                        targets)
+    assert mistral_json["stack"] == "lora-doctor"
     assert mistral_json["budgets"][0]["methods"] == [m.to_dict() for m in lib.methods]
 
 
@@ -238,7 +245,7 @@ def test_headroom_is_the_boundary():
 
 def test_notes_explain_unquantized_layers_on_stderr():
     # transformers 5 only swaps exact nn.Linear: Falcon's FalconLinear subclass stays 16-bit, then fp32.
-    result = plan("tiiuae/falcon-7b", "--json")
+    result = plan("tiiuae/falcon-7b", "--json", "--stack", "hf")  # the upcast is the HF path's
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     kinds = {n["kind"] for n in data["notes"]}
@@ -317,9 +324,15 @@ def test_gemma2_is_planned_with_the_eager_attention_transformers_runs():
     assert "_supports_sdpa = False" in result.stderr
     eager = json.loads(plan("google/gemma-2-2b", "--attn", "eager", "--json").stdout)
     assert eager["budgets"] == data["budgets"]
-    lora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
+    hf = json.loads(plan("google/gemma-2-2b", "--json", "--stack", "hf").stdout)  # full logits: the HF path
+    lora = next(m for m in hf["budgets"][0]["methods"] if m["key"] == "lora-bf16")
     # B * T * V * (12 loss bytes + 2 for the bf16 tanh output of final_logit_softcapping)
     assert lora["logits_bytes"] == 1 * 2048 * 256000 * 14
+    chunked = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
+    # the engine's chunked loss: one of 8 chunks (256 tokens) at 14 bytes, + the final hidden states and their grad,
+    # counted beyond the layer recompute it never coexists with (checkpointing is on)
+    loss = 1 * 256 * 256000 * 14 + 2 * 2048 * 2304 * 2
+    assert chunked["logits_bytes"] == loss - (chunked["activations_bytes"] - 1 * 2048 * 26 * 2304 * 2) > 0
     fa2 = json.loads(plan("google/gemma-2-2b", "--attn", "flash_attention_2", "--json").stdout)
     assert fa2["train"]["attn_impl"] == "flash_attention_2"
     assert not any(n["kind"] == "attn-eager-fallback" for n in fa2["notes"])

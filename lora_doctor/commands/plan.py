@@ -11,6 +11,7 @@ import click
 
 from ..errors import LoraDoctorError
 from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
+from ..stack import STACKS, stack_name
 
 DEFAULT_REPORT_DIR = Path("reports")
 DEFAULT_SEQ_LEN = 2048
@@ -78,8 +79,7 @@ def gather_plan(
                     "resolved": list(targets)},
         "lora": {**asdict(lora), "r": counts[0].r, "lora_alpha": lora.alpha if lora.alpha is not None else 2 * counts[0].r,
                  "targets": list(targets)},
-        "quant": asdict(quant),
-        "train": asdict(train),
+        "quant": asdict(quant), "train": asdict(train), "stack": stack_name(train.levers),
         "trainable": _trainable_rows(counts),
         "cached": hit,
         "budgets": budgets,
@@ -247,11 +247,11 @@ def _shape_notes(shape, budget) -> list[dict]:
     if unquantized:
         n = sum(g.weight_numel for g in unquantized)
         notes.append({"kind": "linears-not-quantized", "names": list(dict.fromkeys(g.name for g in unquantized)),
-                      "params": n, "fp32_bytes": 4 * n})
+                      "params": n, "fp32_bytes": 4 * n, "upcast": budget.train.levers.upcast_frozen})
     if shape.param_groups:
         n = sum(g.numel for g in shape.param_groups)
         notes.append({"kind": "experts-not-quantized", "names": [g.name for g in shape.param_groups],
-                      "params": n, "fp32_bytes": 4 * n})
+                      "params": n, "fp32_bytes": 4 * n, "upcast": budget.train.levers.upcast_frozen})
     qlora = next((m for m in budget.methods if m.fp32_upcast_bytes), None)
     if qlora is not None:
         notes.append({"kind": "fp32-upcast", "method": qlora.key, "fp32_bytes": qlora.fp32_upcast_bytes,
@@ -291,6 +291,9 @@ def default_markdown_path(data: dict) -> Path:
               help="Quantize the 4-bit absmax constants too (QLoRA's double quantization).")
 @click.option("--attn", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default="sdpa", show_default=True,
               help="Attention implementation; eager keeps a (T, T) matrix per head.")
+@click.option("--stack", type=click.Choice(list(STACKS)), default="lora-doctor", show_default=True,
+              help="Whose step is costed: lora-doctor's engine (chunked loss, frozen weights 16-bit) or the "
+                   "Trainer/TRL/Axolotl path (fp32 upcast by prepare_model_for_kbit_training, full logits).")
 @click.option("--gpu", default=None, metavar="NAME|GiB",
               help="Card for the largest-batch search: 'RTX 4090', 'A100 80GB', ... or a size in GiB. "
                    "Default: the local GPU if any.")
@@ -315,7 +318,7 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
               help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
 def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
-            attn, gpu, gpus, strategy, data, format_, max_length, tokenizer, grad_accum, epochs, config,
+            attn, stack, gpu, gpus, strategy, data, format_, max_length, tokenizer, grad_accum, epochs, config,
             trust_remote_code, as_json, markdown):
     """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
 
@@ -347,7 +350,8 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
                                                  epochs=epochs)
     if config_batch is not None and click.get_current_context().get_parameter_source("batch").name == "DEFAULT":
         batch = config_batch  # --config's train.batch, unless --batch was typed
-    train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt, optim=optim, attn_impl=attn)
+    train = TrainSpec(seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, batch=batch, grad_ckpt=grad_ckpt,
+                      optim=optim, attn_impl=attn, levers=STACKS[stack])
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
                        trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None,
                        gpus=gpus, strategy=strategy, data=request)

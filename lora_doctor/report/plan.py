@@ -34,7 +34,8 @@ def _step_line(data: dict) -> str:
     quant = "none (bf16 base)" if q["mode"] is None else q["mode"] + (" + double quant" if q["double_quant"] else "")
     return (f"batch {t['batch']} × seq {t['seq_len']}, gradient checkpointing {'on' if t['grad_ckpt'] else 'off'}, "
             f"attention {t['attn_impl']}, optimizer {t['optim']}, quantization {quant}, "
-            f"lora_alpha {_alpha(data)}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else ""))
+            f"lora_alpha {_alpha(data)}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else "")
+            + (f", stack {data['stack']}" if data.get("stack") else ""))
 
 
 COLLECTIVE_LABELS = {"ddp": "DDP gradient buckets", "fsdp": "FSDP all-gather / reduce-scatter"}
@@ -189,12 +190,16 @@ def _rank_note(n: dict) -> str:
 _NOTES = {
     "linears-not-quantized": lambda n: (
         f"{', '.join(n['names'])} ({format_count(n['params'])} weights) stay 16-bit under bitsandbytes "
-        "4-bit (transformers swaps only exact nn.Linear / Conv1D), and prepare_model_for_kbit_training "
-        f"then upcasts them to fp32: {format_bytes(n['fp32_bytes'])} in the QLoRA columns."),
+        "4-bit (transformers swaps only exact nn.Linear / Conv1D)" + (
+            ", and prepare_model_for_kbit_training then upcasts them to fp32: "
+            f"{format_bytes(n['fp32_bytes'])} in the QLoRA columns." if n.get("upcast", True) else
+            f": {format_bytes(n['fp32_bytes'] // 2)} in the QLoRA columns.")),
     "experts-not-quantized": lambda n: (
         f"Fused expert tensors {', '.join(n['names'])} ({format_count(n['params'])} params) are bare "
-        "Parameters bitsandbytes does not quantize; after prepare_model_for_kbit_training they are "
-        f"fp32: {format_bytes(n['fp32_bytes'])}, which is why QLoRA can cost more than LoRA bf16 here."),
+        "Parameters bitsandbytes does not quantize" + (
+            f"; after prepare_model_for_kbit_training they are fp32: {format_bytes(n['fp32_bytes'])}, "
+            "which is why QLoRA can cost more than LoRA bf16 here." if n.get("upcast", True) else
+            f": {format_bytes(n['fp32_bytes'] // 2)} at 16 bit in the QLoRA columns.")),
     "fp32-upcast": lambda n: (
         f"QLoRA base weights include {format_bytes(n['fp32_bytes'])} of fp32 parameters "
         f"({format_count(n['params'])}: embeddings, norms, lm_head, biases, anything not 4-bit) that "
