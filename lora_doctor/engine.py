@@ -335,7 +335,8 @@ class Engine:
             f"Out of memory at step {self.step + 1} with batch {t.batch} x max_length {self.cfg.data.max_length} "
             f"(peak {format_bytes(peak)}{', gradient checkpointing off' if not t.grad_ckpt else ''}).",
             f"Try: --batch {max(1, t.batch // 2)} --grad-accum {t.grad_accum * 2}"
-            + ("" if t.grad_ckpt else " --grad-ckpt") + ", or a shorter --max-length.")
+            + ("" if t.grad_ckpt else " --grad-ckpt") + ", or a shorter --max-length"
+            + ("" if t.offload_activations else ", or --set train.offload_activations=true") + ".")
 
     def evaluate(self) -> float:
         """Plain cross-entropy per labelled token on the eval set, whatever the training loss."""
