@@ -205,7 +205,7 @@ class Engine:
 
     def _loss_step(self, batch: dict, kind: str | None = None):
         """One micro-batch's forward: the summed loss over its labelled tokens (lossfn.CausalLMLoss)."""
-        return self.model(**batch, kind=kind or self.cfg.loss.kind)
+        return self.model(**batch, kind=kind or self.cfg.loss.kind, loss=self.cfg.loss)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on one (a signal may reach ranks between different steps)."""

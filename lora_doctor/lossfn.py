@@ -85,21 +85,23 @@ class CausalLMLoss(nn.Module):
         logits = head(hidden)
         return transform(logits) if transform is not None else logits
 
-    def forward(self, input_ids, attention_mask=None, labels=None, *, kind: str = "ce", **model_kwargs):
+    def forward(self, input_ids, attention_mask=None, labels=None, *, kind: str = "ce", loss=None, **model_kwargs):
         """The summed loss of `kind` over the labelled tokens of `labels` (optim.token_loss_sum's semantics).
 
+        `loss` overrides the LossConfig given at construction (the engine passes its current cfg.loss);
         `model_kwargs` (position_ids, a packed batch's extras) go to the model as they are.
         """
+        loss = loss if loss is not None else self.loss
         # Under no_grad nothing is saved for backward, so the offload would only cost its hooks.
         offload = self.offload and torch.is_grad_enabled()
         with torch.autograd.graph.save_on_cpu(pin_memory=self.pin_memory) if offload else contextlib.nullcontext():
             if self.chunks is None:
                 out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-                return token_loss_sum(out.logits, labels, self.loss, kind)
+                return token_loss_sum(out.logits, labels, loss, kind)
             hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)[0]
-            return self._chunked(hidden[:, :-1], labels[:, 1:], kind)
+            return self._chunked(hidden[:, :-1], labels[:, 1:], kind, loss)
 
-    def _chunked(self, hidden, targets, kind: str):
+    def _chunked(self, hidden, targets, kind: str, loss):
         """Sum of predicted_loss_sum over sequence chunks of the shifted (hidden, targets)."""
         n = max(1, min(self.chunks, hidden.size(1)))
         total = None
@@ -107,12 +109,12 @@ class CausalLMLoss(nn.Module):
             # Checkpointed: the chunk's logits, their fp32 copy and the log-softmax are freed as soon as its
             # loss is summed, and recomputed one chunk at a time in backward. The RNG state is kept, so a
             # LoRA dropout on lm_head draws the same mask when recomputed.
-            part = torch.utils.checkpoint.checkpoint(partial(self._chunk_loss, kind=kind), h, y, use_reentrant=False)
+            part = torch.utils.checkpoint.checkpoint(partial(self._chunk_loss, kind=kind, loss=loss), h, y, use_reentrant=False)
             total = part if total is None else total + part
         return total
 
-    def _chunk_loss(self, hidden, targets, kind: str):
-        return predicted_loss_sum(self.head_logits(hidden), targets, self.loss, kind)
+    def _chunk_loss(self, hidden, targets, kind: str, loss):
+        return predicted_loss_sum(self.head_logits(hidden), targets, loss, kind)
 
     def head_mismatch(self, device: str, autocast: Callable, quant_mode: str | None = None) -> str | None:
         """Why the chunked head disagrees with the model's own logits on 1 x 8 tokens, or None when they agree.
