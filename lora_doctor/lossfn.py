@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .loading import eval_mode
 from .optim import predicted_loss_sum, token_loss_sum
@@ -109,7 +110,7 @@ class CausalLMLoss(nn.Module):
             # Checkpointed: the chunk's logits, their fp32 copy and the log-softmax are freed as soon as its
             # loss is summed, and recomputed one chunk at a time in backward. The RNG state is kept, so a
             # LoRA dropout on lm_head draws the same mask when recomputed.
-            part = torch.utils.checkpoint.checkpoint(partial(self._chunk_loss, kind=kind, loss=loss), h, y, use_reentrant=False)
+            part = checkpoint(partial(self._chunk_loss, kind=kind, loss=loss), h, y, use_reentrant=False)
             total = part if total is None else total + part
         return total
 

@@ -209,7 +209,8 @@ def test_engine_trains_the_same_with_chunked_loss(tiny_llama_dir, data_path, tmp
 @pytest.mark.slow  # two more engine runs, nf4 + bf16 (~10 s on 2 shared cores)
 def test_engine_qlora_losses_match_and_offload_changes_nothing(tiny_llama_dir, data_path, tmp_path):
     qlora = {"quant": "nf4", "precision": "bf16", "optim": "paged-adamw-8bit"}
-    _, chunked = engine_losses(tiny_llama_dir, data_path, tmp_path / "a", **qlora)
+    engine, chunked = engine_losses(tiny_llama_dir, data_path, tmp_path / "a", **qlora)
+    assert engine.model.chunks == 8 and engine.levers_off == {}  # the nf4 + bf16 head passes the self-check
     _, full = engine_losses(tiny_llama_dir, data_path, tmp_path / "b", chunked_loss=False, **qlora)
     _, offloaded = engine_losses(tiny_llama_dir, data_path, tmp_path / "c", offload_activations=True, **qlora)
     torch.testing.assert_close(chunked, full, rtol=2e-2, atol=2e-2)  # bf16: the head's matmul is split in 8
