@@ -163,14 +163,28 @@ def test_self_check_passes_on_known_heads_and_catches_an_unknown_transform():
     assert lossfn.SELF_CHECK_LOGIT > 2 * 30.0 - 1  # Gemma-2's cap, doubled: what the scaled check relies on
 
 
-def test_offload_gives_the_same_loss_and_gradients():
+def test_offload_moves_the_checkpointed_layer_inputs_and_changes_nothing(monkeypatch):
     model = build("llama")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm = peft_of(model, "llama", "lora")
     ids, mask, labels = batch()
     plain = loss_and_grads(CausalLMLoss(pm, LOSS, chunks=4), ids, mask, labels, "focal")
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: packed.append(tuple(t.shape)) or pack(t)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
     offloaded = loss_and_grads(CausalLMLoss(pm, LOSS, chunks=4, offload=True), ids, mask, labels, "focal")
     torch.testing.assert_close(offloaded, plain)
+    # Non-reentrant checkpointing saves each layer's input through the saved-tensor hooks, so the offload
+    # gets the residual stream (B, T, H) of both layers plus the final norm's input, and each loss chunk's
+    # hidden states; nothing of size V (the chunks' logits are recomputed, never saved).
+    assert packed.count((3, 13, 64)) >= 3 and packed.count((3, 3, 64)) == 4, packed
+    assert not any(512 in shape for shape in packed), packed
 
 
 # --- the engine, end to end ------------------------------------------------------------------------
