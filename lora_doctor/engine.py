@@ -36,7 +36,8 @@ from .gradflow import GradFlowRecorder
 from .loading import (eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config, preload_libraries,
                       resolve_source, torch_dtype)
 from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, merged_memory, throughput
-from .optim import build_optimizer, build_scheduler, label_token_count, token_loss_sum
+from .lossfn import build_loss
+from .optim import build_optimizer, build_scheduler, label_token_count
 from .report import format_bytes  # no torch, no I/O: the one place bytes become text
 from .runconfig import RunConfig
 
@@ -66,8 +67,12 @@ class Engine:
         self.cfg = cfg
         self.model_hook = model_hook
         self.model = None
-        """What the steps call: the peft model, DDP-wrapped when world_size > 1."""
+        """What the steps call: lossfn.CausalLMLoss over the peft model (ids, labels -> summed loss),
+        DDP-wrapped when world_size > 1, so the wrapper's hooks fire around the whole loss."""
         self.peft_model = None
+        """The peft model itself: weights, adapters, save_pretrained."""
+        self.levers_off: dict[str, str] = {}
+        """Config levers the engine had to switch off, with why (lossfn.build_loss's self-check)."""
         self.tokenizer = None
         self.source = None
         """loading.ModelSource: the model's config, resolved once."""
@@ -153,7 +158,12 @@ class Engine:
             self.cfg, "cpu" if sharded else self.device, source=self.source, device_index=None if sharded else
             self.device_index, world_size=self.world_size, model_hook=self.model_hook, note=self._note, fsdp=sharded)
         self.model_info = replace(info, device=self.device)
-        self.model = self.placement.wrap(self.peft_model, compute_dtype(self.cfg))
+        # The chunked head's self-check runs before sharding; on a GPU run the still-unsharded base is on the
+        # host, where one forward of a large 4-bit model costs minutes, so it is skipped there (and said).
+        loss_fn, self.levers_off = build_loss(self.peft_model, self.cfg, "cpu" if sharded else self.device,
+                                              autocast=self._autocast, note=self._note,
+                                              check=not (sharded and self.device == "cuda"))
+        self.model = self.placement.wrap(loss_fn, compute_dtype(self.cfg))
 
     def _lora_config(self, model):
         """The peft LoraConfig this engine applies (bench builds its Trainer baseline with the same)."""
@@ -203,9 +213,8 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss_step(self, batch: dict, kind: str | None = None):
-        """One micro-batch's forward: the summed loss over its labelled tokens (optim.token_loss_sum)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return token_loss_sum(out.logits, batch["labels"], self.cfg.loss, kind or self.cfg.loss.kind)
+        """One micro-batch's forward: the summed loss over its labelled tokens (lossfn.CausalLMLoss)."""
+        return self.model(**batch, kind=kind or self.cfg.loss.kind, loss=self.cfg.loss)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on one (a signal may reach ranks between different steps)."""
@@ -333,7 +342,8 @@ class Engine:
             f"Out of memory at step {self.step + 1} with batch {t.batch} x max_length {self.cfg.data.max_length} "
             f"(peak {format_bytes(peak)}{', gradient checkpointing off' if not t.grad_ckpt else ''}).",
             f"Try: --batch {max(1, t.batch // 2)} --grad-accum {t.grad_accum * 2}"
-            + ("" if t.grad_ckpt else " --grad-ckpt") + ", or a shorter --max-length.")
+            + ("" if t.grad_ckpt else " --grad-ckpt") + ", or a shorter --max-length"
+            + ("" if t.offload_activations else ", or --set train.offload_activations=true") + ".")
 
     def evaluate(self) -> float:
         """Plain cross-entropy per labelled token on the eval set, whatever the training loss."""
@@ -369,7 +379,8 @@ class Engine:
                          memory=dict(self.memory), steps=tuple(self.history), grad_flow=grad_flow,
                          loss=loss_stats([s.loss for s in self.history]), throughput=throughput(self.history),
                          eval_losses=tuple(self.eval_history), stopped_early=stopped_early, error=error,
-                         duration_s=time.perf_counter() - self._t_start, extra=dict(extra or {}))
+                         duration_s=time.perf_counter() - self._t_start,
+                         extra={**({"levers_off": dict(self.levers_off)} if self.levers_off else {}), **(extra or {})})
 
     def trainable_state(self) -> dict:
         """The adapter weights (requires_grad parameters) by peft name, whole, on CPU; collective under FSDP."""

@@ -21,13 +21,22 @@ def token_loss_sum(logits, labels, loss, kind: str):
         labels: (B, T) with IGNORE_INDEX on tokens that carry no loss.
         loss: runconfig's loss section (label_smoothing, focal_gamma).
     """
+    # Shift so token t predicts t+1.
+    return predicted_loss_sum(logits[:, :-1, :], labels[:, 1:], loss, kind)
+
+
+def predicted_loss_sum(logits, targets, loss, kind: str):
+    """token_loss_sum after the shift: logits (B, T, V) at position t score targets[:, t] (IGNORE_INDEX: no loss).
+
+    lossfn.CausalLMLoss calls it once per sequence chunk; the sum over chunks is token_loss_sum.
+    """
     import torch
     import torch.nn.functional as F
 
-    # Shift so token t predicts t+1. Upcast to fp32 for a stable log-softmax: (B, T-1, V) fp32 is
-    # the largest activation of a small-model step; it is freed right after backward.
-    shifted = logits[:, :-1, :].float()
-    flat_logits, flat_labels = shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1)
+    # Upcast to fp32 for a stable log-softmax: over the full sequence, (B, T-1, V) fp32 is the largest
+    # activation of a small-model step (lossfn.py chunks it); it is freed right after backward.
+    shifted = logits.float()
+    flat_logits, flat_labels = shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1)
     if kind == "ce":
         return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if kind == "label_smoothing":
@@ -87,4 +96,4 @@ def build_scheduler(optimizer, train, total_steps: int):
         optimizer, lambda step: lr_factor(step, warmup=warmup, total=total_steps, kind=kind))
 
 
-__all__ = ["build_optimizer", "build_scheduler", "label_token_count", "lr_factor", "token_loss_sum"]
+__all__ = ["build_optimizer", "build_scheduler", "label_token_count", "lr_factor", "predicted_loss_sum", "token_loss_sum"]

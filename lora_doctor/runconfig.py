@@ -58,6 +58,12 @@ class TrainConfig:
     """Clip the adapter gradient norm (QLoRA used 0.3); None disables."""
     grad_ckpt: bool = True
     """Gradient checkpointing (--grad-ckpt/--no-grad-ckpt)."""
+    chunked_loss: bool = True
+    """Compute lm_head and the loss over `loss_chunks` sequence chunks, so full (batch, length, vocab) logits never exist."""
+    loss_chunks: int = 8
+    """Sequence chunks of the chunked loss (torchtune's num_output_chunks); one chunk's logits exist at a time."""
+    offload_activations: bool = False
+    """Keep the tensors saved for backward (checkpointed layer inputs) in CPU memory during the step."""
     precision: str = "bf16"
     """Autocast / base dtype: bf16, fp16 (with a grad scaler on CUDA) or fp32 (--precision)."""
     attn_impl: str = "sdpa"

@@ -164,6 +164,7 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     _one_of(label("train.optim"), t.optim, OPTIMIZERS, p, "--optim paged-adamw-8bit")
     if t.max_grad_norm is not None and (not isinstance(t.max_grad_norm, (int, float)) or t.max_grad_norm <= 0):
         p.append((f"{label('train.max_grad_norm')} must be > 0 or null; got {t.max_grad_norm!r}.", "Try: train.max_grad_norm: 0.3"))
+    _positive_int(label("train.loss_chunks"), t.loss_chunks, p, "train.loss_chunks: 8", cap=MAX_SEQ_LEN, unit="chunks")
     _one_of(label("train.precision"), t.precision, COMPUTE_DTYPES, p, "--precision bf16")
     _one_of(label("train.attn_impl"), t.attn_impl, ("sdpa", "eager", "flash_attention_2"), p, "train.attn_impl: sdpa")
     _positive_int(label("train.seed"), t.seed, p, f"--seed {DEFAULT_SEED}", allow_zero=True)

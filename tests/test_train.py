@@ -405,10 +405,10 @@ def test_saved_modules_and_token_rows_train_save_and_reload(tiny_llama_dir, data
     assert any("lm_head" in k for k in keys) and any("trainable_tokens" in k for k in keys)
     shape, _ = load_shape(str(tiny_llama_dir))
     plan = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(), resolve_targets(shape, cfg.lora.targets))
-    assert plan.method("lora-bf16").trainable_params == engine.model.get_nb_trainable_parameters()[0]
+    assert plan.method("lora-bf16").trainable_params == engine.peft_model.get_nb_trainable_parameters()[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, adapter).eval()
     ids = torch.tensor([[1, 3, 4, 5, 6]])
-    engine.model.eval()
+    engine.peft_model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, engine.model(input_ids=ids).logits)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, engine.peft_model(input_ids=ids).logits)

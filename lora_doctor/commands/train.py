@@ -24,6 +24,7 @@ from ..diagnose import diagnose, eval_loss_summary, write_reports
 from ..checkpoint import refuse_other_run
 from ..errors import LoraDoctorError
 from ..fileio import check_output_dir
+from ..report.levers import levers_line
 from ..runconfig import RunConfig
 from .options import config_from_cli, run_options
 
@@ -217,6 +218,7 @@ def train(cfg: RunConfig, *, resume: bool = False, checkpoint: str | None = None
     total = engine.total_steps
     main_log(f"{engine.model_info.trainable_params:,} trainable params; {engine.data.stats.n_examples} examples; "
              f"{total} steps of {cfg.train.batch}x{cfg.train.grad_accum}x{engine.world_size} examples")
+    main_log(f"engine levers: {levers_line(cfg.to_dict(), engine.levers_off)}")
 
     def periodic_save(e, rec):
         every = cfg.train.save_every

@@ -33,6 +33,7 @@ from ..errors import LoraDoctorError
 from ..fileio import write_json_atomic, write_text_atomic
 from . import format_bytes, format_count
 from .data import chat_line, example_text_lines, section_data
+from .levers import report_levers_line
 from .env import redact
 from .tables import EVAL_KEYS, fmt_loss, md_cell, section_extra, sparkline, table
 
@@ -171,6 +172,8 @@ def _section_summary(result: dict) -> list[str]:
         total = t.get("total_params")
         share = f" of {format_count(total)} ({100 * t['trainable_params'] / total:.3f}%)" if total else ""
         rows.append(("Trainable params", f"{format_count(t['trainable_params'])}{share}"))
+    if report_levers_line(result):
+        rows.append(("Engine levers", report_levers_line(result)))
     if not rows:
         return []
     return [table(rows, ("", "")), ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..diagnose import PlanBasis
 from . import format_bytes
 from .data import chat_line, example_text_lines
+from .levers import report_levers_line
 from .plan import format_duration
 
 
@@ -42,6 +43,8 @@ def summary_lines(report: dict) -> list[str]:
     if chat_line(data):
         lines.append(f"  chat               {chat_line(data)}")
     lines += example_text_lines(data)
+    if report_levers_line(report):
+        lines.append(f"  engine levers      {report_levers_line(report)}")
     if "measured_peak_bytes" in extra:
         planned = extra.get("planned_peak_bytes")
         err = (f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra
