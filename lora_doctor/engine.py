@@ -139,7 +139,7 @@ class Engine:
         self.data = load_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, model_id=self.cfg.model,
                               embedding_rows=getattr(self.base_config, "vocab_size", None))
         # An id past the embedding rows is an IndexError inside the first step holding it: refuse it before the load.
-        bad = out_of_range_finding(self.data.train + self.data.eval, getattr(self.source, "shape", None))
+        bad = out_of_range_finding(self.data.examples + self.data.eval, getattr(self.source, "shape", None))
         if bad is not None:
             raise BadData(bad.message, bad.hint)
 
@@ -198,7 +198,9 @@ class Engine:
 
     def _loss_step(self, batch: dict, kind: str | None = None):
         """One micro-batch's forward: the summed loss over its labelled tokens (optim.token_loss_sum)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # Packed rows carry no attention_mask: their position_ids give transformers the block-diagonal mask.
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         position_ids=batch["position_ids"])
         return token_loss_sum(out.logits, batch["labels"], self.cfg.loss, kind or self.cfg.loss.kind)
 
     def _any_rank(self, flag: bool) -> bool:
@@ -255,10 +257,10 @@ class Engine:
 
         t0 = time.perf_counter()
         accum = self.cfg.train.grad_accum
-        micro = [collate(self._micro_batch(self.micro + i), self.data.pad_token_id, self.data.padding_side)
-                 for i in range(accum)]
+        rows = [self._micro_batch(self.micro + i) for i in range(accum)]
+        micro = [collate(r, self.data.pad_token_id, self.data.padding_side) for r in rows]
         label_tokens = sum(label_token_count(m["labels"]) for m in micro)
-        tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+        tokens = sum(len(e.input_ids) for r in rows for e in r)  # real tokens: packed rows have no attention_mask
         # Normalise by the labelled tokens of the whole step on every rank; DDP averages gradients over
         # ranks, hence the world_size factor. A step with no labelled token gives loss 0 and no gradient.
         global_label_tokens = self.placement.all_reduce_sum([float(label_tokens)])[0]
