@@ -13,8 +13,10 @@ labelled tokens, and the summed loss, are the same packed or not.
 
 No token attends across examples: collate passes position_ids and no attention_mask, and
 transformers (masking_utils.find_packed_sequence_indices, used exactly when attention_mask is None
-and position_ids are given) builds the block-diagonal causal mask for sdpa and eager, and
-flash-attention derives its varlen cu_seqlens from the same position_ids. Padding a batch of packed
+and position_ids are given, and no KV cache: loading sets use_cache False) builds the block-diagonal
+causal mask for sdpa and eager. flash-attention derives its varlen cu_seqlens from the same
+position_ids, but only at batch 1 (modeling_flash_attention_utils._is_packed_sequence), so validate.py
+refuses packing with flash_attention_2 at a larger batch. Padding a batch of packed
 rows to one width adds one more "example" at the end of a row, positions again from 0, labels
 IGNORE_INDEX: no real token can see it (it comes after them, in another block).
 """

@@ -247,3 +247,39 @@ def test_packing_with_chat_data(tmp_path):
     model = tiny("llama", vocab_size=len(tok))
     with torch.no_grad():
         assert torch.isfinite(forward(model, collate(packed.train[:2], 0))).all()
+
+
+def test_packing_with_flash_attention_needs_batch_1():
+    from lora_doctor.errors import LoraDoctorError
+
+    raw = {"model": "m", "data": {"packing": True}, "train": {"attn_impl": "flash_attention_2", "batch": 4}}
+    with pytest.raises(LoraDoctorError, match="needs --batch 1; got 4") as e:
+        from_dict(raw)
+    assert "--batch 1 --grad-accum 4" in e.value.hint
+    assert from_dict({**raw, "train": {"attn_impl": "flash_attention_2", "batch": 1}}).data.packing
+    assert from_dict({**raw, "data": {"packing": False}}).train.batch == 4
+
+
+def test_summary_reports_padding_saved():
+    from lora_doctor.report.data import packing_line, section_data
+
+    base = dict(n_examples=24, max_length=128, n_rows_packed=9, padding_tokens_unpacked=2000,
+                padding_tokens_packed=310)
+    on = packing_line({**base, "packing": True, "n_rows": 9})
+    assert on == "on: 24 examples in 9 rows of 128; padding 310 tokens, 1,690 saved (unpacked 2,000)"
+    off = packing_line({**base, "packing": False, "n_rows": 24})
+    assert off == ("off: 24 examples, padding 2,000 tokens in rows of 128; data.packing: true would fill 9 rows "
+                   "and save 1,690")
+    assert any("Packing" in line and "1,690 saved" in line for line in section_data({**base, "packing": True,
+                                                                                     "n_rows": 9}))
+    assert packing_line({"n_examples": 3}) is None  # a result written before packing existed
+
+
+def test_check_counts_steps_over_packed_rows():
+    from lora_doctor.checks import CheckContext
+    from lora_doctor.checks.schedule import check_few_optimizer_steps
+
+    ctx = CheckContext(n_examples=40, batch_size=4, grad_accum=1, epochs=1.0, max_steps=None)
+    assert check_few_optimizer_steps(ctx) == []  # 10 steps over 40 examples
+    (f,) = check_few_optimizer_steps(ctx.replace(n_packed_rows=8))  # 2 steps over 8 packed rows
+    assert f.code == "few-optimizer-steps" and "40 examples (in 8 packed rows)" in f.message and "2 optimizer" in f.message

@@ -19,7 +19,7 @@ REPEAT_WARN_EPOCHS = 2.0
 
 def _rows(ctx: CheckContext) -> int | None:
     """What the engine batches: packed rows with data.packing, else the examples."""
-    return ctx.n_rows if ctx.n_rows is not None else ctx.n_examples
+    return ctx.n_packed_rows if ctx.n_packed_rows is not None else ctx.n_examples
 
 
 def _steps(ctx: CheckContext, max_steps: int | None) -> int | None:
@@ -30,7 +30,8 @@ def _steps(ctx: CheckContext, max_steps: int | None) -> int | None:
 
 
 def _packed(ctx: CheckContext) -> str:
-    return f" (in {ctx.n_rows} packed rows)" if ctx.n_rows is not None and ctx.n_rows != ctx.n_examples else ""
+    n = ctx.n_packed_rows
+    return f" (in {n} packed rows)" if n is not None and n != ctx.n_examples else ""
 
 
 @register
