@@ -14,12 +14,13 @@ LoraDoctorError naming the file, the line and the field.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .chat import IGNORE_INDEX, TrainOn, row_shape, row_shape_stats, tokenize_chat_examples
 from .chat.rows import FORMAT_OF_SHAPE
 from .datastats import DataStats, data_stats
 from .errors import LoraDoctorError
+from .packing import PackedRow, pack_examples, packed_collate
 from .readers import LOCAL_SUFFIXES, read_rows
 
 DATA_FORMATS = ("instruction", "text", "chat")
@@ -72,6 +73,9 @@ class DataConfig:
     """Share of examples held out for evaluation when there is no `eval_path` (0 disables)."""
     max_examples: int | None = None
     """Use only the first N examples (handy for probes)."""
+    packing: bool = False
+    """Pack training examples end to end into rows of max_length tokens, each with its own position_ids
+    and no attention across examples (packing.py); the eval set stays one example per row."""
 
 
 @dataclass
@@ -91,11 +95,14 @@ class Example:
 
 @dataclass
 class TokenizedData:
-    train: list[Example]
+    train: list
+    """What the engine batches: the training Examples, or with data.packing their PackedRows."""
     eval: list[Example]
     stats: DataStats
     pad_token_id: int
     padding_side: str
+    examples: list[Example] = field(default_factory=list)
+    """The training Examples one by one (packed or not), as check reads them."""
 
 
 # --- tokenizing ------------------------------------------------------------------------------------
@@ -310,14 +317,20 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 3407, *, model_id: str | N
     if not train_examples:
         raise LoraDoctorError(f"Dataset '{cfg.path}' has no training examples left after the eval hold-out.",
                               "Lower data.eval_fraction.")
-    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c)
-    return TokenizedData(train_examples, eval_examples, stats, stats.pad_token_id, cfg.padding_side)
+    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c, seed=seed)
+    # Packed after the eval hold-out, so the held-out examples are the same packed or not.
+    rows = pack_examples(train_examples, cfg.max_length, seed) if cfg.packing else train_examples
+    return TokenizedData(rows, eval_examples, stats, stats.pad_token_id, cfg.padding_side, train_examples)
 
 
-def collate(examples: list[Example], pad_token_id: int, padding_side: str = "right"):
-    """Pad a micro-batch to its longest example: input_ids, attention_mask, labels (padding = -100)."""
+def collate(examples: list, pad_token_id: int, padding_side: str = "right"):
+    """Pad a micro-batch to its longest example: input_ids, attention_mask, labels (padding = -100) and
+    position_ids (0..width-1, what transformers uses without them). PackedRows go to packing.packed_collate:
+    per-example position_ids and no attention_mask."""
     import torch
 
+    if isinstance(examples[0], PackedRow):
+        return packed_collate(examples, pad_token_id, padding_side)
     width = max(len(e.input_ids) for e in examples)
     ids, mask, labels = [], [], []
     for e in examples:
@@ -331,7 +344,8 @@ def collate(examples: list[Example], pad_token_id: int, padding_side: str = "rig
             mask.append([1] * len(e.input_ids) + [0] * n)
             labels.append(e.labels + [IGNORE_INDEX] * n)
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long)}
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.arange(width, dtype=torch.long).expand(len(examples), -1).contiguous()}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -342,6 +356,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-__all__ = ["DataConfig", "DataStats", "Example", "TokenizedData", "load_data", "read_examples", "read_data_rows",
+__all__ = ["DataConfig", "DataStats", "Example", "PackedRow", "TokenizedData", "load_data", "read_examples", "read_data_rows",
            "split_examples", "data_stats", "read_rows", "tokenize_rows", "collate", "epoch_order", "IGNORE_INDEX",
            "DATA_FORMATS", "TRAIN_ON", "LOCAL_SUFFIXES"]

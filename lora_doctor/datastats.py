@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from .chat import IGNORE_INDEX, ChatStats
+from .packing import padding_stats
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ class DataStats:
     """Tokens after truncation, over all training examples."""
     n_label_tokens: int = 0
     """Tokens with a label (not -100) after truncation."""
+    packing: bool = False
+    """data.packing: examples packed end to end into rows of max_length (packing.py)."""
+    n_rows: int = 0
+    """Rows the engine batches and its step count reads: n_rows_packed with packing, else n_examples."""
+    n_rows_packed: int = 0
+    """Rows the training examples fill when packed (computed with packing off too)."""
+    padding_tokens_unpacked: int = 0
+    """Padding in rows of max_length, one example per row: n_examples x max_length - n_tokens."""
+    padding_tokens_packed: int = 0
+    """Padding in rows of max_length when packed: n_rows_packed x max_length - n_tokens."""
     pad_token: str | None = None
     pad_token_id: int | None = None
     """The id used for padding; EOS's when the tokenizer has no pad token (padding is masked either way)."""
@@ -69,6 +80,11 @@ class DataStats:
     def n_empty_fields(self) -> int:
         return sum(self.empty_fields.values())
 
+    @property
+    def padding_tokens_saved(self) -> int:
+        """Padding tokens packing removes (rows of max_length)."""
+        return self.padding_tokens_unpacked - self.padding_tokens_packed
+
     def to_dict(self) -> dict:
         d = asdict(replace(self, chat=None))  # asdict would recurse into ChatStats' enums and segments
         chat = self.chat.to_dict() if self.chat is not None else None
@@ -77,15 +93,17 @@ class DataStats:
             chat.pop("example_marked")
         d["chat"] = chat
         d["n_empty_fields"] = self.n_empty_fields
+        d["padding_tokens_saved"] = self.padding_tokens_saved
         return d
 
 
-def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict) -> DataStats:
+def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict, *, seed: int) -> DataStats:
     """What tokenization did to the training examples: the one DataStats builder (load_data and check).
 
     Args:
         cfg: the run's data.DataConfig.
-        train: the training data.Examples (after the eval hold-out).
+        train: the training data.Examples (after the eval hold-out), not packed.
+        seed: train.seed, which orders the examples for packing (packing.pack_groups).
         counters: data.read_examples' second result (whether EOS was appended, the sample text, the
             prompt template, the ChatStats).
     """
@@ -94,6 +112,7 @@ def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict) -> Data
     lengths = [len(e.input_ids) for e in train]
     chat: ChatStats | None = counters.get("chat")
     rendered = chat is not None and bool(chat.example_segments)
+    padding = padding_stats(lengths, cfg.max_length, seed)
     return DataStats(
         source=str(cfg.path), format=cfg.format, n_examples=len(train),
         n_truncated=sum(1 for e in train if e.truncated),
@@ -103,6 +122,9 @@ def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict) -> Data
         longest_tokens=max((e.full_length for e in train), default=0),
         mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
         n_tokens=sum(lengths), n_label_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
+        packing=cfg.packing, n_rows=padding.n_rows_packed if cfg.packing else len(train),
+        n_rows_packed=padding.n_rows_packed, padding_tokens_unpacked=padding.padding_tokens_unpacked,
+        padding_tokens_packed=padding.padding_tokens_packed,
         pad_token=tokenizer.pad_token, pad_token_id=pad_id, eos_token=tokenizer.eos_token,
         eos_token_id=tokenizer.eos_token_id,
         pad_is_eos=has_pad and tokenizer.pad_token_id == tokenizer.eos_token_id, tokenizer_has_pad=has_pad,

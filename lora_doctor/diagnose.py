@@ -183,7 +183,7 @@ def doctor_findings(cfg: RunConfig, engine, result: RunResult | None, prediction
     ctx = build_context(
         config=cfg, shape=prediction.shape if prediction else None, model_config=engine.base_config,
         tokenizer=engine.tokenizer, data_stats=engine.data.stats,
-        labels=[e.labels for e in engine.data.train[:LABEL_SAMPLE]],
+        labels=[e.labels for e in engine.data.examples[:LABEL_SAMPLE]],  # one example each, as check reads them
         budget=prediction.budget if prediction else None, env=env, run=result, model=engine.peft_model)
     return list(run_checks(ctx))
 

@@ -30,11 +30,11 @@ from .checkpoint import ADAPTER_DIR, CHECKPOINT_DIR
 from .checks.datafacts import optimizer_steps, out_of_range_finding
 from .data import TokenizedData, collate, epoch_order, load_data
 from .distributed import place_process
-from .fsdp import check_fsdp, compute_dtype, gathered_trainable
+from .fsdp import check_fsdp, gathered_trainable
 from .errors import LoraDoctorError
 from .gradflow import GradFlowRecorder
-from .loading import (eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config, preload_libraries,
-                      resolve_source, torch_dtype)
+from .loading import (compute_dtype, eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config,
+                      preload_libraries, resolve_source, torch_dtype)
 from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, merged_memory, throughput
 from .lossfn import build_loss
 from .optim import build_optimizer, build_scheduler, label_token_count
@@ -147,7 +147,7 @@ class Engine:
         self.data = load_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, model_id=self.cfg.model,
                               embedding_rows=getattr(self.base_config, "vocab_size", None))
         # An id past the embedding rows is an IndexError inside the first step holding it: refuse it before the load.
-        bad = out_of_range_finding(self.data.train + self.data.eval, getattr(self.source, "shape", None))
+        bad = out_of_range_finding(self.data.examples + self.data.eval, getattr(self.source, "shape", None))
         if bad is not None:
             raise BadData(bad.message, bad.hint)
 
@@ -213,7 +213,9 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss_step(self, batch: dict, kind: str | None = None):
-        """One micro-batch's forward: the summed loss over its labelled tokens (lossfn.CausalLMLoss)."""
+        """One micro-batch's forward: the summed loss over its labelled tokens (lossfn.CausalLMLoss).
+
+        Packed rows carry no attention_mask: their position_ids give transformers the block-diagonal mask."""
         return self.model(**batch, kind=kind or self.cfg.loss.kind, loss=self.cfg.loss)
 
     def _any_rank(self, flag: bool) -> bool:
@@ -268,10 +270,10 @@ class Engine:
 
         t0 = time.perf_counter()
         accum = self.cfg.train.grad_accum
-        micro = [collate(self._micro_batch(self.micro + i), self.data.pad_token_id, self.data.padding_side)
-                 for i in range(accum)]
+        rows = [self._micro_batch(self.micro + i) for i in range(accum)]
+        micro = [collate(r, self.data.pad_token_id, self.data.padding_side) for r in rows]
         label_tokens = sum(label_token_count(m["labels"]) for m in micro)
-        tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+        tokens = sum(len(e.input_ids) for r in rows for e in r)  # real tokens: packed rows have no attention_mask
         # Normalise by the labelled tokens of the whole step on every rank; DDP averages gradients over
         # ranks, hence the world_size factor. A step with no labelled token gives loss 0 and no gradient.
         global_label_tokens = self.placement.all_reduce_sum([float(label_tokens)])[0]

@@ -140,13 +140,6 @@ def shard_model(model, device: str, compute_dtype, *, env=None):
     return model
 
 
-def compute_dtype(cfg):
-    """The dtype the step computes in: QLoRA's compute dtype, else train.precision (FSDP all-gathers in it)."""
-    from .loading import torch_dtype
-
-    return torch_dtype(cfg.quant.compute_dtype if cfg.quant.mode is not None else cfg.train.precision)
-
-
 def full(t):
     """`t` as a plain tensor: a DTensor (a sharded parameter) is all-gathered; every rank must call it."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -157,5 +150,5 @@ def gathered_trainable(model) -> dict:
     return {n: full(p.detach()).to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-__all__ = ["BNB_OPTIMIZERS", "check_fsdp", "compute_dtype", "decoder_layer_classes", "fsdp_problems", "full", "gathered_trainable",
+__all__ = ["BNB_OPTIMIZERS", "check_fsdp", "decoder_layer_classes", "fsdp_problems", "full", "gathered_trainable",
            "resolve_strategy", "shard_model"]

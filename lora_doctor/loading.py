@@ -241,11 +241,9 @@ def _load_base(cfg: RunConfig, source: ModelSource, device: str, device_index: i
             # FSDP shards float parameters only: the packed 4-bit bytes stored as compute-dtype elements
             # shard like any weight (fsdp_qlora; accelerate's fsdp2_prepare_model). uint8 otherwise.
             bnb_4bit_quant_storage=torch_dtype(q.compute_dtype) if fsdp else torch.uint8)
-        # QLoRA loads the non-quantized parts in the compute dtype; prepare_model_for_kbit_training
-        # then upcasts them to fp32 (memory budget.py counts).
-        kwargs["dtype"] = torch_dtype(q.compute_dtype)
-    else:
-        kwargs["dtype"] = torch_dtype(cfg.train.precision)
+        # QLoRA loads the non-quantized parts in the compute dtype; they stay there unless
+        # quant.upcast_frozen asks for peft's fp32 copies (prepare.py says why neither is needed).
+    kwargs["dtype"] = compute_dtype(cfg)
     device_map = {"": device_index if device == "cuda" else "cpu"}
     with quiet_transformers():
         try:
@@ -259,31 +257,23 @@ def _load_base(cfg: RunConfig, source: ModelSource, device: str, device_index: i
 
 
 def _prepare_for_training(model, cfg: RunConfig):
-    """Freeze the base and enable gradient checkpointing; k-bit models go through peft's preparation."""
-    # Non-reentrant checkpointing (torch's recommendation) needs no input-grad hook and works under DDP.
-    ckpt_kwargs = {"use_reentrant": False}
-    with warnings.catch_warnings():
-        # peft still calls the deprecated gradient_checkpointing_enable name; nothing for users to act on.
-        warnings.simplefilter("ignore", FutureWarning)
-        if cfg.quant.mode is not None:
-            from peft import prepare_model_for_kbit_training
+    """Freeze the base and enable checkpointing; QLoRA's frozen weights stay 16-bit unless quant.upcast_frozen (prepare.py)."""
+    from .prepare import prepare_for_training
 
-            # Freezes the base, upcasts non-4-bit params to fp32, enables checkpointing.
-            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_ckpt,
-                                                   gradient_checkpointing_kwargs=ckpt_kwargs)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.train.grad_ckpt:
-            # As peft does for k-bit models; harmless with non-reentrant checkpointing and needed by
-            # users who switch to reentrant (frozen embeddings give checkpointed blocks no grad input).
-            model.enable_input_require_grads()
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    return model
+    return prepare_for_training(model, cfg.quant.mode, cfg.quant.upcast_frozen, cfg.train.grad_ckpt)
+
+
+def compute_dtype(cfg: RunConfig):
+    """The dtype the step computes in and frozen 16-bit weights load in: quant.compute_dtype under QLoRA, else
+    train.precision (FSDP all-gathers in it too)."""
+    return torch_dtype(cfg.quant.compute_dtype if cfg.quant.mode is not None else cfg.train.precision)
 
 
 def _wrap_lora(model, cfg: RunConfig, source: ModelSource):
     import torch
     from peft import get_peft_model
+
+    from .prepare import cast_trainable
 
     torch.manual_seed(cfg.train.seed)  # adapter init (lora_A kaiming; lora_B zeros)
     try:
@@ -291,10 +281,12 @@ def _wrap_lora(model, cfg: RunConfig, source: ModelSource):
             warnings.simplefilter("ignore", FutureWarning)
             # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so; nothing for users to act on.
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
-            model = get_peft_model(model, peft_lora_config(cfg, source, model))
+            model = get_peft_model(model, peft_lora_config(cfg, source, model),
+                                   autocast_adapter_dtype=cfg.lora.adapter_dtype == "fp32")
     except ValueError as e:
         raise LoraDoctorError(f"peft could not apply LoRA to {cfg.model!r}: {str(e).splitlines()[0]}",
                               f"List the targetable leaves: lora-doctor modules {cfg.model}") from None
+    cast_trainable(model, cfg.lora.adapter_dtype, compute_dtype(cfg))
     if model.get_nb_trainable_parameters()[0] == 0:
         raise LoraDoctorError(f"LoRA targets {cfg.lora.targets!r} made 0 parameters trainable in {cfg.model!r}.",
                               f"List the targetable leaves: lora-doctor modules {cfg.model}")
@@ -352,6 +344,6 @@ def eval_mode(model, device: str, quant_mode: str | None) -> None:
         if isinstance(m, bnb.nn.Linear4bit):
             m.training = True
 
-__all__ = ["ModelSource", "TORCH_DTYPES", "attention_implementation", "eval_mode", "is_oom",
+__all__ = ["ModelSource", "TORCH_DTYPES", "attention_implementation", "compute_dtype", "eval_mode", "is_oom",
            "load_peft_model", "load_tokenizer", "preload_libraries", "pretrained_path", "quiet_transformers",
            "require_bitsandbytes", "resolve_device", "resolve_source", "torch_dtype"]

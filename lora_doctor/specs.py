@@ -9,6 +9,7 @@ from .errors import raise_problems
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "sgd")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+ADAPTER_DTYPES = ("fp32", "compute")
 MAX_SEQ_LEN = 2**20
 """Longest sequence accepted (--seq-len, --max-length): 1,048,576 tokens, 8x the 131,072 of Llama-3.1, the
 longest context among the shipped configs. Past it the numbers are typos, and sizes that overflow torch and
@@ -37,6 +38,9 @@ class LoraSpec:
     """Modules trained in full and saved with the adapter (peft's modules_to_save), e.g. [embed_tokens, lm_head]."""
     trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     """Embedding rows trained and saved with the adapter (peft's trainable_token_indices): token ids, or {module: [ids]}."""
+    adapter_dtype: str = "fp32"
+    """Dtype of every trainable parameter (LoRA A/B, modules_to_save copies): 'fp32' (peft's
+    autocast_adapter_dtype; AdamW updates survive) or 'compute' (quant.compute_dtype / train.precision)."""
 
     def __post_init__(self):
         problems = []
@@ -46,6 +50,9 @@ class LoraSpec:
             problems.append((f"--alpha must be positive, got {self.alpha!r}.", "Try: --alpha 32 (2*r)"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append((f"--dropout must be in [0, 1), got {self.dropout!r}.", "Try: --dropout 0.05"))
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            problems.append((f"lora.adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}; got {self.adapter_dtype!r}.",
+                             "Try: lora.adapter_dtype: fp32"))
         problems += _saved_problems(self.modules_to_save, self.trainable_token_indices)
         raise_problems(problems)
 
@@ -79,6 +86,9 @@ class QuantSpec:
     """Dtype the 4-bit weights are dequantized to for matmuls."""
     blocksize: int = 64
     """bitsandbytes 4-bit blocksize (Params4bit default)."""
+    upcast_frozen: bool = False
+    """QLoRA only: cast the frozen non-4-bit weights (embeddings, lm_head, norms, biases) to fp32, as peft's
+    prepare_model_for_kbit_training does (the --stack hf path). False keeps them in compute_dtype."""
 
     def __post_init__(self):
         problems = []

@@ -262,7 +262,7 @@ def test_merge_in_yaml_reaches_probes_findings(tmp_path, tiny_tokenizer):
     cfg = from_dict({"model": "tiny", "quant": {"mode": "nf4"}, "output": {"merge": True}})
     example = SimpleNamespace(labels=[-100, 17, 18, tiny_tokenizer.eos_token_id])
     engine = SimpleNamespace(tokenizer=tiny_tokenizer, peft_model=None, base_config=None,
-                             data=SimpleNamespace(stats=data_stats(), train=[example]))
+                             data=SimpleNamespace(stats=data_stats(), train=[example], examples=[example]))
     result = run_result([2.0, 1.8, 1.6])
     found = doctor_findings(cfg, engine, result, prediction=None, env={})
     (f,) = [f for f in found if f.code.startswith("merge")]
@@ -554,7 +554,7 @@ def test_context_reads_the_real_records_by_their_fields(tmp_path, tiny_tokenizer
         modules_to_save=None, trainable_token_indices=None)
     stats = load_data(cfg.data, tiny_tokenizer).stats
     assert context_from_data_stats(stats) == dict(
-        n_examples=4, n_truncated=0, n_response_lost=0, empty_fields={}, formats={"instruction+output": 4},
+        n_examples=4, n_packed_rows=None, n_truncated=0, n_response_lost=0, empty_fields={}, formats={"instruction+output": 4},
         longest_tokens=stats.longest_tokens, max_length=48)
     flow = GradFlow(modules=(ModuleGradFlow(Q, (0.0, 0.2), (0.1, 0.3), 0.01, 0.02, 64),),
                     frozen_params_with_grad=("model.embed_tokens.weight",), n_steps=2)

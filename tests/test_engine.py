@@ -98,7 +98,7 @@ def test_measurements_recorded(qlora):
 
 
 def test_saved_adapter_reloads_with_same_logits(qlora, tiny_llama_dir, tmp_path):
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     engine, _ = qlora
@@ -108,8 +108,8 @@ def test_saved_adapter_reloads_with_same_logits(qlora, tiny_llama_dir, tmp_path)
                              bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=bnb, dtype=torch.bfloat16,
                                                 device_map={"": "cpu"})
-    # Same preparation as the engine (fp32 norms and lm_head), so the logits match exactly.
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # As the engine leaves it (quant.upcast_frozen false: norms and lm_head stay bf16, no peft
+    # preparation), so the logits match exactly.
     reloaded = PeftModel.from_pretrained(base, str(path)).eval()
     ids = torch.tensor([engine.data.train[0].input_ids])
     engine.peft_model.eval()

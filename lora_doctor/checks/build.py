@@ -61,7 +61,8 @@ def _collapse_formats(formats: dict, optional: tuple[str, ...]) -> dict[str, int
 def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] = ("input",)) -> dict:
     """The training population's facts (DataStats never counts the eval examples)."""
     return dict(
-        n_examples=stats.n_examples, n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
+        n_examples=stats.n_examples, n_packed_rows=stats.n_rows if stats.packing else None,
+        n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
         empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
         longest_tokens=stats.longest_tokens, max_length=stats.max_length,
     )

@@ -82,6 +82,8 @@ class CheckContext:
     eos_token: str | None = None
     eos_token_id: int | None = None
     n_examples: int | None = None
+    n_packed_rows: int | None = None
+    """Packed rows the engine batches (DataStats.n_rows) with data.packing; None: one row per example."""
     n_truncated: int | None = None
     """Examples cut by max_length (response partly kept)."""
     n_response_lost: int | None = None

@@ -17,11 +17,21 @@ REPEAT_WARN_EPOCHS = 2.0
 (small probe sets are looped on purpose), but watch eval loss for overfitting."""
 
 
+def _rows(ctx: CheckContext) -> int | None:
+    """What the engine batches: packed rows with data.packing, else the examples."""
+    return ctx.n_packed_rows if ctx.n_packed_rows is not None else ctx.n_examples
+
+
 def _steps(ctx: CheckContext, max_steps: int | None) -> int | None:
-    if not ctx.n_examples or not ctx.batch_size:
+    if not _rows(ctx) or not ctx.batch_size:
         return None
-    return optimizer_steps(ctx.n_examples, ctx.batch_size, ctx.world_size or 1, ctx.grad_accum or 1,
+    return optimizer_steps(_rows(ctx), ctx.batch_size, ctx.world_size or 1, ctx.grad_accum or 1,
                            ctx.epochs if ctx.epochs is not None else 1.0, max_steps)
+
+
+def _packed(ctx: CheckContext) -> str:
+    n = ctx.n_packed_rows
+    return f" (in {n} packed rows)" if n is not None and n != ctx.n_examples else ""
 
 
 @register
@@ -58,7 +68,7 @@ def check_few_optimizer_steps(ctx: CheckContext) -> list[Finding]:
     fix = " or ".join(options)
     return [Finding(
         Severity.ERROR if steps <= 1 else Severity.WARNING, "few-optimizer-steps",
-        f"{ctx.n_examples} examples at {per_step} per optimizer step (batch {ctx.batch_size} x grad_accum "
+        f"{ctx.n_examples} examples{_packed(ctx)} at {per_step} per optimizer step (batch {ctx.batch_size} x grad_accum "
         f"{accum} x {world} process(es)) for {epochs:g} epoch(s) is {steps} optimizer step(s): "
         + ("one update cannot teach the adapter anything." if steps <= 1 else "the adapter barely moves."),
         f"Take more optimizer steps: {fix}, or a smaller --batch, or more data; the lr is not the knob.",
@@ -94,7 +104,7 @@ def check_epochs_vs_max_steps(ctx: CheckContext) -> list[Finding]:
     if passes >= REPEAT_WARN_EPOCHS * epochs:
         return [Finding(
             Severity.INFO, "max-steps-repeats-data",
-            f"train.max_steps={ctx.max_steps} runs {passes:.1f} passes over the {ctx.n_examples} examples, while "
+            f"train.max_steps={ctx.max_steps} runs {passes:.1f} passes over the {ctx.n_examples} examples{_packed(ctx)}, while "
             f"epochs={epochs:g} asks for {per_epochs} steps: max_steps wins, and repeating a small set overfits.",
             f"Drop train.max_steps to run {epochs:g} epoch(s) ({per_epochs} steps), or add data; --epochs is "
             "ignored while train.max_steps is set.",

@@ -13,6 +13,20 @@ DATA_ROWS = (("source", "Source"), ("format", "Format"), ("n_examples", "Example
 EXAMPLE_NOTE = "one example as the model sees it, supervised text between [[ and ]]"
 
 
+def packing_line(data: dict) -> str | None:
+    """Rows and padding (in rows of max_length) with and without packing; None for a result without them."""
+    if not data.get("n_rows_packed"):
+        return None
+    unpacked, packed = data["padding_tokens_unpacked"], data["padding_tokens_packed"]
+    saved = unpacked - packed
+    rows = f"{format_count(data['n_examples'])} examples"
+    if data.get("packing"):
+        return (f"on: {rows} in {format_count(data['n_rows'])} rows of {data['max_length']}; padding "
+                f"{format_count(packed)} tokens, {format_count(saved)} saved (unpacked {format_count(unpacked)})")
+    return (f"off: {rows}, padding {format_count(unpacked)} tokens in rows of {data['max_length']}; "
+            f"data.packing: true would fill {format_count(data['n_rows_packed'])} rows and save {format_count(saved)}")
+
+
 def role_counts(data: dict) -> str | None:
     """'system 470, user 1,095, assistant 846' from data.role_tokens; None when there are none."""
     roles = data.get("role_tokens") or {}
@@ -50,6 +64,8 @@ def section_data(data: dict) -> list[str]:
     line = chat_line(data)
     if line:
         rows.append(("Chat", line))
+    if packing_line(data):
+        rows.append(("Packing", packing_line(data)))
     if not rows:
         return []
     out = ["## Data", "", table(rows, ("", "")), ""]

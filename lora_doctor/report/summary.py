@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..diagnose import PlanBasis
 from . import format_bytes
-from .data import chat_line, example_text_lines
+from .data import chat_line, example_text_lines, packing_line
 from .levers import report_levers_line
 from .plan import format_duration
 
@@ -42,6 +42,8 @@ def summary_lines(report: dict) -> list[str]:
                      f"max_length {data.get('max_length')}, {data.get('n_response_lost', 0):,} lost their whole response")
     if chat_line(data):
         lines.append(f"  chat               {chat_line(data)}")
+    if packing_line(data):
+        lines.append(f"  packing            {packing_line(data)}")
     lines += example_text_lines(data)
     if report_levers_line(report):
         lines.append(f"  engine levers      {report_levers_line(report)}")
