@@ -50,7 +50,10 @@ def summary_lines(report: dict) -> list[str]:
         basis = (report.get("memory") or {}).get("planned_basis")
         cpu = (" (CPU: without the CUDA-only overhead)" if basis == PlanBasis.CPU_WITHOUT_CUDA_OVERHEAD.value
                else " (tensors, as torch counts them)" if basis else "")
-        lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
+        measured = (report.get("memory") or {}).get("measured") or {}
+        what = (f" (tensor peak, exact; RSS added {format_bytes(measured.get('peak_rss_bytes'))})"
+                if measured.get("peak_tensor_bytes") is not None else "")
+        lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}{what}, "
                      f"planned {format_bytes(planned)}{cpu}{err}")
         with_overhead = extra.get("planned_with_cuda_overhead_bytes")
         nvml = ((report.get("memory") or {}).get("measured") or {}).get("nvml_peak_used_bytes")
