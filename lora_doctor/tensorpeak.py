@@ -25,9 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
-_ROOT_DEPTH = 6
+_ROOT_DEPTH = 8
 """How deep `tensors_in` follows containers and plain attributes below a module: _parameters -> Params4bit ->
-__dict__ -> QuantState -> state2 (nested QuantState, double quant) -> absmax is 6 levels."""
+__dict__ -> QuantState -> its __dict__ -> state2 (double quant) -> its __dict__ -> code is 7 levels."""
 
 
 def tensors_in(obj, depth: int = _ROOT_DEPTH, _seen: set | None = None) -> Iterator[torch.Tensor]:
