@@ -52,18 +52,17 @@ def time_engine(cfg) -> tuple[list[float], object]:
     return [s.step_time_s for s in engine.history], engine
 
 
-def time_trainer(cfg, engine) -> list[float]:
-    """The same steps with transformers.Trainer on an identically prepared peft model."""
+def trainer_model(cfg, device: str):
+    """The peft model as a plain peft + transformers user prepares it: from_pretrained (with the same
+    BitsAndBytesConfig), prepare_model_for_kbit_training (fp32 upcast of the non-4-bit weights), gradient
+    checkpointing, get_peft_model with the engine's LoraConfig."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_doctor.data import collate
-    from lora_doctor.loading import torch_dtype
+    from lora_doctor.loading import peft_lora_config, resolve_source, torch_dtype
 
     q, t = cfg.quant, cfg.train
-    device = engine.device
     kwargs = {"dtype": torch_dtype(q.compute_dtype if q.mode else t.precision)}
     if q.mode:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -75,12 +74,24 @@ def time_trainer(cfg, engine) -> list[float]:
     model.config.use_cache = False
     ckpt = {"use_reentrant": False}
     if q.mode:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.grad_ckpt,
+                                                gradient_checkpointing_kwargs=ckpt)
     else:
         model.requires_grad_(False)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-    model = get_peft_model(model, engine._lora_config(model))
+        if t.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+    return get_peft_model(model, peft_lora_config(cfg, resolve_source(cfg), model))
 
+
+def make_trainer(cfg, engine, model, out: str, callbacks=()):
+    """transformers.Trainer over the engine's tokenized examples and collator, with the engine's optimizer,
+    lr, clipping, precision and seed."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lora_doctor.data import collate
+
+    t, device = cfg.train, engine.device
     examples = engine.data.train
 
     class Examples(torch.utils.data.Dataset):
@@ -90,6 +101,26 @@ def time_trainer(cfg, engine) -> list[float]:
         def __getitem__(self, i):
             return examples[i]
 
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=t.batch, gradient_accumulation_steps=t.grad_accum,
+        max_steps=t.max_steps, learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
+        optim={"paged-adamw-8bit": "paged_adamw_8bit", "adamw-8bit": "adamw_bnb_8bit", "adamw": "adamw_torch",
+               "sgd": "sgd"}[t.optim],
+        max_grad_norm=t.max_grad_norm, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=t.seed,
+        use_cpu=device == "cpu", dataloader_num_workers=0, remove_unused_columns=False)
+    return Trainer(model=model, args=args, train_dataset=Examples(),
+                   data_collator=lambda b: collate(b, engine.data.pad_token_id, engine.data.padding_side),
+                   callbacks=list(callbacks))
+
+
+def time_trainer(cfg, engine) -> list[float]:
+    """The same steps with transformers.Trainer on an identically prepared peft model."""
+    import torch
+    from transformers import TrainerCallback
+
+    device = engine.device
+    model = trainer_model(cfg, device)
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -104,17 +135,7 @@ def time_trainer(cfg, engine) -> list[float]:
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=t.batch, gradient_accumulation_steps=t.grad_accum,
-            max_steps=t.max_steps, learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
-            optim={"paged-adamw-8bit": "paged_adamw_8bit", "adamw-8bit": "adamw_bnb_8bit", "adamw": "adamw_torch",
-                   "sgd": "sgd"}[t.optim],
-            max_grad_norm=t.max_grad_norm, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-            logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=t.seed,
-            use_cpu=device == "cpu", dataloader_num_workers=0, remove_unused_columns=False)
-        trainer = Trainer(model=model, args=args, train_dataset=Examples(),
-                          data_collator=lambda b: collate(b, engine.data.pad_token_id, engine.data.padding_side),
-                          callbacks=[Timer()])
+        trainer = make_trainer(cfg, engine, model, out, [Timer()])
         trainer.train()
         if not times:
             raise RuntimeError(f"Trainer ran {trainer.state.global_step} steps and no step callback fired")

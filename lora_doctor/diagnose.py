@@ -27,8 +27,10 @@ class MemoryBasis(Enum):
 
     CUDA_ALLOCATED = "cuda_allocated"
     """torch.cuda.max_memory_allocated over load + train: tensors only."""
+    CPU_TENSOR_PEAK = "cpu_tensor_peak"
+    """Exact peak of live CPU tensor bytes over load + train (tensorpeak.py): CUDA's allocated peak, on CPU."""
     CPU_RSS_DELTA = "cpu_rss_delta"
-    """Process RSS added by load + train, sampled."""
+    """Process RSS added by load + train, sampled (when the tensor peak was not tracked)."""
     RSS_UNAVAILABLE = "rss_unavailable"
     NOTHING_MEASURED = "nothing_measured"
 
@@ -74,7 +76,8 @@ class MemoryComparison:
     measured_basis: MemoryBasis
     measured_bytes: int | None
     measured: dict
-    """Counter name -> peak bytes: peak_rss_bytes on CPU; allocated, reserved and NVML on CUDA."""
+    """Counter name -> peak bytes: peak_tensor_bytes and peak_rss_bytes on CPU; allocated, reserved and NVML on
+    CUDA."""
     planned_bytes: int | None = None
     planned_terms: dict | None = None
     planned_basis: PlanBasis | None = None
@@ -85,7 +88,8 @@ class MemoryComparison:
     plan_error_pct: float | None = None
     """100 * (planned - measured) / measured; None when not computed."""
     plan_too_small: bool = False
-    """CPU below CPU_COMPARABLE_BYTES: RSS is mostly the runtime's own, so no plan error is computed."""
+    """Held against RSS (no tensor peak) below CPU_COMPARABLE_BYTES: RSS is mostly the runtime's own, so no plan
+    error is computed. The exact tensor peak has no such floor."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,14 @@ def measured_peak_bytes(result: RunResult) -> tuple[int | None, MemoryBasis]:
     if phases[0].device == "cuda":
         vals = [p.peak_allocated_bytes for p in phases if p.peak_allocated_bytes is not None]
         return (max(vals) if vals else None), MemoryBasis.CUDA_ALLOCATED
+    tensor_peaks = [p.peak_tensor_bytes for p in phases if p.peak_tensor_bytes is not None]
+    if tensor_peaks:
+        return max(tensor_peaks), MemoryBasis.CPU_TENSOR_PEAK
+    return rss_delta_bytes(phases)
+
+
+def rss_delta_bytes(phases: list) -> tuple[int | None, MemoryBasis]:
+    """The RSS load + train added (MemoryStats of each phase), sampled."""
     start = phases[0].start_rss_bytes
     peaks = [p.peak_rss_bytes for p in phases if p.peak_rss_bytes is not None]
     if start is None or not peaks:
@@ -131,7 +143,7 @@ def measured_peak_bytes(result: RunResult) -> tuple[int | None, MemoryBasis]:
 def planned_for_device(prediction: Prediction | None, device: str) -> tuple[int | None, dict | None, PlanBasis | None]:
     """(planned bytes, planned terms, basis) to hold against what a run on `device` measured.
 
-    The measured figure is tensors only: torch.cuda.max_memory_allocated on CUDA, process RSS on CPU.
+    The measured figure is tensors only: torch.cuda.max_memory_allocated on CUDA, the exact tensor peak on CPU.
     Neither holds plan's runtime-overhead term (CUDA context + caching-allocator slack), so it is left
     out; on CUDA the reserved and NVML rows are held against the plan with that overhead (planned_by_measure).
     """
@@ -163,12 +175,15 @@ def compare_memory(prediction: Prediction | None, result: RunResult) -> MemoryCo
         block = {"peak_allocated_bytes": measured,
                  "peak_reserved_bytes": max((p.peak_reserved_bytes or 0) for p in result.memory.values()) or None,
                  "nvml_peak_used_bytes": max((p.nvml_peak_used_bytes or 0) for p in result.memory.values()) or None}
+    elif basis is MemoryBasis.CPU_TENSOR_PEAK:  # RSS as the second row
+        phases = [p for p in (result.memory.get("load"), result.memory.get("train")) if p is not None]
+        block = {"peak_tensor_bytes": measured, "peak_rss_bytes": rss_delta_bytes(phases)[0]}
     else:
         block = {"peak_rss_bytes": measured}
     planned, terms, plan_basis = planned_for_device(prediction, result.model.device)
     if planned is None:
         return MemoryComparison(result.model.device, basis, measured, block)
-    too_small = plan_basis is PlanBasis.CPU_WITHOUT_CUDA_OVERHEAD and planned < CPU_COMPARABLE_BYTES
+    too_small = basis is MemoryBasis.CPU_RSS_DELTA and planned < CPU_COMPARABLE_BYTES
     error = round(100.0 * (planned - measured) / measured, 1) if measured and not too_small else None
     return MemoryComparison(
         result.model.device, basis, measured, block, planned, terms, plan_basis,

@@ -116,7 +116,7 @@ class Engine:
         preload_libraries(self.cfg)  # before the baseline, so CPU RSS measures the run, not the imports
         if log is not None:
             log(f"loading {self.cfg.model} ({self.cfg.quant.mode or 'no quantization'}, {self.device}) ...")
-        self.monitor.start("load")
+        self.monitor.start("load", roots=self._tensor_roots)
         try:
             self._setup_model()
         except Exception as e:
@@ -129,6 +129,10 @@ class Engine:
         self.memory["load"] = self.monitor.stop()
         self._setup_optimizer()
         return self
+
+    def _tensor_roots(self) -> tuple:
+        """What holds the tensors alive between steps: the CPU tensor peak's baseline (measure.MemoryMonitor)."""
+        return self.peft_model, self.optimizer
 
     def _resolve_model(self) -> None:
         self.source = resolve_source(self.cfg)
@@ -308,7 +312,7 @@ class Engine:
         target = self.total_steps if n is None else self.step + n
         done: list[StepRecord] = []
         self.model.train()
-        self.monitor.start("train")
+        self.monitor.start("train", roots=self._tensor_roots)
         try:
             while self.step < target:
                 if should_stop is not None and self._any_rank(should_stop()):
@@ -325,6 +329,7 @@ class Engine:
                     cb(self, record)
         except Exception as e:
             if not is_oom(e):
+                self.monitor.stop()  # on CPU this leaves the tensor tracker's dispatch mode
                 raise
             raise self._step_oom() from None
         self.memory["train"] = merged_memory(self.memory.get("train"), self.monitor.stop())

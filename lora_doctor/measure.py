@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
 
 from .gradflow import GradFlow, GradFlowRecorder, ModuleGradFlow  # noqa: F401  (gradflow.py; RunResult carries a GradFlow)
 
@@ -37,6 +38,11 @@ class MemoryStats:
     """Peak resident set size of this process during the phase (sampled with psutil)."""
     start_rss_bytes: int | None = None
     """RSS when the phase started; peak_rss_bytes - start_rss_bytes is what the phase added."""
+    peak_tensor_bytes: int | None = None
+    """CPU: exact peak of live tensor bytes (tensorpeak.TensorPeakTracker), the tensors alive at the start (model,
+    optimizer state) included: what max_memory_allocated counts on CUDA. None on CUDA or when not tracked."""
+    start_tensor_bytes: int | None = None
+    """CPU: live tensor bytes under the phase's roots when it started."""
     duration_s: float | None = None
 
     @property
@@ -47,8 +53,11 @@ class MemoryStats:
 
     @property
     def peak_bytes(self) -> int | None:
-        """The number to compare with plan's prediction: CUDA peak allocated, else the RSS the phase added."""
-        return self.peak_allocated_bytes if self.device == "cuda" else self.rss_delta_bytes
+        """The number to compare with plan's prediction: CUDA peak allocated; on CPU the exact tensor peak, else
+        (not tracked) the RSS the phase added."""
+        if self.device == "cuda":
+            return self.peak_allocated_bytes
+        return self.peak_tensor_bytes if self.peak_tensor_bytes is not None else self.rss_delta_bytes
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,7 +66,8 @@ class MemoryStats:
         return d
 
 
-_PEAK_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_peak_used_bytes", "peak_rss_bytes")
+_PEAK_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_peak_used_bytes", "peak_rss_bytes",
+                "peak_tensor_bytes")
 
 
 def merged_memory(earlier: MemoryStats | None, later: MemoryStats) -> MemoryStats:
@@ -68,7 +78,7 @@ def merged_memory(earlier: MemoryStats | None, later: MemoryStats) -> MemoryStat
     peaks = {f: max((v for v in (getattr(earlier, f), getattr(later, f)) if v is not None), default=None)
              for f in _PEAK_FIELDS}
     return MemoryStats(phase=later.phase, device=later.device, start_rss_bytes=earlier.start_rss_bytes,
-                       duration_s=(earlier.duration_s or 0) + (later.duration_s or 0), **peaks)
+                       start_tensor_bytes=earlier.start_tensor_bytes, duration_s=(earlier.duration_s or 0) + (later.duration_s or 0), **peaks)
 
 
 def _cuda_ok() -> bool:
@@ -78,18 +88,26 @@ def _cuda_ok() -> bool:
 
 
 class MemoryMonitor:
-    """Peak memory per phase. CUDA: allocator peaks (reset per phase) + NVML; CPU: sampled process RSS.
+    """Peak memory per phase. CUDA: allocator peaks (reset per phase) + NVML; CPU: the exact live-tensor peak
+    (tensorpeak.py) and sampled process RSS.
 
-    `ru_maxrss` cannot be reset, so the CPU peak comes from a sampling thread (every `interval_s`);
+    `ru_maxrss` cannot be reset, so the RSS peak comes from a sampling thread (every `interval_s`);
     a spike shorter than the interval (20 ms; shorter costs the training loop measurable GIL time) can be
-    missed, which is why the RSS figure is a lower bound. CUDA allocator peaks are exact.
+    missed, which is why the RSS figure is a lower bound. CUDA allocator peaks and the CPU tensor peak are exact.
+
+    Args:
+        tensor_peak: on CPU, track live tensor bytes with a TorchDispatchMode (a Python call per aten op).
     """
 
-    def __init__(self, device: str = "cpu", interval_s: float = 0.02):
+    def __init__(self, device: str = "cpu", interval_s: float = 0.02, tensor_peak: bool = True):
         import psutil
 
         self.device = device
         self.interval_s = interval_s
+        self.tensor_peak = tensor_peak and device == "cpu"
+        self._tracker = None
+        self._roots: Callable[[], Iterable] | None = None
+        self._start_tensor: int | None = None
         self._proc = psutil.Process()
         self._nvml = _nvml_handle() if device == "cuda" else None
         if self._nvml is not None:
@@ -118,10 +136,19 @@ class MemoryMonitor:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def start(self, phase: str) -> None:
-        if self._thread is not None:
+    def start(self, phase: str, roots: Callable[[], Iterable] | None = None) -> None:
+        """Begin a phase. `roots` returns what holds the tensors alive before it (the model, the optimizer; None
+        entries skipped): on CPU their storages are the tensor peak's baseline, as CUDA's counter holds them."""
+        if self._thread is not None or self._tracker is not None:
             self.stop()
         self._phase = phase
+        self._roots = roots
+        if self.tensor_peak:
+            from .tensorpeak import TensorPeakTracker
+
+            self._tracker = TensorPeakTracker("cpu")
+            self._start_tensor = self._tracker.add_roots(roots() if roots else ())
+            self._tracker.__enter__()
         self._start_rss = self._proc.memory_info().rss
         self._peak_rss = self._start_rss
         self._peak_nvml = None
@@ -142,7 +169,13 @@ class MemoryMonitor:
             self._thread.join()
             self._thread = None
         self._sample()
-        allocated = reserved = None
+        allocated = reserved = tensor_peak = None
+        if self._tracker is not None:
+            tracker, self._tracker = self._tracker, None
+            tracker.__exit__(None, None, None)
+            # What the phase built without an aten op seeing it (weights read from a safetensors mmap) is live now.
+            tracker.add_roots(self._roots() if self._roots else ())
+            tensor_peak = tracker.peak_bytes
         if self.device == "cuda" and _cuda_ok():
             import torch
 
@@ -152,6 +185,8 @@ class MemoryMonitor:
         return MemoryStats(phase=self._phase or "?", device=self.device, peak_allocated_bytes=allocated,
                            peak_reserved_bytes=reserved, nvml_peak_used_bytes=self._peak_nvml,
                            peak_rss_bytes=self._peak_rss, start_rss_bytes=self._start_rss,
+                           peak_tensor_bytes=tensor_peak,
+                           start_tensor_bytes=self._start_tensor if tensor_peak is not None else None,
                            duration_s=time.perf_counter() - self._t0)
 
     def current_peak(self) -> int | None:
@@ -160,6 +195,8 @@ class MemoryMonitor:
             import torch
 
             return int(torch.cuda.max_memory_allocated())
+        if self._tracker is not None:
+            return self._tracker.peak_bytes
         return self._peak_rss - self._start_rss
 
 

@@ -93,3 +93,41 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, pad: s
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# Mid-size random models for measured-vs-planned memory (tests/test_tensorpeak.py, bench/bench_memory.py): big
+# enough that the logits and activations dominate as on a real model (vocab 32k, 4 x 512), small enough for a CPU
+# step in seconds. The tokenizer stays tiny_tokenizer's 512 ids; the 32k-row embedding and lm_head are what count.
+MID_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=2048),
+    "qwen2": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=2048),
+    "phi3": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=8, max_position_embeddings=2048, original_max_position_embeddings=2048),
+    "gpt2": dict(n_embd=512, n_layer=4, n_head=8, n_positions=2048),
+}
+
+
+def save_mid_model(path: str | Path, arch: str = "llama", vocab_size: int = 32000, seed: int = 0, **overrides) -> Path:
+    """Write a MID_CONFIGS model (random weights, `vocab_size` rows) with tiny_tokenizer, loadable by `probe`."""
+    path = Path(path)
+    tok = tiny_tokenizer()
+    model = build_tiny_model(arch, vocab_size=vocab_size, seed=seed, **{**MID_CONFIGS[arch], **overrides})
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_long_text_data(path: str | Path, n_examples: int = 8, n_chars: int = 12000) -> Path:
+    """A 'text' format .jsonl whose rows each run past `n_chars` characters (~4k tiny-tokenizer tokens), so every
+    row of a batch is truncated to data.max_length and the step has exactly batch x max_length tokens."""
+    import json
+
+    path = Path(path)
+    body = " ".join(CORPUS)
+    with path.open("w") as f:
+        for i in range(n_examples):
+            text = f"{i} " + (body * (n_chars // len(body) + 1))[:n_chars]
+            f.write(json.dumps({"text": text}) + "\n")
+    return path

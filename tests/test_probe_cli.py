@@ -117,23 +117,49 @@ def test_cpu_plan_error_leaves_out_the_cuda_overhead(run_yaml):
         pytest.skip(f"planner unavailable: {extra.get('plan_unavailable')}")
     assert extra["planned_basis"].startswith("plan without its CUDA-only runtime overhead")
     assert extra["planned_peak_bytes"] < extra["planned_with_cuda_overhead_bytes"]
-    # A tiny model's plan is KiB against ~100 MiB of runtime RSS: no plan error is made of that.
-    assert extra["planned_peak_bytes"] < 256 * 2**20 and "plan_error_pct" not in extra
+    # The exact tensor peak is held against the plan even for a MiB-sized model (RSS would be the runtime's own).
+    measured = memory["measured"]
+    assert extra["measured_peak_bytes"] == measured["peak_tensor_bytes"] > 0 and measured["peak_rss_bytes"] is not None
+    assert extra["planned_peak_bytes"] < 256 * 2**20 and "plan_error_note" not in extra
+    assert extra["plan_error_pct"] == round(100 * (extra["planned_peak_bytes"] - measured["peak_tensor_bytes"])
+                                            / measured["peak_tensor_bytes"], 1)
     from lora_doctor.report.summary import summary_lines
 
-    assert extra["plan_error_note"].startswith("not computed")
-    assert "(no plan error: under 256 MiB" in "\n".join(summary_lines(result))
-    assert memory["plan_error_note"] == extra["plan_error_note"]
+    assert "(tensor peak, exact; RSS added" in "\n".join(summary_lines(result))
     from lora_doctor.report.run import render_markdown
 
     md = render_markdown(result)
-    assert "Plan error not computed: on CPU" in md and "| peak process RSS |" in md
-    assert [line for line in md.splitlines() if line.startswith("| peak process RSS")][0].endswith("| — |")
+    rows = [line for line in md.splitlines() if line.startswith(("| tensor peak", "| peak process RSS"))]
+    assert rows[0].startswith("| tensor peak (exact) |") and rows[0].endswith(f"| {extra['plan_error_pct']:+.1f}% |")
+    assert rows[1].startswith("| peak process RSS (sampled) |") and rows[1].endswith("| — |")
     # The Markdown's memory table is rendered from this block: the same CPU figure, labelled.
     assert memory["planned_total_bytes"] == extra["planned_peak_bytes"]
     assert "runtime_overhead_bytes" not in memory["planned_terms"]
     assert sum(memory["planned_terms"].values()) == memory["planned_total_bytes"]
-    assert "without its CUDA-only runtime overhead" in memory["device"]
+    assert "without its CUDA-only runtime overhead" in memory["device"] and "tensor peak (exact)" in memory["device"]
+
+
+def test_cpu_rss_alone_is_not_held_against_a_small_plan():
+    """Without a tensor peak (tracking off), a KiB plan against ~100 MiB of runtime RSS gets no plan error."""
+    from lora_doctor.diagnose import MemoryBasis, Prediction, compare_memory
+    from lora_doctor.measure import MemoryStats
+
+    class Run:
+        model = type("M", (), {"device": "cpu"})()
+        memory = {"load": MemoryStats("load", "cpu", peak_rss_bytes=300 * 2**20, start_rss_bytes=200 * 2**20),
+                  "train": MemoryStats("train", "cpu", peak_rss_bytes=310 * 2**20, start_rss_bytes=290 * 2**20)}
+
+    prediction = Prediction(total_bytes=600 * 2**20, terms={"base_weights_bytes": 2**20,
+                                                           "runtime_overhead_bytes": 599 * 2**20})
+    c = compare_memory(prediction, Run())
+    assert (c.measured_basis, c.measured_bytes, c.plan_too_small, c.plan_error_pct) == \
+        (MemoryBasis.CPU_RSS_DELTA, 110 * 2**20, True, None)
+    Run.memory = {k: MemoryStats(v.phase, "cpu", peak_rss_bytes=v.peak_rss_bytes, start_rss_bytes=v.start_rss_bytes,
+                                 peak_tensor_bytes=b) for (k, v), b in zip(Run.memory.items(), (2**19, 2**20))}
+    c = compare_memory(prediction, Run())
+    assert (c.measured_basis, c.measured_bytes, c.plan_too_small, c.plan_error_pct) == \
+        (MemoryBasis.CPU_TENSOR_PEAK, 2**20, False, 0.0)
+    assert c.measured == {"peak_tensor_bytes": 2**20, "peak_rss_bytes": 110 * 2**20}
 
 
 def test_cuda_plan_is_held_against_what_each_counter_counts():

@@ -6,6 +6,8 @@ from ..diagnose import MemoryBasis, MemoryComparison, PlanBasis, Prediction, eva
 
 MEASURED_WORDS = {
     MemoryBasis.CUDA_ALLOCATED: "torch.cuda.max_memory_allocated over load + train",
+    MemoryBasis.CPU_TENSOR_PEAK: "tensor peak (exact) over load + train: live CPU tensor bytes, as "
+                                 "max_memory_allocated counts them on CUDA",
     MemoryBasis.CPU_RSS_DELTA: "process RSS added by load + train (sampled; CPU)",
     MemoryBasis.RSS_UNAVAILABLE: "process RSS unavailable",
     MemoryBasis.NOTHING_MEASURED: "nothing measured",

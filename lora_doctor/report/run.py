@@ -218,13 +218,18 @@ def _section_memory(memory: dict) -> list[str]:
     peak = None
     # CUDA: each measurement against the plan figure counting the same things (context, allocator slack).
     matched = memory.get("planned_by_measure") or {}
+    # CPU: the exact tensor peak is what the plan counts; the RSS row beside it also holds the runtime's own
+    # allocations (kernels, allocator arenas), so it gets no plan error.
+    exact_cpu = measured.get("peak_tensor_bytes") is not None
     for key, label in (("peak_allocated_bytes", "peak allocated (torch)"), ("peak_reserved_bytes", "peak reserved (torch)"),
-                       ("nvml_peak_used_bytes", "peak used (NVML)"), ("peak_rss_bytes", "peak process RSS")):
+                       ("nvml_peak_used_bytes", "peak used (NVML)"), ("peak_tensor_bytes", "tensor peak (exact)"),
+                       ("peak_rss_bytes", "peak process RSS (sampled)" if exact_cpu else "peak process RSS")):
         if measured.get(key) is not None:
             peak = measured[key] if peak is None else peak
             plan = matched.get(key, planned)
             err = (f"{100 * (plan - measured[key]) / measured[key]:+.1f}%"
-                   if plan and measured[key] and not memory.get("plan_error_note") else "—")
+                   if plan and measured[key] and not memory.get("plan_error_note")
+                   and not (exact_cpu and key == "peak_rss_bytes") else "—")
             rows.append((label, format_bytes(plan), format_bytes(measured[key]), err))
     if planned is not None and not rows:
         # Nothing measured (check): the plan alone, without empty measured/error columns.

@@ -27,6 +27,14 @@ def _eta_lines(extra: dict) -> list[str]:
     return lines
 
 
+def _cpu_what(report: dict) -> str:
+    """On CPU, what the measured figure is: the exact tensor peak, with the sampled RSS beside it."""
+    measured = (report.get("memory") or {}).get("measured") or {}
+    if measured.get("peak_tensor_bytes") is None:
+        return ""
+    return f" (tensor peak, exact; RSS added {format_bytes(measured.get('peak_rss_bytes'))})"
+
+
 def summary_lines(report: dict) -> list[str]:
     """The terminal summary: verdict, memory plan vs measured, loss, gradient flow, findings."""
     extra = report.get("extra") or {}
@@ -55,7 +63,7 @@ def summary_lines(report: dict) -> list[str]:
         basis = (report.get("memory") or {}).get("planned_basis")
         cpu = (" (CPU: without the CUDA-only overhead)" if basis == PlanBasis.CPU_WITHOUT_CUDA_OVERHEAD.value
                else " (tensors, as torch counts them)" if basis else "")
-        lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}, "
+        lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}{_cpu_what(report)}, "
                      f"planned {format_bytes(planned)}{cpu}{err}")
         with_overhead = extra.get("planned_with_cuda_overhead_bytes")
         nvml = ((report.get("memory") or {}).get("measured") or {}).get("nvml_peak_used_bytes")
