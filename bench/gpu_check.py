@@ -42,7 +42,7 @@ DRY_SEQS = (32, 64)
 DRY_SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 """--dry-run: each real config shrunk to this (its family's code paths kept: rope scaling, softcapping, fused qkv)."""
-HF_STACK_SETTINGS = {"quant.upcast_frozen": True, "loss.chunked": False, "train.offload_activations": False}
+HF_STACK_SETTINGS = {"quant.upcast_frozen": True, "train.chunked_loss": False, "train.offload_activations": False}
 """The Trainer/TRL path as config keys (issue 9's levers). Keys another branch adds; absent ones are skipped."""
 CASE_TIMEOUT_S = 50
 """A case's time box on the GPU: 16 cases in < 8 min leaves ~30 s each; 50 s covers an 8B's build and two steps

@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -37,7 +35,7 @@ from .loading import (compute_dtype, eval_mode, is_oom, load_peft_model, load_to
                       preload_libraries, resolve_source, torch_dtype)
 from .measure import MemoryMonitor, MemoryStats, RunResult, StepRecord, loss_stats, merged_memory, throughput
 from .lossfn import build_loss
-from .optim import build_optimizer, build_scheduler, label_token_count
+from .optim import build_optimizer, build_scheduler, label_token_count, optimizer_step
 from .report import format_bytes  # no torch, no I/O: the one place bytes become text
 from .runconfig import RunConfig
 
@@ -244,30 +242,9 @@ class Engine:
         return loss_sum
 
     def _optimizer_step(self) -> tuple[float, float]:
-        """Unscale, record per-module gradient norms, clip, step; returns (total grad norm before clipping, lr)."""
-        import torch
-
-        opt, max_norm = self.optimizer, self.cfg.train.max_grad_norm
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
-        # Before clipping: clip_grad_norm_ scales every gradient in place by one factor, which would hide
-        # the per-module signal the doctor reads (and cap every norm at max_grad_norm).
-        self.grad_flow.record()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
-        lr = self.scheduler.get_last_lr()[0]
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
-        with warnings.catch_warnings():
-            # fp16: GradScaler skips the optimizer step on overflow (usual in the first steps), and torch then
-            # warns that the scheduler stepped first. The schedule counts steps taken, as transformers' does.
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            self.scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        return grad_norm, lr
+        """Step (optim.optimizer_step), recording per-module gradient norms before clipping for the doctor."""
+        return optimizer_step(self.optimizer, self.scheduler, self.scaler, self.cfg.train.max_grad_norm,
+                              before_clip=self.grad_flow.record)
 
     def _one_step(self) -> StepRecord:
         import torch

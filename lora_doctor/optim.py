@@ -8,6 +8,8 @@ the gradient of one big batch (transformers' num_items_in_batch fix).
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 from .data import IGNORE_INDEX
 from .loading import require_bitsandbytes
@@ -87,6 +89,38 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_step(optimizer, scheduler, scaler, max_grad_norm: float | None, *,
+                   before_clip=None) -> tuple[float, float]:
+    """Unscale (fp16), clip, step the optimizer and the schedule, zero the grads.
+
+    Returns (total gradient norm before clipping, the learning rate the step used). `before_clip` runs on the
+    unscaled gradients before clipping: clip_grad_norm_ scales every gradient in place by one factor, which
+    would hide a per-module signal (and cap every norm at max_grad_norm).
+    """
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if before_clip is not None:
+        before_clip()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    limit = max_grad_norm if max_grad_norm is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    lr = scheduler.get_last_lr()[0]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    with warnings.catch_warnings():
+        # fp16: GradScaler skips the optimizer step on overflow (usual in the first steps), and torch then
+        # warns that the scheduler stepped first. The schedule counts steps taken, as transformers' does.
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def build_scheduler(optimizer, train, total_steps: int):
     """LambdaLR over lr_factor with `train.warmup_steps` and `train.scheduler`."""
     import torch
@@ -96,4 +130,5 @@ def build_scheduler(optimizer, train, total_steps: int):
         optimizer, lambda step: lr_factor(step, warmup=warmup, total=total_steps, kind=kind))
 
 
-__all__ = ["build_optimizer", "build_scheduler", "label_token_count", "lr_factor", "predicted_loss_sum", "token_loss_sum"]
+__all__ = ["build_optimizer", "build_scheduler", "label_token_count", "lr_factor", "optimizer_step", "predicted_loss_sum",
+           "token_loss_sum"]

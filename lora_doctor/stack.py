@@ -55,20 +55,11 @@ def levers_for(stack: str, **overrides) -> Levers:
 
 
 def levers_of(cfg) -> Levers:
-    """The levers a run config selects (runconfig.RunConfig: train.chunked_loss, train.loss_chunks,
-    train.offload_activations, quant.upcast_frozen, data.packing).
-
-    A key the config does not have means the engine it belongs to has no such lever, so the lever is costed as
-    the HF path runs it (Levers' defaults): the plan never assumes a saving the engine cannot make.
-    """
-    hf = Levers()
-    return Levers(
-        chunked_loss=bool(getattr(cfg.train, "chunked_loss", hf.chunked_loss)),
-        loss_chunks=int(getattr(cfg.train, "loss_chunks", hf.loss_chunks)),
-        upcast_frozen=bool(getattr(cfg.quant, "upcast_frozen", hf.upcast_frozen)),
-        offload_activations=bool(getattr(cfg.train, "offload_activations", hf.offload_activations)),
-        packing=bool(getattr(cfg.data, "packing", hf.packing)),
-    )
+    """The levers a run config selects: train.chunked_loss, train.loss_chunks, train.offload_activations,
+    quant.upcast_frozen, data.packing (runconfig.RunConfig), read by their real names."""
+    return Levers(chunked_loss=cfg.train.chunked_loss, loss_chunks=cfg.train.loss_chunks,
+                  upcast_frozen=cfg.quant.upcast_frozen, offload_activations=cfg.train.offload_activations,
+                  packing=cfg.data.packing)
 
 
 def resident_layers(train: TrainSpec) -> int | None:
