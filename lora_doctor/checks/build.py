@@ -64,6 +64,8 @@ def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] =
         n_examples=stats.n_examples, n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
         empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
         longest_tokens=stats.longest_tokens, max_length=stats.max_length,
+        # Chat data: every ChatStats fact; other formats: the rows' shapes, for chat-format-mismatch.
+        chat=stats.chat,
     )
 
 
