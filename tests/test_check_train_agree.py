@@ -61,7 +61,7 @@ CASES: dict[str, Case] = {
     "healthy-chat": Case("", None, model="chat", config={"data.format": "chat"}),
     # --- targets -----------------------------------------------------------------------------------------
     "target-not-found": Case("target_not_found", "target-not-found", "error", config={"lora.targets": ["qkv_proj"]}),
-    "partial-coverage": Case("partial_coverage", "partial-target-coverage", "warning",
+    "partial-coverage": Case("partial_coverage", "partial-target-coverage", "error",
                              config={"lora.targets": ["q_proj", "qkv_proj"]}),
     "param-target-dora": Case("param_target_unsupported", "param-target-unsupported", "error", model="mixtral",
                               config={"lora.targets": "all-linear", "lora.use_dora": True}, slow=True),
@@ -70,6 +70,7 @@ CASES: dict[str, Case] = {
                           config={"quant.mode": "nf4", "quant.compute_dtype": "bf16", "output.merge": True}),
     "rank-vs-data": Case("rank_vs_data", "rank-too-large", "warning",
                          config={"lora.r": 64, "lora.targets": "all-linear"}, rows=ROWS[:8]),
+    "lr-zero": Case("lr_and_scaling", "lr-not-positive", "error", config={"train.lr": 0.0}),
     "lr-high": Case("lr_and_scaling", "lr-out-of-range", "warning", config={"train.lr": 0.5}),
     "alpha-unusual": Case("lr_and_scaling", "alpha-r-unusual", "warning", config={"lora.alpha": 512}),
     # --- precision ---------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ CASES: dict[str, Case] = {
     "vocab-past-rows": Case("vocab_vs_embeddings", "vocab-mismatch", "warning", model="llama-extra-tokens"),
     "no-eos": Case("no_eos_token", "no-eos-token", "error", model="llama-no-eos"),
     "eos-vs-generation": Case("eos_mismatch", "eos-mismatch", "error", model="llama-gen-eos"),
-    "bos-twice": Case("bos_twice", "bos-twice", "warning",
+    "bos-twice": Case("bos_twice", "bos-twice", "warning", model="llama-adds-bos",
                       config={"data.prompt_template": "<s>### Instruction:\n{instruction}\n\n### Response:\n"}),
     "id-past-rows": Case("token_ids_in_range", "token-id-out-of-range", "error", model="llama-extra-tokens",
                          rows=ROWS + [{"instruction": "Say <extra_0>.", "output": "<extra_1>"}]),
@@ -125,7 +126,7 @@ CASES: dict[str, Case] = {
     "router": Case("router_adapted", "router-adapted", "info", model="mixtral", config={"lora.targets": "all-linear"},
                    slow=True),
     # --- chat --------------------------------------------------------------------------------------------
-    "chat-as-instruction": Case("chat_format_mismatch", "chat-format-mismatch", "error", model="chat"),
+    "chat-as-instruction": Case("chat_format_mismatch", "chat-format-mismatch", "error", model="chat", rows=CHAT_ROWS),
     "chat-no-template": Case("chat_no_template", "chat-no-template", "error", config={"data.format": "chat"}),
     "chat-mask-empty": Case("chat_assistant_mask", "chat-mask-empty", "error", model="chat", config={
         "data.format": "chat", "data.chat_template": CHATML_TAGGED.replace(
@@ -212,6 +213,14 @@ def _retokenize(folder: Path, edit) -> Path:
     return folder
 
 
+def _prepend_bos(tok) -> None:
+    """As Llama's tokenizer.json does: the tokenizer itself writes BOS before every text."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)])
+
+
 def _build(name: str, root: Path, llama: Path) -> Path:
     from lora_doctor.tiny import save_tiny_model
 
@@ -234,6 +243,8 @@ def _build(name: str, root: Path, llama: Path) -> Path:
         return _retokenize(_copy(llama, out), lambda t: setattr(t, "eos_token", None))
     if name == "llama-extra-tokens":
         return _retokenize(_copy(llama, out), lambda t: t.add_tokens(["<extra_0>", "<extra_1>"]))
+    if name == "llama-adds-bos":
+        return _retokenize(_copy(llama, out), _prepend_bos)
     if name == "chat-pad-eot":
         return _retokenize(_copy(tiny_chat_model_dir(), out), lambda t: setattr(t, "pad_token", t.eos_token))
     if name == "chat-extra-tokens":

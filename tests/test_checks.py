@@ -91,7 +91,7 @@ NAN = math.nan
 PLANTED = {
     "01-target-not-found": ("target-not-found", "error", dict(shape="phi3", targets=("q_proj", "v_proj"))),
     "02-zero-trainable": ("zero-trainable", "error", dict(trainable_params=0)),
-    "03-partial-coverage": ("partial-target-coverage", "warning",
+    "03-partial-coverage": ("partial-target-coverage", "error",
                             dict(shape="phi3", targets=("q_proj", "v_proj", "o_proj"))),
     "03-fused-qv": ("fused-target", "info", dict(shape="gpt2", targets="qv")),
     "03-fused-falcon": ("fused-target", "info", dict(shape="falcon", targets="qv")),
@@ -555,7 +555,7 @@ def test_context_reads_the_real_records_by_their_fields(tmp_path, tiny_tokenizer
     stats = load_data(cfg.data, tiny_tokenizer).stats
     assert context_from_data_stats(stats) == dict(
         n_examples=4, n_truncated=0, n_response_lost=0, empty_fields={}, formats={"instruction+output": 4},
-        longest_tokens=stats.longest_tokens, max_length=48)
+        longest_tokens=stats.longest_tokens, max_length=48, chat=stats.chat)
     flow = GradFlow(modules=(ModuleGradFlow(Q, (0.0, 0.2), (0.1, 0.3), 0.01, 0.02, 64),),
                     frozen_params_with_grad=("model.embed_tokens.weight",), n_steps=2)
     facts = context_from_run(run_result([2.0, 1.5], flow, trainable_params=128, target_modules=["q_proj"]))

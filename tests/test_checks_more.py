@@ -46,6 +46,8 @@ PLANTED = {
     "eos-not-in-labels": ("eos-never-learned", "warning", dict(labels=[[-100, 17, 18], [-100, 40]], add_eos=False)),
     "bos-twice": ("bos-twice", "warning", dict(n_double_bos=1000)),
     "id-out-of-range": ("token-id-out-of-range", "error", dict(input_id_max=512)),
+    "vocab-past-rows-unused": ("vocab-mismatch", "warning", dict(vocab_len=600)),
+    "vocab-past-rows-used": ("vocab-mismatch", "error", dict(vocab_len=600, input_id_max=599)),
     "untrained-inputs": ("untrained-input-embeddings", "warning", dict(untrained_input_tokens={32000: 0.0})),
     "untrained-labels": ("untrained-token-embeddings", "warning", dict(untrained_label_tokens={2: 0.001})),
     "beyond-context": ("beyond-context", "error", dict(max_positions=256, max_length=512, n_beyond_context=12)),

@@ -140,11 +140,15 @@ def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
     emb, out = _embed_names(ctx)
     covered = set(ctx.modules_to_save or ()) >= {emb, out} or bool(ctx.trainable_token_indices)
     if not ctx.resize_embeddings:
+        # Error only when the data may hold such an id (token-id-out-of-range then names it): when every
+        # training id fits, the run learns; the extra tokens only fail later, wherever they are used.
+        unused = ctx.input_id_max is not None and ctx.input_id_max < rows
         return [Finding(
-            Severity.ERROR, "vocab-mismatch",
+            Severity.WARNING if unused else Severity.ERROR, "vocab-mismatch",
             f"The tokenizer has {ctx.vocab_len:,} tokens but the model's embedding has {rows:,} rows: the {new} "
             "token id(s) past the end crash the embedding lookup ('index out of range in self', or a CUDA "
-            "device-side assert).",
+            "device-side assert)" + (" wherever they are used; no training example holds one, so this run "
+                                     "trains, but the tuned model cannot read or emit them." if unused else "."),
             "model.resize_token_embeddings(len(tokenizer)) before get_peft_model, and train the new rows: "
             + _train_rows_hint(emb, out, list(range(rows, ctx.vocab_len))[:8]),
         )]
