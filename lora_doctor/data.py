@@ -246,6 +246,7 @@ def read_examples(cfg: DataConfig, tokenizer, *, model_id: str | None = None,
     """data.path's rows (up to data.max_examples) tokenized and masked, with tokenize_rows' counters."""
     rows = read_data_rows(cfg)
     examples, c = tokenize_rows(rows, tokenizer, cfg, cfg.path, model_id=model_id, embedding_rows=embedding_rows)
+    c["rows"] = rows  # the doctor's row facts (duplicates, echoes, templates) come from this one reading
     if not examples:
         raise LoraDoctorError(f"Dataset '{cfg.path}' produced no examples: every row is empty.",
                               f"Check the fields {cfg.instruction_field!r}/{cfg.response_field!r} (or {cfg.text_field!r}).")
@@ -310,7 +311,7 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 3407, *, model_id: str | N
     if not train_examples:
         raise LoraDoctorError(f"Dataset '{cfg.path}' has no training examples left after the eval hold-out.",
                               "Lower data.eval_fraction.")
-    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c)
+    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c, held_out=eval_examples)
     return TokenizedData(train_examples, eval_examples, stats, stats.pad_token_id, cfg.padding_side)
 
 
