@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .chat import IGNORE_INDEX, TrainOn, row_shape, row_shape_stats, tokenize_chat_examples
 from .chat.rows import FORMAT_OF_SHAPE
 from .datastats import DataStats, data_stats
-from .errors import LoraDoctorError
+from .errors import BadData, LoraDoctorError
 from .readers import LOCAL_SUFFIXES, read_rows
 
 DATA_FORMATS = ("instruction", "text", "chat")
@@ -273,10 +273,11 @@ def _refuse_chat(cfg: DataConfig, examples: list[Example], c: dict) -> None:
     if cfg.format != "chat" or chat is None:
         return
     if chat.special_tokens_outside_embedding:
-        raise LoraDoctorError(
+        raise BadData(
             f"The chat template's tokens {', '.join(chat.special_tokens_outside_embedding)} have ids >= the "
             f"model's {chat.embedding_rows} embedding rows: the forward pass would fail with an index error.",
-            "Use the template that belongs to this tokenizer (data.chat_template), or the instruct model.")
+            "Use the template that belongs to this tokenizer (data.chat_template), or the instruct model.",
+            "chat-special-token-outside-embedding")
     if chat.n_label_tokens == 0 and not chat.n_truncated_assistant:
         raise LoraDoctorError(
             f"The assistant mask is empty in all {len(examples)} conversations ({chat.mask_method.value} method): "

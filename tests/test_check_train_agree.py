@@ -89,6 +89,8 @@ CASES: dict[str, Case] = {
                       config={"data.prompt_template": "<s>### Instruction:\n{instruction}\n\n### Response:\n"}),
     "id-past-rows": Case("token_ids_in_range", "token-id-out-of-range", "error", model="llama-extra-tokens",
                          rows=ROWS + [{"instruction": "Say <extra_0>.", "output": "<extra_1>"}]),
+    "token-index-past-rows": Case("trainable_token_indices_in_range", "trainable-token-index-out-of-range", "error",
+                                  config={"lora.trainable_token_indices": [5, 9999]}),
     # --- dataset -----------------------------------------------------------------------------------------
     "every-response-cut": Case("all_labels_masked", "all-labels-masked", "error", config={"data.max_length": 4}),
     "some-truncated": Case("truncation", "examples-truncated", "warning",

@@ -154,6 +154,37 @@ def out_of_range_finding(examples: list, shape):
     return found[0] if found else None
 
 
+def refusal_finding(examples: list, shape, model_config=None, trainable_token_indices=None):
+    """The error finding the engine refuses to start on (before the weights load), as check words it; None if none.
+
+    An id past the embedding rows (in the data, or in lora.trainable_token_indices), or an example longer than
+    the model's positions: each is an IndexError (CUDA: device-side assert) inside the load or the first step
+    that holds it, not a finding at the end of the run.
+    """
+    from .context import CheckContext
+    from .length import check_context_length
+    from .tokens import check_trainable_token_indices_in_range
+
+    if trainable_token_indices and shape is not None:
+        # peft indexes the embedding with them at get_peft_model: an IndexError after the weights load.
+        found = check_trainable_token_indices_in_range(
+            CheckContext(shape=shape, trainable_token_indices=trainable_token_indices))
+        if found:
+            return found[0]
+    found = out_of_range_finding(examples, shape)
+    if found is not None or model_config is None or not examples:
+        return found
+
+    positions = eos_facts(None, model_config).get("max_positions")
+    longest = max(len(e.input_ids) for e in examples)
+    if not positions or longest <= positions:
+        return None
+    n = sum(1 for e in examples if len(e.input_ids) > positions)
+    found = check_context_length(CheckContext(max_positions=positions, max_length=longest, n_beyond_context=n,
+                                              n_examples=len(examples)))
+    return found[0] if found else None
+
+
 def example_facts(examples: list, bos_id: int | None, max_positions: int | None) -> dict:
     """Token-id facts of the tokenized training examples (data.Example)."""
     out: dict[str, Any] = {}

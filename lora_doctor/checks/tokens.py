@@ -286,3 +286,22 @@ def check_untrained_input_tokens(ctx: CheckContext) -> list[Finding]:
         "LoRA, so the model reads them as noise throughout training.",
         f"Train those rows: {_train_rows_hint(emb, out, ids[:8])}.",
     )]
+
+
+@register
+def check_trainable_token_indices_in_range(ctx: CheckContext) -> list[Finding]:
+    """lora.trainable_token_indices naming a row the embedding does not have: peft's TrainableTokensLayer
+    indexes the embedding with them at get_peft_model (IndexError), before any step."""
+    if ctx.shape is None or not ctx.trainable_token_indices:
+        return []
+    rows = ctx.shape.vocab_size
+    bad = sorted(i for i in _rows_trained(ctx) if not 0 <= i < rows)
+    if not bad:
+        return []
+    return [Finding(
+        Severity.ERROR, "trainable-token-index-out-of-range",
+        f"lora.trainable_token_indices names {bad[:8]}, past the model's {rows:,} embedding rows (valid: 0.."
+        f"{rows - 1}): peft fails with 'index out of bounds' while wrapping the model, before the first step.",
+        "Give lora.trainable_token_indices ids the tokenizer and the embedding both have (tokenizer.convert_tokens_to_"
+        "ids(...)); for tokens added past the embedding, resize the embeddings first.",
+    )]
