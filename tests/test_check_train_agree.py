@@ -141,7 +141,7 @@ CASES: dict[str, Case] = {
                            rows=CHAT_ROWS + [_chat(("user", "Count."), ("assistant", LONG * 2))]),
     "chat-pad-is-eot": Case("chat_pad_is_eot", "chat-pad-is-eot", "info", model="chat-pad-eot",
                             config={"data.format": "chat"}),
-    "chat-bos-twice": Case("chat_bos_twice", "chat-bos-twice", "error", model="chat",
+    "chat-bos-twice": Case("chat_bos_twice", "chat-bos-twice", "warning", model="chat",
                            config={"data.format": "chat", "data.chat_template": "{{ bos_token }}{{ bos_token }}"
                                    + CHATML_TAGGED}),
     "chat-empty-assistant": Case("chat_empty_assistant", "chat-empty-assistant", "warning", model="chat",

@@ -66,8 +66,11 @@ def check_eos_learning(ctx: CheckContext) -> list[Finding]:
             by_pad = pad_is_eos and not ctx.padding_masked_by_position
             cause = ("the pad token is EOS, so masking padding by token id also masks every EOS"
                      if by_pad else "the template does not append EOS, or it is truncated away")
+            # Instruction data that never stops cannot give the answers the user wants (as no-eos-token judges
+            # it), unless the user turned EOS off (data.add_eos: false); text data need not stop.
+            lost = ctx.data_format != "text" and ctx.add_eos is not False
             return [Finding(
-                Severity.ERROR if by_pad else Severity.WARNING, "eos-never-learned",
+                Severity.ERROR if by_pad or lost else Severity.WARNING, "eos-never-learned",
                 f"EOS {eos} is a label in none of the {len(ctx.labels)} tokenized examples ({cause}): the model "
                 "never learns to stop and generates until max_new_tokens.",
                 "Append tokenizer.eos_token to every response and mask padding by attention_mask (labels[attention_mask"
