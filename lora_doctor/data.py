@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .chat import IGNORE_INDEX, TrainOn, row_shape, row_shape_stats, tokenize_chat_examples
 from .chat.rows import FORMAT_OF_SHAPE
 from .datastats import DataStats, data_stats
-from .errors import LoraDoctorError
+from .errors import BadData, LoraDoctorError
 from .packing import PackedRow, pack_examples, packed_collate
 from .readers import LOCAL_SUFFIXES, read_rows
 
@@ -253,6 +253,7 @@ def read_examples(cfg: DataConfig, tokenizer, *, model_id: str | None = None,
     """data.path's rows (up to data.max_examples) tokenized and masked, with tokenize_rows' counters."""
     rows = read_data_rows(cfg)
     examples, c = tokenize_rows(rows, tokenizer, cfg, cfg.path, model_id=model_id, embedding_rows=embedding_rows)
+    c["rows"] = rows  # the doctor's row facts (duplicates, echoes, templates) come from this one reading
     if not examples:
         raise LoraDoctorError(f"Dataset '{cfg.path}' produced no examples: every row is empty.",
                               f"Check the fields {cfg.instruction_field!r}/{cfg.response_field!r} (or {cfg.text_field!r}).")
@@ -279,10 +280,11 @@ def _refuse_chat(cfg: DataConfig, examples: list[Example], c: dict) -> None:
     if cfg.format != "chat" or chat is None:
         return
     if chat.special_tokens_outside_embedding:
-        raise LoraDoctorError(
+        raise BadData(
             f"The chat template's tokens {', '.join(chat.special_tokens_outside_embedding)} have ids >= the "
             f"model's {chat.embedding_rows} embedding rows: the forward pass would fail with an index error.",
-            "Use the template that belongs to this tokenizer (data.chat_template), or the instruct model.")
+            "Use the template that belongs to this tokenizer (data.chat_template), or the instruct model.",
+            "chat-special-token-outside-embedding")
     if chat.n_label_tokens == 0 and not chat.n_truncated_assistant:
         raise LoraDoctorError(
             f"The assistant mask is empty in all {len(examples)} conversations ({chat.mask_method.value} method): "
@@ -317,7 +319,7 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 3407, *, model_id: str | N
     if not train_examples:
         raise LoraDoctorError(f"Dataset '{cfg.path}' has no training examples left after the eval hold-out.",
                               "Lower data.eval_fraction.")
-    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c, seed=seed)
+    stats = data_stats(cfg, tokenizer, train_examples, len(eval_examples), c, seed=seed, held_out=eval_examples)
     # Packed after the eval hold-out, so the held-out examples are the same packed or not.
     rows = pack_examples(train_examples, cfg.max_length, seed) if cfg.packing else train_examples
     return TokenizedData(rows, eval_examples, stats, stats.pad_token_id, cfg.padding_side, train_examples)

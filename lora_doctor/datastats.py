@@ -11,6 +11,33 @@ from .packing import padding_stats
 
 
 @dataclass(frozen=True)
+class DataFacts:
+    """What the doctor's data checks read beyond the counts (checks/datafacts.data_facts), found once while
+    the data loads, so check, probe and train read one dataset's facts from one reading of it."""
+
+    n_rows: int = 0
+    """Rows read from data.path (up to data.max_examples), the eval hold-out included."""
+    n_duplicate_rows: int = 0
+    n_echo_responses: int = 0
+    template_markers: dict = field(default_factory=dict)
+    """Rows per prompt-template family whose markers appear in the text fields."""
+    input_id_max: int | None = None
+    """Largest input id of any example, the eval examples included (the engine embeds them too)."""
+    input_id_max_origin: str | None = None
+    n_prompt_fills: int = 0
+    n_double_bos: int | None = None
+    """None when the tokenizer has no BOS."""
+    eval_path_exists: bool | None = None
+    """None without data.eval_path."""
+    n_eval_overlap: int = 0
+    """Eval examples (hold-out or data.eval_path) whose token ids equal a training example's."""
+    example_tokens: tuple = ()
+    """Tokens per data.path example after truncation: held against the model's context by the doctor."""
+    input_ids_seen: frozenset = frozenset()
+    """Every input id of the data.path examples: the doctor reads their embedding rows (real weights only)."""
+
+
+@dataclass(frozen=True)
 class DataStats:
     """What tokenization did to the training examples (never the eval ones; see n_eval_examples).
     The doctor's data checks read these fields."""
@@ -75,6 +102,8 @@ class DataStats:
     chat: ChatStats | None = None
     """Chat data: what rendering with the template found (over every row read). Other formats: only
     the rows' shapes (row_shape_stats), so the doctor can say rows look like chat."""
+    facts: DataFacts | None = None
+    """The data checks' facts, found in the same reading (None when the rows were not kept)."""
 
     @property
     def n_empty_fields(self) -> int:
@@ -86,7 +115,8 @@ class DataStats:
         return self.padding_tokens_unpacked - self.padding_tokens_packed
 
     def to_dict(self) -> dict:
-        d = asdict(replace(self, chat=None))  # asdict would recurse into ChatStats' enums and segments
+        d = asdict(replace(self, chat=None, facts=None))  # asdict would recurse into ChatStats' enums and segments
+        d.pop("facts")  # the doctor's inputs, not a report figure (and one id per token seen)
         chat = self.chat.to_dict() if self.chat is not None else None
         if chat is not None:  # shown once, at the top level of the data section
             chat.pop("role_tokens")
@@ -97,7 +127,8 @@ class DataStats:
         return d
 
 
-def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict, *, seed: int) -> DataStats:
+def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict, *, seed: int,
+               held_out: list | None = None) -> DataStats:
     """What tokenization did to the training examples: the one DataStats builder (load_data and check).
 
     Args:
@@ -105,8 +136,10 @@ def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict, *, seed
         train: the training data.Examples (after the eval hold-out), not packed.
         seed: train.seed, which orders the examples for packing (packing.pack_groups).
         counters: data.read_examples' second result (whether EOS was appended, the sample text, the
-            prompt template, the ChatStats).
+            prompt template, the ChatStats, the rows read).
+        held_out: the eval examples (data.eval_fraction's hold-out or data.eval_path's), for the overlap fact.
     """
+    from .checks.datafacts import data_facts  # deferred: checks/ imports data, which imports this module
     has_pad = tokenizer.pad_token_id is not None
     pad_id = tokenizer.pad_token_id if has_pad else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
     lengths = [len(e.input_ids) for e in train]
@@ -131,7 +164,8 @@ def data_stats(cfg, tokenizer, train: list, n_eval: int, counters: dict, *, seed
         padding_side=cfg.padding_side, eos_appended=counters["eos_appended"], n_eval_examples=n_eval,
         vocab_size=len(tokenizer), prompt_template=counters.get("prompt_template"), sample=counters["sample"],
         role_tokens=dict(chat.role_tokens) if rendered else {},
-        example_marked=chat.example_marked if rendered else None, chat=chat)
+        example_marked=chat.example_marked if rendered else None, chat=chat,
+        facts=data_facts(cfg, tokenizer, counters.get("rows"), train, held_out) if "rows" in counters else None)
 
 
-__all__ = ["DataStats", "data_stats"]
+__all__ = ["DataFacts", "DataStats", "data_stats"]

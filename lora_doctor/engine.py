@@ -25,11 +25,11 @@ from typing import Callable, Iterable
 
 from . import checkpoint, fsdp_state
 from .checkpoint import ADAPTER_DIR, CHECKPOINT_DIR
-from .checks.datafacts import optimizer_steps, out_of_range_finding
+from .checks.datafacts import optimizer_steps, refusal_finding
 from .data import TokenizedData, collate, epoch_order, load_data
 from .distributed import place_process
 from .fsdp import check_fsdp, gathered_trainable
-from .errors import LoraDoctorError
+from .errors import BadData, LoraDoctorError  # noqa: F401  (BadData: probe catches it here)
 from .gradflow import GradFlowRecorder
 from .loading import (compute_dtype, eval_mode, is_oom, load_peft_model, load_tokenizer, peft_lora_config,
                       preload_libraries, resolve_source, torch_dtype)
@@ -44,12 +44,6 @@ StepCallback = Callable[["Engine", StepRecord], None]
 
 class OutOfMemory(LoraDoctorError):
     """The run did not fit: raised with the peak memory seen and what to change."""
-
-
-class BadData(LoraDoctorError):
-    """Data the model cannot run on, found before the first step; `code` is the doctor's finding for it."""
-
-    code = "token-id-out-of-range"
 
 
 class Engine:
@@ -148,10 +142,11 @@ class Engine:
     def _setup_data(self) -> None:
         self.data = load_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed, model_id=self.cfg.model,
                               embedding_rows=getattr(self.base_config, "vocab_size", None))
-        # An id past the embedding rows is an IndexError inside the first step holding it: refuse it before the load.
-        bad = out_of_range_finding(self.data.examples + self.data.eval, getattr(self.source, "shape", None))
+        # An id past the embedding rows or the positions is an IndexError inside a step: refuse it before the load.
+        bad = refusal_finding(self.data.examples + self.data.eval, getattr(self.source, "shape", None),
+                              self.base_config, self.cfg.lora.trainable_token_indices)
         if bad is not None:
-            raise BadData(bad.message, bad.hint)
+            raise BadData(bad.message, bad.hint, bad.code)
 
     def _setup_model(self) -> None:
         # FSDP: the base loads on CPU and fully_shard moves each unit's 1/N to this rank's GPU (fsdp.py).

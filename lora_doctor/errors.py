@@ -55,3 +55,14 @@ def raise_problems(problems: Iterable[Problem], what: str = "") -> None:
     hints = [h.strip().rstrip(".;") for h in dict.fromkeys(h for _, h in problems if h and h.strip())]
     raise LoraDoctorError(f"{len(problems)} problems{where}: {listed}", "; ".join(hints) or None,
                           problems=problems)
+
+
+class BadData(LoraDoctorError):
+    """Data (or a config key indexing the model) the model cannot run on, refused before the first step.
+
+    `code` is the doctor's finding for it, so probe reports the finding instead of a crash inside the step.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, code: str = "token-id-out-of-range"):
+        super().__init__(message, hint)
+        self.code = code

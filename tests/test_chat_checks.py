@@ -32,7 +32,7 @@ FAULTS = [
      "data.max_length"),
     ("chat-truncated", Severity.ERROR, dict(n_truncated_assistant=30, n_all_assistant_lost=30), "data.train_on"),
     ("chat-pad-is-eot", Severity.WARNING, dict(pad_is_eot=True), "pad_token"),
-    ("chat-bos-twice", Severity.ERROR, dict(n_bos_twice=30), "data.chat_template"),
+    ("chat-bos-twice", Severity.WARNING, dict(n_bos_twice=30), "data.chat_template"),
     ("chat-bos-twice", Severity.INFO, dict(template_and_tokenizer_add_bos=True), "add_special_tokens=False"),
     ("chat-empty-assistant", Severity.WARNING, dict(n_empty_assistant=10), "data.path"),
     ("chat-roles-alternate", Severity.WARNING, dict(n_non_alternating=12, rows_non_alternating=("c.jsonl:3",) * 10),

@@ -91,7 +91,7 @@ NAN = math.nan
 PLANTED = {
     "01-target-not-found": ("target-not-found", "error", dict(shape="phi3", targets=("q_proj", "v_proj"))),
     "02-zero-trainable": ("zero-trainable", "error", dict(trainable_params=0)),
-    "03-partial-coverage": ("partial-target-coverage", "warning",
+    "03-partial-coverage": ("partial-target-coverage", "error",
                             dict(shape="phi3", targets=("q_proj", "v_proj", "o_proj"))),
     "03-fused-qv": ("fused-target", "info", dict(shape="gpt2", targets="qv")),
     "03-fused-falcon": ("fused-target", "info", dict(shape="falcon", targets="qv")),
@@ -113,7 +113,8 @@ PLANTED = {
     "11-pad-eos-labels": ("eos-never-learned", "error",
                           dict(pad_token="</s>", pad_token_id=2, labels=[[-100, 17, 18], [-100, 40]])),
     "11-pad-eos-unknown": ("pad-is-eos", "warning", dict(pad_token="</s>", pad_token_id=2, labels=None)),
-    "11-no-eos-appended": ("eos-never-learned", "warning", dict(labels=[[-100, 17, 18], [-100, 40]])),
+    "11-no-eos-appended": ("eos-never-learned", "error", dict(labels=[[-100, 17, 18], [-100, 40]])),
+    "11-no-eos-text": ("eos-never-learned", "warning", dict(labels=[[17, 18], [40]], data_format="text")),
     "12-all-masked": ("all-labels-masked", "error", dict(labels=[[-100] * 5, [-100] * 3], n_response_lost=None)),
     "12-all-lost": ("all-labels-masked", "error", dict(labels=None, n_response_lost=1000)),
     "13-response-lost": ("response-truncated", "warning", dict(n_response_lost=80)),
@@ -554,8 +555,8 @@ def test_context_reads_the_real_records_by_their_fields(tmp_path, tiny_tokenizer
         modules_to_save=None, trainable_token_indices=None)
     stats = load_data(cfg.data, tiny_tokenizer).stats
     assert context_from_data_stats(stats) == dict(
-        n_examples=4, n_packed_rows=None, n_truncated=0, n_response_lost=0, empty_fields={}, formats={"instruction+output": 4},
-        longest_tokens=stats.longest_tokens, max_length=48)
+        n_examples=4, n_packed_rows=None, n_truncated=0, n_response_lost=0, empty_fields={},
+        formats={"instruction+output": 4}, longest_tokens=stats.longest_tokens, max_length=48, chat=stats.chat)
     flow = GradFlow(modules=(ModuleGradFlow(Q, (0.0, 0.2), (0.1, 0.3), 0.01, 0.02, 64),),
                     frozen_params_with_grad=("model.embed_tokens.weight",), n_steps=2)
     facts = context_from_run(run_result([2.0, 1.5], flow, trainable_params=128, target_modules=["q_proj"]))

@@ -65,6 +65,8 @@ def context_from_data_stats(stats: DataStats, optional_fields: tuple[str, ...] =
         n_truncated=stats.n_truncated, n_response_lost=stats.n_response_lost,
         empty_fields=dict(stats.empty_fields), formats=_collapse_formats(stats.formats_seen, optional_fields),
         longest_tokens=stats.longest_tokens, max_length=stats.max_length,
+        # Chat data: every ChatStats fact; other formats: the rows' shapes, for chat-format-mismatch.
+        chat=stats.chat,
     )
 
 
@@ -226,7 +228,7 @@ def _embedding_facts(model: Any, labels: list[list[int]] | None, input_ids: set[
 
 
 def _wider_facts(config: RunConfig | None, tokenizer: Any, model_config: Any, shape: ModelShape | None,
-                 env: dict | None) -> dict:
+                 data_stats: DataStats | None) -> dict:
     """Issue 11's facts: EOS ids of the model files, the data's rows and token ids, eval set, schedule."""
     from . import datafacts
 
@@ -241,7 +243,10 @@ def _wider_facts(config: RunConfig | None, tokenizer: Any, model_config: Any, sh
         out["max_positions"] = next((p for p in positions if isinstance(p, int) and p > 0), None)
     if tokenizer is not None:
         out["bos_token_id"] = getattr(tokenizer, "bos_token_id", None)
-        if config is not None:
+        if data_stats is not None and data_stats.facts is not None:
+            # Found while the data loaded (load_data, or check's own reading): never read or tokenized again.
+            out.update(datafacts.context_from_facts(data_stats.facts, out.get("max_positions")))
+        elif config is not None and data_stats is None:
             out.update(datafacts.dataset_facts(config, tokenizer, out.get("max_positions")))
     return {k: v for k, v in out.items() if v is not None}
 
@@ -294,10 +299,10 @@ def build_context(
         values.setdefault("model_id", shape.model_id)
     if model_config is not None and getattr(model_config, "dtype", None) is not None:
         values["model_dtype"] = dtype_name(model_config.dtype)
-    wider = _wider_facts(config, tokenizer, model_config, shape, env)
+    wider = _wider_facts(config, tokenizer, model_config, shape, data_stats)
     values.update(wider)
-    if data_stats is not None and data_stats.n_eval_examples:
-        values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out wins
+    if data_stats is not None:
+        values["n_eval_examples"] = data_stats.n_eval_examples  # the engine's own count of its hold-out
     if labels is not None:
         values["labels"] = [list(x) for x in labels]
     values.update(_embedding_facts(model, values.get("labels"), values.pop("input_ids_seen", None)))

@@ -152,6 +152,9 @@ ENTRIES: dict[str, Entry] = {
     "token_ids_in_range": Entry(
         "A token id at or past the embedding rows", "IndexError / device assert mid-run",
         "the model's tokenizer, or resize + train rows", f"{M}::id-out-of-range"),
+    "trainable_token_indices_in_range": Entry(
+        "lora.trainable_token_indices past the embedding rows", "peft's IndexError while wrapping the model",
+        "ids the embedding has; resize first", f"{M}::token-index-past-rows"),
     "untrained_input_tokens": Entry(
         "Input tokens with zero / mean-initialised rows, embeddings frozen", "read as noise throughout training",
         "trainable_token_indices / modules_to_save", f"{M}::untrained-inputs"),

@@ -112,7 +112,8 @@ def check_chat_bos_twice(ctx: CheckContext) -> list[Finding]:
     if s is None:
         return []
     if s.n_bos_twice:
-        return [Finding(Severity.ERROR, "chat-bos-twice",
+        # A warning, as bos-twice is: the run still learns the answers; only the prefix differs from inference.
+        return [Finding(Severity.WARNING, "chat-bos-twice",
                         f"{s.n_bos_twice} examples start with '{s.bos_token}' twice: the template writes it twice.",
                         "Remove the extra bos_token from data.chat_template.")]
     if s.template_and_tokenizer_add_bos:

@@ -110,9 +110,9 @@ def _is_echo(prompt: str, response: str) -> bool:
     return bool(p and r) and (r == p or (len(p) >= ECHO_MIN_CHARS and r.startswith(p)))
 
 
-def row_facts(rows: list[tuple[str, dict]], cfg: RunConfig) -> dict:
-    """Duplicates, echoed prompts and template markers in the raw rows."""
-    d = cfg.data
+def row_facts(rows: list[tuple[str, dict]], cfg) -> dict:
+    """Duplicates, echoed prompts and template markers in the raw rows (cfg: a RunConfig or its DataConfig)."""
+    d = getattr(cfg, "data", cfg)
     fields = tuple(f for f in ((d.instruction_field, d.input_field, d.response_field)
                                if d.format == "instruction" else (d.text_field,)) if f)
     seen: set[str] = set()
@@ -151,6 +151,37 @@ def out_of_range_finding(examples: list, shape):
     if not examples or shape is None:
         return None
     found = check_token_ids_in_range(CheckContext(shape=shape, **_input_id_max(examples)))
+    return found[0] if found else None
+
+
+def refusal_finding(examples: list, shape, model_config=None, trainable_token_indices=None):
+    """The error finding the engine refuses to start on (before the weights load), as check words it; None if none.
+
+    An id past the embedding rows (in the data, or in lora.trainable_token_indices), or an example longer than
+    the model's positions: each is an IndexError (CUDA: device-side assert) inside the load or the first step
+    that holds it, not a finding at the end of the run.
+    """
+    from .context import CheckContext
+    from .length import check_context_length
+    from .tokens import check_trainable_token_indices_in_range
+
+    if trainable_token_indices and shape is not None:
+        # peft indexes the embedding with them at get_peft_model: an IndexError after the weights load.
+        found = check_trainable_token_indices_in_range(
+            CheckContext(shape=shape, trainable_token_indices=trainable_token_indices))
+        if found:
+            return found[0]
+    found = out_of_range_finding(examples, shape)
+    if found is not None or model_config is None or not examples:
+        return found
+
+    positions = eos_facts(None, model_config).get("max_positions")
+    longest = max(len(e.input_ids) for e in examples)
+    if not positions or longest <= positions:
+        return None
+    n = sum(1 for e in examples if len(e.input_ids) > positions)
+    found = check_context_length(CheckContext(max_positions=positions, max_length=longest, n_beyond_context=n,
+                                              n_examples=len(examples)))
     return found[0] if found else None
 
 
@@ -235,6 +266,41 @@ def dataset_facts(cfg: RunConfig, tokenizer, max_positions: int | None = None) -
 
         train, held_out = split_examples(cfg.data, tokenizer, examples, cfg.train.seed)
         out["n_eval_overlap"] = fraction_overlap(train, held_out)
+    return out
+
+
+def data_facts(cfg, tokenizer, rows: list | None, train: list, held_out: list | None):
+    """datastats.DataFacts of one reading of the data: the rows and examples load_data (or check) already has.
+
+    Args:
+        cfg: the run's data.DataConfig.
+        held_out: the eval examples: data.eval_fraction's hold-out (part of data.path) or data.eval_path's.
+    """
+    from ..datastats import DataFacts
+
+    held_out = list(held_out or ())
+    # data.path's examples: the hold-out is part of them, an eval file is not.
+    examples = list(train) if cfg.eval_path else [*train, *held_out]
+    out = row_facts(rows, cfg) if rows is not None else {}
+    facts = example_facts(examples, tokenizer.bos_token_id, None)
+    if held_out and cfg.eval_path:  # the engine embeds the eval file's ids too
+        facts.update(_input_id_max([*examples, *held_out]))
+    out.update(facts)
+    out["input_ids_seen"] = frozenset(out.get("input_ids_seen", ()))
+    if cfg.eval_path:
+        out["eval_path_exists"] = Path(cfg.eval_path).expanduser().exists()
+    return DataFacts(**out, n_eval_overlap=fraction_overlap(train, held_out),
+                     example_tokens=tuple(len(e.input_ids) for e in examples))
+
+
+def context_from_facts(facts, max_positions: int | None) -> dict:
+    """CheckContext fields of a datastats.DataFacts; n_beyond_context against the model's context."""
+    from dataclasses import asdict
+
+    out = {k: v for k, v in asdict(facts).items() if k != "example_tokens"}
+    out["input_ids_seen"] = set(facts.input_ids_seen)
+    if max_positions:
+        out["n_beyond_context"] = sum(1 for n in facts.example_tokens if n > max_positions)
     return out
 
 

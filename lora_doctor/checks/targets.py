@@ -114,11 +114,13 @@ def check_partial_coverage(ctx: CheckContext) -> list[Finding]:
     findings = []
     model = ctx.model_id or ctx.shape.model_id
     if cov.matched and cov.unmatched:
+        # An error, not a warning: lora-doctor's probe and train refuse a target that matches nothing (they
+        # would otherwise train less than asked without a word), so check must not call this config healthy.
         findings.append(Finding(
-            Severity.WARNING, "partial-target-coverage",
+            Severity.ERROR, "partial-target-coverage",
             f"Only {_quote(cov.matched)} of the requested targets exist in '{model}'; {_quote(cov.unmatched)} match "
-            "nothing and peft silently skips them, so the adapter covers less than asked."
-            + _fused_note(cov, cov.unmatched),
+            "nothing. peft alone would silently skip them and adapt less than asked; lora-doctor probe and train "
+            "refuse the config." + _fused_note(cov, cov.unmatched),
             f"Use existing leaves ({_targetable(ctx)}) or a preset: {_suggest(ctx, cov.unmatched)}.",
         ))
     for f in cov.fused:

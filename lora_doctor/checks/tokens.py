@@ -66,8 +66,11 @@ def check_eos_learning(ctx: CheckContext) -> list[Finding]:
             by_pad = pad_is_eos and not ctx.padding_masked_by_position
             cause = ("the pad token is EOS, so masking padding by token id also masks every EOS"
                      if by_pad else "the template does not append EOS, or it is truncated away")
+            # Instruction data that never stops cannot give the answers the user wants (as no-eos-token judges
+            # it), unless the user turned EOS off (data.add_eos: false); text data need not stop.
+            lost = ctx.data_format != "text" and ctx.add_eos is not False
             return [Finding(
-                Severity.ERROR if by_pad else Severity.WARNING, "eos-never-learned",
+                Severity.ERROR if by_pad or lost else Severity.WARNING, "eos-never-learned",
                 f"EOS {eos} is a label in none of the {len(ctx.labels)} tokenized examples ({cause}): the model "
                 "never learns to stop and generates until max_new_tokens.",
                 "Append tokenizer.eos_token to every response and mask padding by attention_mask (labels[attention_mask"
@@ -140,11 +143,15 @@ def check_vocab_vs_embeddings(ctx: CheckContext) -> list[Finding]:
     emb, out = _embed_names(ctx)
     covered = set(ctx.modules_to_save or ()) >= {emb, out} or bool(ctx.trainable_token_indices)
     if not ctx.resize_embeddings:
+        # Error only when the data may hold such an id (token-id-out-of-range then names it): when every
+        # training id fits, the run learns; the extra tokens only fail later, wherever they are used.
+        unused = ctx.input_id_max is not None and ctx.input_id_max < rows
         return [Finding(
-            Severity.ERROR, "vocab-mismatch",
+            Severity.WARNING if unused else Severity.ERROR, "vocab-mismatch",
             f"The tokenizer has {ctx.vocab_len:,} tokens but the model's embedding has {rows:,} rows: the {new} "
             "token id(s) past the end crash the embedding lookup ('index out of range in self', or a CUDA "
-            "device-side assert).",
+            "device-side assert)" + (" wherever they are used; no training example holds one, so this run "
+                                     "trains, but the tuned model cannot read or emit them." if unused else "."),
             "model.resize_token_embeddings(len(tokenizer)) before get_peft_model, and train the new rows: "
             + _train_rows_hint(emb, out, list(range(rows, ctx.vocab_len))[:8]),
         )]
@@ -281,4 +288,23 @@ def check_untrained_input_tokens(ctx: CheckContext) -> list[Finding]:
         f"as resize_token_embeddings initialises them): ids {ids[:8]}. Embeddings and {out} stay frozen under "
         "LoRA, so the model reads them as noise throughout training.",
         f"Train those rows: {_train_rows_hint(emb, out, ids[:8])}.",
+    )]
+
+
+@register
+def check_trainable_token_indices_in_range(ctx: CheckContext) -> list[Finding]:
+    """lora.trainable_token_indices naming a row the embedding does not have: peft's TrainableTokensLayer
+    indexes the embedding with them at get_peft_model (IndexError), before any step."""
+    if ctx.shape is None or not ctx.trainable_token_indices:
+        return []
+    rows = ctx.shape.vocab_size
+    bad = sorted(i for i in _rows_trained(ctx) if not 0 <= i < rows)
+    if not bad:
+        return []
+    return [Finding(
+        Severity.ERROR, "trainable-token-index-out-of-range",
+        f"lora.trainable_token_indices names {bad[:8]}, past the model's {rows:,} embedding rows (valid: 0.."
+        f"{rows - 1}): peft fails with 'index out of bounds' while wrapping the model, before the first step.",
+        "Give lora.trainable_token_indices ids the tokenizer and the embedding both have (tokenizer.convert_tokens_to_"
+        "ids(...)); for tokens added past the embedding, resize the embeddings first.",
     )]

@@ -153,7 +153,7 @@ def _data_facts(cfg: RunConfig, facts: StaticFacts) -> None:
         return
     train, held_out = split_examples_or_keep(cfg.data, tok, examples, cfg.train.seed)
     facts.labels = [e.labels for e in train[:LABEL_SAMPLE]]
-    facts.data = data_stats(cfg.data, tok, train, len(held_out), counters, seed=cfg.train.seed)
+    facts.data = data_stats(cfg.data, tok, train, len(held_out), counters, seed=cfg.train.seed, held_out=held_out)
 
 
 def _explained_read_failure(cfg: RunConfig, tok):
