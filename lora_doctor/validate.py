@@ -130,6 +130,19 @@ def _example(key: str) -> str:
     return f"--{flag} {default}" if flag else f"{key}: {default}"
 
 
+def _packing_problems(cfg: RunConfig, label) -> list[Problem]:
+    """data.packing with flash_attention_2 at batch > 1: transformers reads packed position_ids for the varlen
+    kernel only at batch 1 (modeling_flash_attention_utils._is_packed_sequence), so packed examples would see
+    each other."""
+    d, t = cfg.data, cfg.train
+    if not (d.packing is True and t.attn_impl == "flash_attention_2" and isinstance(t.batch, int) and t.batch > 1):
+        return []
+    accum = t.batch * t.grad_accum if isinstance(t.grad_accum, int) else t.batch
+    return [(f"{label('data.packing')} with flash_attention_2 needs {label('train.batch')} 1; got {t.batch}: "
+             "transformers' varlen path reads packed position_ids only at batch 1.",
+             f"Try: --batch 1 --grad-accum {accum}, or train.attn_impl: sdpa")]
+
+
 def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     """Range and choice checks across sections."""
     p: list[Problem] = []
@@ -167,13 +180,7 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     _positive_int(label("train.loss_chunks"), t.loss_chunks, p, "train.loss_chunks: 8", cap=MAX_SEQ_LEN, unit="chunks")
     _one_of(label("train.precision"), t.precision, COMPUTE_DTYPES, p, "--precision bf16")
     _one_of(label("train.attn_impl"), t.attn_impl, ("sdpa", "eager", "flash_attention_2"), p, "train.attn_impl: sdpa")
-    if d.packing is True and t.attn_impl == "flash_attention_2" and isinstance(t.batch, int) and t.batch > 1:
-        # transformers reads packed position_ids for flash-attention's varlen kernel only at batch 1
-        # (modeling_flash_attention_utils._is_packed_sequence); at batch > 1 packed examples would see each other.
-        p.append((f"{label('data.packing')} with flash_attention_2 needs {label('train.batch')} 1; got {t.batch}: "
-                  "transformers' varlen path reads packed position_ids only at batch 1.",
-                  f"Try: --batch 1 --grad-accum {t.batch * t.grad_accum if isinstance(t.grad_accum, int) else t.batch}, "
-                  "or train.attn_impl: sdpa"))
+    p += _packing_problems(cfg, label)
     _positive_int(label("train.seed"), t.seed, p, f"--seed {DEFAULT_SEED}", allow_zero=True)
     _positive_int(label("train.eval_every"), t.eval_every, p, "--eval-every 50", allow_none=True)
     _positive_int(label("train.eval_batches"), t.eval_batches, p, "train.eval_batches: 8", allow_none=True)

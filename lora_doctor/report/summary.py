@@ -35,6 +35,31 @@ def _cpu_what(report: dict) -> str:
     return f" (tensor peak, exact; RSS added {format_bytes(measured.get('peak_rss_bytes'))})"
 
 
+def _memory_lines(report: dict, extra: dict) -> list[str]:
+    """Measured vs planned peak memory, and the plan with the CUDA-only overhead where that applies."""
+    if "measured_peak_bytes" not in extra:
+        return []
+    lines = []
+    planned = extra.get("planned_peak_bytes")
+    err = (f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra
+           else " (no plan error: under 256 MiB, CPU RSS is mostly the runtime's own)"
+           if "plan_error_note" in extra else "")
+    basis = (report.get("memory") or {}).get("planned_basis")
+    cpu = (" (CPU: without the CUDA-only overhead)" if basis == PlanBasis.CPU_WITHOUT_CUDA_OVERHEAD.value
+           else " (tensors, as torch counts them)" if basis else "")
+    lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}{_cpu_what(report)}, "
+                 f"planned {format_bytes(planned)}{cpu}{err}")
+    with_overhead = extra.get("planned_with_cuda_overhead_bytes")
+    nvml = ((report.get("memory") or {}).get("measured") or {}).get("nvml_peak_used_bytes")
+    if with_overhead is not None and basis == PlanBasis.CUDA_TENSORS_ONLY.value:
+        lines.append(f"                     with CUDA context and allocator slack the plan is {format_bytes(with_overhead)}"
+                     + (f"; NVML saw {format_bytes(nvml)} used (every process on the GPU)" if nvml else ""))
+    elif with_overhead is not None:
+        lines.append(f"                     on a GPU the plan is {format_bytes(with_overhead)} "
+                     "(CUDA context and allocator slack included)")
+    return lines
+
+
 def summary_lines(report: dict) -> list[str]:
     """The terminal summary: verdict, memory plan vs measured, loss, gradient flow, findings."""
     extra = report.get("extra") or {}
@@ -55,24 +80,7 @@ def summary_lines(report: dict) -> list[str]:
     lines += example_text_lines(data)
     if report_levers_line(report):
         lines.append(f"  engine levers      {report_levers_line(report)}")
-    if "measured_peak_bytes" in extra:
-        planned = extra.get("planned_peak_bytes")
-        err = (f" ({extra['plan_error_pct']:+.1f}% plan error)" if "plan_error_pct" in extra
-               else " (no plan error: under 256 MiB, CPU RSS is mostly the runtime's own)"
-               if "plan_error_note" in extra else "")
-        basis = (report.get("memory") or {}).get("planned_basis")
-        cpu = (" (CPU: without the CUDA-only overhead)" if basis == PlanBasis.CPU_WITHOUT_CUDA_OVERHEAD.value
-               else " (tensors, as torch counts them)" if basis else "")
-        lines.append(f"  peak memory        measured {format_bytes(extra['measured_peak_bytes'])}{_cpu_what(report)}, "
-                     f"planned {format_bytes(planned)}{cpu}{err}")
-        with_overhead = extra.get("planned_with_cuda_overhead_bytes")
-        nvml = ((report.get("memory") or {}).get("measured") or {}).get("nvml_peak_used_bytes")
-        if with_overhead is not None and basis == PlanBasis.CUDA_TENSORS_ONLY.value:
-            lines.append(f"                     with CUDA context and allocator slack the plan is {format_bytes(with_overhead)}"
-                         + (f"; NVML saw {format_bytes(nvml)} used (every process on the GPU)" if nvml else ""))
-        elif with_overhead is not None:
-            lines.append(f"                     on a GPU the plan is {format_bytes(with_overhead)} "
-                         "(CUDA context and allocator slack included)")
+    lines += _memory_lines(report, extra)
     if extra.get("first_loss") is not None:
         lines.append(f"  loss               {extra['first_loss']:.4f} -> {extra['last_loss']:.4f} over "
                      f"{_steps(extra['steps'])} (slope {extra['loss_slope_per_step']:+.4f}/step)"
