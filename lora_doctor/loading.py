@@ -264,9 +264,16 @@ def _prepare_for_training(model, cfg: RunConfig):
 
 
 def compute_dtype(cfg: RunConfig):
-    """The dtype the step computes in and frozen 16-bit weights load in: quant.compute_dtype under QLoRA, else
-    train.precision (FSDP all-gathers in it too)."""
-    return torch_dtype(cfg.quant.compute_dtype if cfg.quant.mode is not None else cfg.train.precision)
+    """The dtype frozen 16-bit weights load in (and FSDP all-gathers in).
+
+    The step's 16-bit autocast dtype (train.precision) when there is one, so every op sees one 16-bit type:
+    fp16 weights under bf16 autocast fail in CPU kernels (at::autocast::prioritize) now that nothing is upcast
+    to fp32. Otherwise quant.compute_dtype under QLoRA, else train.precision.
+    """
+    p = cfg.train.precision
+    if cfg.quant.mode is not None and p == "fp32":
+        return torch_dtype(cfg.quant.compute_dtype)
+    return torch_dtype(p)
 
 
 def _wrap_lora(model, cfg: RunConfig, source: ModelSource):

@@ -253,7 +253,7 @@ def test_journey_probe_writes_json_and_markdown(probed):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "Verdict: healthy" in out
-    assert re.search(r"peak memory +measured \S+ \S+, planned \S+ \S+", out)
+    assert re.search(r"peak memory +measured \S+ \S+ \(tensor peak, exact; RSS added \S+ \S+\), planned \S+ \S+", out)
     assert re.search(r"loss +\d+\.\d{4} -> \d+\.\d{4} over 2 steps", out)
     assert "gradient flow      14/14 modules got gradients, 14/14 moved" in out
     names = files_under(reports)

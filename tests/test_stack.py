@@ -62,9 +62,8 @@ def test_run_config_selects_the_levers_its_keys_name():
 
     cfg = RunConfig(model="gpt2")
     assert cfg.train_spec().levers == levers_of(cfg)  # check, probe and train (diagnose.predict_memory) get these
-    # A key the engine does not have is costed as the HF path runs it: no saving the engine cannot make.
-    bare = SimpleNamespace(train=SimpleNamespace(), quant=SimpleNamespace(), data=SimpleNamespace())
-    assert levers_of(bare) == Levers()
+    # The engine's defaults are the lora-doctor stack: chunked loss, no upcast, no offload, no packing.
+    assert levers_of(cfg) == STACKS["lora-doctor"]
     keyed = SimpleNamespace(train=SimpleNamespace(chunked_loss=True, loss_chunks=4, offload_activations=True),
                             quant=SimpleNamespace(upcast_frozen=False), data=SimpleNamespace(packing=True))
     assert levers_of(keyed) == Levers(chunked_loss=True, loss_chunks=4, upcast_frozen=False,

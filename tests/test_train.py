@@ -252,6 +252,7 @@ def test_resume_refuses_a_changed_config(full_run):
     changed = Engine.__new__(Engine)
     changed.cfg = engine.cfg.replace(**{"train.lr": 1e-3, "train.max_steps": 50})
     changed.peft_model = engine.peft_model
+    changed.placement = engine.placement
     with pytest.raises(LoraDoctorError) as e:
         Engine.load_checkpoint(changed, ckpt)
     assert "train.lr" in e.value.message and "max_steps" not in e.value.message
