@@ -111,7 +111,7 @@ class Engine:
         self.monitor.start("load", roots=self._tensor_roots)
         try:
             self._setup_model()
-        except Exception as e:
+        except BaseException as e:
             peak = self.monitor.current_peak()
             self.monitor.stop()
             if is_oom(e):
@@ -299,9 +299,9 @@ class Engine:
                 done.append(record)
                 for cb in callbacks:
                     cb(self, record)
-        except Exception as e:
+        except BaseException as e:  # a KeyboardInterrupt too: the monitor must leave the tracker's dispatch mode
             if not is_oom(e):
-                self.monitor.stop()  # on CPU this leaves the tensor tracker's dispatch mode
+                self.monitor.stop()
                 raise
             raise self._step_oom() from None
         self.memory["train"] = merged_memory(self.memory.get("train"), self.monitor.stop())

@@ -39,3 +39,18 @@ def tiny_gpt2_dir(tmp_path_factory):
     from lora_doctor.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(autouse=True)
+def _no_dispatch_mode_left():
+    """A TorchDispatchMode (the CPU tensor-peak tracker) left active slows and skews every later test: fail the
+    test that leaked it, not a later one."""
+    yield
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    mode = _get_current_dispatch_mode()
+    assert mode is None, f"this test left {type(mode).__name__} active"
