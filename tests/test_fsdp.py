@@ -76,6 +76,86 @@ def test_fsdp_problems_name_each_blocker_and_real_keys():
         assert named and all(n in flags for n in named), hint
 
 
+# --- plan and check say what train refuses, in train's words -------------------------------------------
+
+
+def test_plan_under_fsdp_costs_the_optimizer_train_runs():
+    """The default paged-adamw-8bit becomes adamw (with a note), a typed one is train's refusal (exit 2), and the
+    costed optimizer state is adamw's: 8 bytes per trainable parameter, sharded over the GPUs."""
+    from click.testing import CliRunner
+
+    from lora_doctor.cli import cli
+    from lora_doctor.fsdp import optimizer_problem, optimizer_under_fsdp
+
+    assert optimizer_under_fsdp("paged-adamw-8bit", typed=False) == "adamw"
+    assert optimizer_under_fsdp("sgd", typed=True) == "sgd" and optimizer_under_fsdp("adamw", typed=True) == "adamw"
+    runner = CliRunner()
+    for model in ("gpt2", "meta-llama/Llama-3.2-1B"):
+        base = ["plan", model, "--gpu", "24", "--gpus", "2", "--json"]
+        fsdp = runner.invoke(cli, [*base, "--strategy", "fsdp"])
+        assert fsdp.exit_code == 0, fsdp.output
+        data = json.loads(fsdp.stdout)
+        assert data["train"]["optim"] == "adamw"
+        assert {"kind": "fsdp-optim-default", "default": "paged-adamw-8bit", "used": "adamw"} in data["notes"]
+        assert "costs --optim adamw" in fsdp.stderr and "train.optim: adamw" in fsdp.stderr
+        typed_adamw = json.loads(runner.invoke(cli, [*base, "--strategy", "fsdp", "--optim", "adamw"]).stdout)
+        assert typed_adamw["budgets"] == data["budgets"]
+        lora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
+        assert lora["optimizer_states_bytes"] >= 8 * lora["trainable_params"] // 2  # two fp32 moments, halved
+        ddp = json.loads(runner.invoke(cli, [*base, "--strategy", "ddp"]).stdout)
+        assert ddp["train"]["optim"] == "paged-adamw-8bit"  # DDP steps plain tensors: bitsandbytes runs
+        for optim in ("paged-adamw-8bit", "adamw-8bit"):
+            refused = runner.invoke(cli, [*base, "--strategy", "fsdp", "--optim", optim])
+            message, hint = optimizer_problem(optim)
+            assert refused.exit_code == 2 and refused.stdout == ""
+            assert refused.output.strip().splitlines() == [f"Error: {message} {hint}"]
+
+
+def test_check_reports_the_engine_refusal(tiny_llama_dir, tmp_path, monkeypatch):
+    """fsdp-incompatible: the engine's own (message, hint) per blocker, as errors, from a hand-built context, from
+    the run config, and through `check` (exit 1); silent under ddp and for a run that went single-process."""
+    from click.testing import CliRunner
+
+    from lora_doctor.checks import CheckContext, build_context, run_checks
+    from lora_doctor.cli import cli
+
+    blocker = ("--optim adamw-8bit cannot step FSDP's sharded parameters.", "Try: --optim adamw")
+    found = [f for f in run_checks(CheckContext(strategy="fsdp", fsdp_blockers=(blocker,)))
+             if f.code == "fsdp-incompatible"]
+    assert len(found) == 1 and found[0].severity.value == "error"
+    assert found[0].message.endswith(blocker[0]) and found[0].hint == blocker[1]
+    for ctx in (CheckContext(strategy="ddp", fsdp_blockers=(blocker,)),
+                CheckContext(strategy="fsdp", fsdp_blockers=()),
+                CheckContext(strategy="fsdp", fsdp_blockers=(blocker,), world_size=1)):
+        assert "fsdp-incompatible" not in {f.code for f in run_checks(ctx)}
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    qlora = from_dict({"model": str(tiny_llama_dir), "quant": {"mode": "nf4"},
+                       "train": {"distributed": "fsdp", "device": "cpu"}})
+    ctx = build_context(config=qlora)
+    assert ctx.strategy == "fsdp" and list(ctx.fsdp_blockers) == fsdp_problems(qlora, "cpu")
+    assert len(ctx.fsdp_blockers) == 2  # QLoRA on CPU, and the default paged-adamw-8bit
+    assert build_context(config=qlora.replace(**{"train.distributed": "auto"})).fsdp_blockers is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert build_context(config=qlora.replace(**{"train.distributed": "auto"})).strategy == "fsdp"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": "Blue."}) + "\n" for i in range(8)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\nquant: {{mode: none}}\ndata: {{path: {data}}}\n"
+                   "train: {distributed: fsdp, optim: paged-adamw-8bit}\n")
+    result = CliRunner().invoke(cli, ["check", str(cfg), "--json"])
+    assert result.exit_code == 1, result.output
+    findings = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "fsdp-incompatible"]
+    assert [f["message"].split(": ", 1)[1] for f in findings] == [fsdp_problems(
+        from_dict({"model": "m", "train": {"optim": "paged-adamw-8bit"}, "quant": {"mode": None}}), "cuda")[0][0]]
+    cfg.write_text(cfg.read_text().replace("paged-adamw-8bit", "adamw"))
+    healthy = CliRunner().invoke(cli, ["check", str(cfg), "--json"])
+    assert "fsdp-incompatible" not in {f["code"] for f in json.loads(healthy.stdout)["findings"]}
+
+
 def test_engine_refuses_before_loading(tiny_llama_dir, tmp_path, monkeypatch):
     """Strategy fsdp with 2 'processes' and a blocker: the error comes from setup, before the tokenizer/weights."""
     from lora_doctor import engine as engine_mod
