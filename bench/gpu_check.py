@@ -209,6 +209,8 @@ def main() -> None:
     ap.add_argument("--case-timeout", type=float, default=None,
                     help=f"Seconds a case may run (default {CASE_TIMEOUT_S}; --dry-run {DRY_CASE_TIMEOUT_S}).")
     ap.add_argument("--json", action="store_true", help="Print the rows as JSON too.")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="Then run the FSDP section on N local GPUs (bench/gpu_check_multi.py; 1: none).")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: MODEL:SEQ:STACK, run in this process
     args = ap.parse_args()
     if args.case:
@@ -244,6 +246,10 @@ def main() -> None:
     print_table(rows)
     if args.json:
         print(json.dumps(rows, indent=2))
+    if args.gpus > 1:
+        from gpu_check_multi import run_section  # its own file: the multi-GPU section (this script's folder)
+
+        run_section(args.gpus, dry_run=args.dry_run, steps=args.steps, as_json=args.json)
 
 
 if __name__ == "__main__":

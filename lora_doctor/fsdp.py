@@ -63,6 +63,32 @@ def resolve_strategy(requested: str, env=None) -> str:
     return strategy
 
 
+def optimizer_problem(optim: str) -> Problem | None:
+    """Why `optim` cannot run under FSDP, as (message, hint), or None: the one wording of this refusal, shared by
+    train (fsdp_problems), check (the fsdp-incompatible finding) and plan --strategy fsdp (optimizer_under_fsdp)."""
+    if optim not in BNB_OPTIMIZERS:
+        return None
+    return (f"--optim {optim} cannot step FSDP's sharded parameters (bitsandbytes' kernels take plain tensors, "
+            "not DTensors).", "Try: --optim adamw (the adapter's fp32 state is sharded across the GPUs anyway).")
+
+
+def optimizer_under_fsdp(optim: str, typed: bool) -> str:
+    """The optimizer plan --strategy fsdp costs: the one train can run.
+
+    A bitsandbytes optimizer the user typed is refused with train's own words; the untyped default
+    (paged-adamw-8bit, QLoRA's) becomes torch's adamw, the optimizer train needs under FSDP too.
+
+    Raises:
+        LoraDoctorError: `typed` and `optim` is a bitsandbytes optimizer.
+    """
+    problem = optimizer_problem(optim)
+    if problem is None:
+        return optim
+    if typed:
+        raise LoraDoctorError(*problem)
+    return "adamw"
+
+
 def fsdp_problems(cfg, device: str, base_config=None) -> list[Problem]:
     """What in `cfg` cannot run under FSDP on `device`; each (message, hint). Checked before any weight loads.
 
@@ -74,10 +100,9 @@ def fsdp_problems(cfg, device: str, base_config=None) -> list[Problem]:
     if cfg.quant.mode is not None and device != "cuda":
         p.append((f"QLoRA ({cfg.quant.mode}) under FSDP needs CUDA; this run is on {device}.",
                   "Use --quant none (LoRA on a 16-bit base shards on CPU too), or launch on GPUs."))
-    if cfg.train.optim in BNB_OPTIMIZERS:
-        p.append((f"--optim {cfg.train.optim} cannot step FSDP's sharded parameters (bitsandbytes' kernels "
-                  "take plain tensors, not DTensors).", "Try: --optim adamw (the adapter's fp32 state is sharded "
-                  "across the GPUs anyway)."))
+    optim = optimizer_problem(cfg.train.optim)
+    if optim is not None:
+        p.append(optim)
     if base_config is not None and getattr(base_config, "quantization_config", None) is not None:
         p.append((f"The checkpoint {cfg.model!r} is saved quantized; FSDP cannot shard its packed weights, and "
                   + ("output.merge would merge into them." if cfg.output.merge else "lora-doctor quantizes at load."),
@@ -151,4 +176,4 @@ def gathered_trainable(model) -> dict:
 
 
 __all__ = ["BNB_OPTIMIZERS", "check_fsdp", "decoder_layer_classes", "fsdp_problems", "full", "gathered_trainable",
-           "resolve_strategy", "shard_model"]
+           "optimizer_problem", "optimizer_under_fsdp", "resolve_strategy", "shard_model"]

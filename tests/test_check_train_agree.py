@@ -173,6 +173,9 @@ EXCLUDED: dict[str, str] = {
     "memory_fit": "a GPU-memory verdict: this CPU machine has no GPU to run out of (probe's out-of-memory "
                   "finding is the runtime side, test_probe_cli)",
     "device_map_distributed": "the engine loads one copy per process ({'': LOCAL_RANK}); no key changes it",
+    "fsdp_incompatible": "train refuses it only when launched on several processes (torchrun); this one-process "
+                         "CLI train runs FSDP unsharded. test_fsdp checks check's finding against the engine's "
+                         "refusal, word for word",
     "bf16_support": "reads the GPU's compute capability (or the --gpu name), not a file",
     "bitsandbytes": "reads the installed bitsandbytes, not a file",
     "untrained_label_tokens": "needs the embedding weights: check loads none by design; probe/train read them "

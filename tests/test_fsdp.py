@@ -1,6 +1,7 @@
 """FSDP2 training: strategy from the launch, refusals before any work, sharding, and 2 processes on CPU (gloo)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,6 +75,86 @@ def test_fsdp_problems_name_each_blocker_and_real_keys():
     for _, hint in bnb + merge + fsdp_problems(qlora_cpu, "cpu"):
         named = [w.rstrip(".,()") for w in hint.split() if w.startswith("--")]
         assert named and all(n in flags for n in named), hint
+
+
+# --- plan and check say what train refuses, in train's words -------------------------------------------
+
+
+def test_plan_under_fsdp_costs_the_optimizer_train_runs():
+    """The default paged-adamw-8bit becomes adamw (with a note), a typed one is train's refusal (exit 2), and the
+    costed optimizer state is adamw's: 8 bytes per trainable parameter, sharded over the GPUs."""
+    from click.testing import CliRunner
+
+    from lora_doctor.cli import cli
+    from lora_doctor.fsdp import optimizer_problem, optimizer_under_fsdp
+
+    assert optimizer_under_fsdp("paged-adamw-8bit", typed=False) == "adamw"
+    assert optimizer_under_fsdp("sgd", typed=True) == "sgd" and optimizer_under_fsdp("adamw", typed=True) == "adamw"
+    runner = CliRunner()
+    for model in ("gpt2", "meta-llama/Llama-3.2-1B"):
+        base = ["plan", model, "--gpu", "24", "--gpus", "2", "--json"]
+        fsdp = runner.invoke(cli, [*base, "--strategy", "fsdp"])
+        assert fsdp.exit_code == 0, fsdp.output
+        data = json.loads(fsdp.stdout)
+        assert data["train"]["optim"] == "adamw"
+        assert {"kind": "fsdp-optim-default", "default": "paged-adamw-8bit", "used": "adamw"} in data["notes"]
+        assert "costs --optim adamw" in fsdp.stderr and "train.optim: adamw" in fsdp.stderr
+        typed_adamw = json.loads(runner.invoke(cli, [*base, "--strategy", "fsdp", "--optim", "adamw"]).stdout)
+        assert typed_adamw["budgets"] == data["budgets"]
+        lora = next(m for m in data["budgets"][0]["methods"] if m["key"] == "lora-bf16")
+        assert lora["optimizer_states_bytes"] >= 8 * lora["trainable_params"] // 2  # two fp32 moments, halved
+        ddp = json.loads(runner.invoke(cli, [*base, "--strategy", "ddp"]).stdout)
+        assert ddp["train"]["optim"] == "paged-adamw-8bit"  # DDP steps plain tensors: bitsandbytes runs
+        for optim in ("paged-adamw-8bit", "adamw-8bit"):
+            refused = runner.invoke(cli, [*base, "--strategy", "fsdp", "--optim", optim])
+            message, hint = optimizer_problem(optim)
+            assert refused.exit_code == 2 and refused.stdout == ""
+            assert refused.output.strip().splitlines() == [f"Error: {message} {hint}"]
+
+
+def test_check_reports_the_engine_refusal(tiny_llama_dir, tmp_path, monkeypatch):
+    """fsdp-incompatible: the engine's own (message, hint) per blocker, as errors, from a hand-built context, from
+    the run config, and through `check` (exit 1); silent under ddp and for a run that went single-process."""
+    from click.testing import CliRunner
+
+    from lora_doctor.checks import CheckContext, build_context, run_checks
+    from lora_doctor.cli import cli
+
+    blocker = ("--optim adamw-8bit cannot step FSDP's sharded parameters.", "Try: --optim adamw")
+    found = [f for f in run_checks(CheckContext(strategy="fsdp", fsdp_blockers=(blocker,)))
+             if f.code == "fsdp-incompatible"]
+    assert len(found) == 1 and found[0].severity.value == "error"
+    assert found[0].message.endswith(blocker[0]) and found[0].hint == blocker[1]
+    for ctx in (CheckContext(strategy="ddp", fsdp_blockers=(blocker,)),
+                CheckContext(strategy="fsdp", fsdp_blockers=()),
+                CheckContext(strategy="fsdp", fsdp_blockers=(blocker,), world_size=1)):
+        assert "fsdp-incompatible" not in {f.code for f in run_checks(ctx)}
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    qlora = from_dict({"model": str(tiny_llama_dir), "quant": {"mode": "nf4"},
+                       "train": {"distributed": "fsdp", "device": "cpu"}})
+    ctx = build_context(config=qlora)
+    assert ctx.strategy == "fsdp" and list(ctx.fsdp_blockers) == fsdp_problems(qlora, "cpu")
+    assert len(ctx.fsdp_blockers) == 2  # QLoRA on CPU, and the default paged-adamw-8bit
+    assert build_context(config=qlora.replace(**{"train.distributed": "auto"})).fsdp_blockers is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert build_context(config=qlora.replace(**{"train.distributed": "auto"})).strategy == "fsdp"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": "Blue."}) + "\n" for i in range(8)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\nquant: {{mode: none}}\ndata: {{path: {data}}}\n"
+                   "train: {distributed: fsdp, optim: paged-adamw-8bit}\n")
+    result = CliRunner().invoke(cli, ["check", str(cfg), "--json"])
+    assert result.exit_code == 1, result.output
+    findings = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "fsdp-incompatible"]
+    assert [f["message"].split(": ", 1)[1] for f in findings] == [fsdp_problems(
+        from_dict({"model": "m", "train": {"optim": "paged-adamw-8bit"}, "quant": {"mode": None}}), "cuda")[0][0]]
+    cfg.write_text(cfg.read_text().replace("paged-adamw-8bit", "adamw"))
+    healthy = CliRunner().invoke(cli, ["check", str(cfg), "--json"])
+    assert "fsdp-incompatible" not in {f["code"] for f in json.loads(healthy.stdout)["findings"]}
 
 
 def test_engine_refuses_before_loading(tiny_llama_dir, tmp_path, monkeypatch):
@@ -251,3 +332,64 @@ output: {{dir: {tmp_path / 'a'}, plot: false}}
     assert sorted(got) == sorted(ckpt) and len(ckpt) == 2 * 7 * 2  # 2 layers x all-linear (7) x (A, B)
     for n, w in ckpt.items():
         torch.testing.assert_close(got[n], w, msg=n)
+
+
+# --- chunked loss, packing and checkpointing: as on one GPU ------------------------------------------------
+
+VARIANTS = {
+    # lm_head + loss over 3 sequence chunks, each under torch.utils.checkpoint, inside FSDP's root unit.
+    "chunked-loss": {"train.chunked_loss": True, "train.loss_chunks": 3, "train.grad_ckpt": True},
+    # Packed rows (position_ids, block-diagonal mask) split over the ranks, with the chunked loss on.
+    # Rows of 128 tokens hold two or three of these ~45-token examples.
+    "packing": {"data.packing": True, "data.max_length": 128, "train.chunked_loss": True, "train.grad_ckpt": True},
+}
+
+
+@pytest.mark.slow  # one torchrun of 2 processes per variant, ~25 s each on 2 shared cores
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_process_fsdp_equals_one_process(variant, tiny_llama_dir, tmp_path):
+    """torchrun, 2 ranks x batch 2, FSDP2, gradient checkpointing on, with the variant's lever: every step's loss
+    equals one process's at batch 4 (each rank's slice of the global batch at once), and so do the adapters."""
+    from safetensors.torch import load_file
+
+    from lora_doctor.commands.train import train
+
+    data = tmp_path / "d.jsonl"
+    # Lengths that differ, so packing fills rows unevenly and the ranks pad to different widths.
+    data.write_text("".join(json.dumps({"instruction": "Say the word " + "number " * (i % 5) + f"{i}.",
+                                        "output": "Blue sky" + " and sea" * (i % 3) + "."}) + "\n"
+                            for i in range(24)))
+    sets = [f"{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()]
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(f"""
+model: {tiny_llama_dir}
+quant: {{mode: none}}
+lora: {{r: 4, dropout: 0.0}}
+data: {{path: {data}, max_length: 48}}
+train: {{batch: 2, grad_accum: 1, max_steps: 3, lr: 1.0e-2, optim: adamw, precision: fp32}}
+output: {{dir: {tmp_path / 'two'}, plot: false}}
+""")
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    args = [str(cfg_path), "--set", "train.distributed=fsdp"]
+    for s in sets:
+        args += ["--set", s]
+    _launch(torchrun, args, tmp_path)
+    two = json.loads((tmp_path / "two" / "train_result.json").read_text())
+    assert two["model"]["world_size"] == 2
+    for key, value in VARIANTS[variant].items():
+        section, name = key.split(".")
+        assert two["config"][section][name] == value  # the lever really ran in the sharded run
+
+    single = from_dict({**two["config"], "output": {"dir": str(tmp_path / "one"), "plot": False}})
+    _, one, _ = train(single.replace(**{"train.batch": 4, "train.distributed": "auto"}), write_report=False)
+    assert len(one.steps) == 3 and all(math.isfinite(s.loss) for s in one.steps)
+    if two["config"]["data"]["packing"]:
+        assert two["data"]["n_rows"] < two["data"]["n_examples"] == one.data.n_examples  # rows really packed
+        assert two["data"]["n_rows"] == one.data.n_rows
+    torch.testing.assert_close([s["loss"] for s in two["steps"]], [s.loss for s in one.steps], rtol=1e-5, atol=1e-5)
+    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k, w in a.items():
+        # Adam's first steps divide tiny gradients by their own scale: a rounding apart becomes ~1e-4 here.
+        torch.testing.assert_close(b[k], w, rtol=1e-2, atol=5e-4, msg=k)

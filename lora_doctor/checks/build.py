@@ -48,6 +48,33 @@ def context_from_config(cfg: RunConfig) -> dict:
     )
 
 
+def context_from_launch(cfg: RunConfig, model_config: Any = None, env: dict | None = None) -> dict:
+    """The strategy a launch of `cfg` runs and, under FSDP, what the engine refuses (fsdp.fsdp_problems).
+
+    train.device 'auto' is taken as CUDA: FSDP runs are launched on GPU machines, while `check` often runs on
+    a CPU login node; the engine re-checks on the machine it runs on.
+    """
+    from ..errors import LoraDoctorError
+    from ..fsdp import fsdp_problems, resolve_strategy
+
+    try:
+        strategy = resolve_strategy(cfg.train.distributed, env)
+    except LoraDoctorError as e:  # the accelerate config contradicts the run config: train refuses it too
+        return dict(strategy="fsdp", fsdp_blockers=((e.message, e.hint),))
+    if strategy != "fsdp":
+        return dict(strategy=strategy)
+    if model_config is None:  # offline, as datafacts.eos_facts: check has resolved this model already
+        try:
+            from ..resolve import resolve_model_config
+
+            model_config = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                                offline=True).config
+        except LoraDoctorError:
+            model_config = None
+    device = "cpu" if cfg.train.device == "cpu" else "cuda"
+    return dict(strategy=strategy, fsdp_blockers=tuple(fsdp_problems(cfg, device, model_config)))
+
+
 def _collapse_formats(formats: dict, optional: tuple[str, ...]) -> dict[str, int]:
     """Row signatures ('instruction+input+output') with optional fields dropped: Alpaca rows with and
     without an input are one format, not two."""
@@ -279,6 +306,7 @@ def build_context(
         values.update(context_from_tokenizer(tokenizer))
     if config is not None:
         values.update(context_from_config(config))
+        values.update(context_from_launch(config, model_config))
         input_field = config.data.input_field
         optional = (input_field,) if input_field else ("input",)
     else:

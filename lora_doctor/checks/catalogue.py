@@ -55,6 +55,10 @@ ENTRIES: dict[str, Entry] = {
     "device_map_distributed": Entry(
         "device_map spreads the model under DDP", "DDP cannot wrap it; OOM",
         "device_map={'': LOCAL_RANK}", f"{T}::22-device-map"),
+    "fsdp_incompatible": Entry(
+        "A setting FSDP2 cannot shard: a bitsandbytes optimizer, QLoRA on CPU, a pre-quantized checkpoint",
+        "train under FSDP refuses it before loading", "--optim adamw; a 16-bit checkpoint",
+        "tests/test_fsdp.py::test_check_reports_the_engine_refusal"),
     "fp16_precision": Entry(
         "fp16 on a bf16 checkpoint; fp16 trainable weights under AMP", "overflow to NaN; GradScaler raises",
         "--precision bf16; fp32 adapters", f"{T}::08-fp16-params"),

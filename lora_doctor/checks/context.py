@@ -117,6 +117,11 @@ class CheckContext:
     """Why bitsandbytes' native library failed to load, None when it loaded (or is not needed)."""
     world_size: int | None = None
     local_rank: int | None = None
+    strategy: str | None = None
+    """'ddp' or 'fsdp': train.distributed resolved against the launch's environment (fsdp.resolve_strategy)."""
+    fsdp_blockers: tuple[tuple[str, str | None], ...] | None = None
+    """What the engine refuses to shard, as (message, hint) in its own words (fsdp.fsdp_problems); () when
+    nothing is refused. Filled only when strategy is 'fsdp'."""
 
     # --- the probe -----------------------------------------------------------------------------
     loss_trace: list[float] | None = None

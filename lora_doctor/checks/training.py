@@ -168,3 +168,14 @@ def check_device_map_distributed(ctx: CheckContext) -> list[Finding]:
         "Load one copy per process: device_map={'': int(os.environ['LOCAL_RANK'])} (or Accelerator().process_index), "
         "or drop device_map and let accelerate place the model.",
     )]
+
+
+@register
+def check_fsdp_incompatible(ctx: CheckContext) -> list[Finding]:
+    # A run that already went single-process (world_size 1) trained unsharded: FSDP refused nothing there.
+    if ctx.strategy != "fsdp" or not ctx.fsdp_blockers or ctx.world_size == 1:
+        return []
+    return [Finding(Severity.ERROR, "fsdp-incompatible",
+                    f"train.distributed resolves to fsdp, and train launched on several processes refuses this "
+                    f"before loading any weight: {message}", hint or "Set train.distributed: ddp.")
+            for message, hint in ctx.fsdp_blockers]

@@ -43,6 +43,7 @@ def gather_plan(
     model: str, *, ranks: list[int], lora: LoraSpec, quant: QuantSpec, train: TrainSpec,
     gpu: str | None = None, detect_gpu: bool = True, trust_remote_code: bool = False, use_cache: bool = True,
     seq_len_is_default: bool = False, gpus: int = 1, strategy: str | None = None, data=None,
+    optim_is_default: bool = False,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -54,9 +55,12 @@ def gather_plan(
         seq_len_is_default: the user gave no --seq-len; cap train.seq_len at the model's context length.
         gpus, strategy: --gpus/--strategy: N > 1 or a strategy makes every figure per GPU (sharding.py; ddp default).
         data: a dataplan.DataPlanRequest (--data): the dataset's real lengths priced, under "data".
+        optim_is_default: the user gave no --optim; under fsdp a default bitsandbytes optimizer becomes adamw
+            (what train runs there), while a typed one is refused as train refuses it (fsdp.optimizer_under_fsdp).
 
     Raises:
-        LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU, bad --gpus/--strategy.
+        LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU, bad --gpus/--strategy,
+            a bitsandbytes --optim with --strategy fsdp.
     """
     from .. import hardware, sharding
     from ..plancache import shape_and_counts
@@ -64,12 +68,14 @@ def gather_plan(
 
     chosen = hardware.lookup_gpu(gpu) if gpu is not None else None  # fail on a bad --gpu before any work
     parallel = sharding.check_parallel(gpus, strategy)
+    train, optim_notes = _optimizer_that_runs(train, parallel, optim_is_default)
     shape, location, targets, counts, hit = shape_and_counts(model, lora, ranks, trust_remote_code=trust_remote_code,
                                                              use_cache=use_cache)
     require_rank_fits(shape, targets, ranks)  # a cache hit skips plancache's own call
     if chosen is None and detect_gpu:
         chosen = hardware.detect_local_gpu()
     train, seq_len_default, notes = _train_that_runs(shape, train, seq_len_is_default)
+    notes = optim_notes + notes
     budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes, (gpus, parallel))
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
@@ -150,6 +156,18 @@ def _constants() -> dict:
 
     return {"cuda_context_bytes": budget.CUDA_CONTEXT_BYTES, "allocator_fragmentation": budget.ALLOCATOR_FRAGMENTATION,
             "tight_fraction": hardware.TIGHT_FRACTION}
+
+
+def _optimizer_that_runs(train: TrainSpec, strategy: str | None, is_default: bool) -> tuple[TrainSpec, list[dict]]:
+    """The optimizer train runs under `strategy`: FSDP2 cannot step with bitsandbytes' kernels (fsdp.py)."""
+    from ..fsdp import optimizer_under_fsdp
+
+    if strategy != "fsdp":
+        return train, []
+    used = optimizer_under_fsdp(train.optim, typed=not is_default)
+    if used == train.optim:
+        return train, []
+    return replace(train, optim=used), [{"kind": "fsdp-optim-default", "default": train.optim, "used": used}]
 
 
 def _max_positions(shape) -> int | None:
@@ -354,7 +372,8 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
                       optim=optim, attn_impl=attn, levers=STACKS[stack])
     data = gather_plan(model, ranks=rank_list, lora=lora, quant=quant_spec, train=train, gpu=gpu,
                        trust_remote_code=trust_remote_code, seq_len_is_default=seq_len is None,
-                       gpus=gpus, strategy=strategy, data=request)
+                       gpus=gpus, strategy=strategy, data=request,
+                       optim_is_default=click.get_current_context().get_parameter_source("optim").name == "DEFAULT")
 
     if as_json:
         click.echo(json.dumps(data, indent=2))

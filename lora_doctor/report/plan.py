@@ -213,6 +213,10 @@ _NOTES = {
         f"{n['requested']} attention is not supported by this model class in transformers (it sets "
         f"_supports_sdpa = False), so it runs {n['used']} attention and the budget costs that, (T, T) "
         "matrices included. Try: --attn flash_attention_2 on CUDA"),
+    "fsdp-optim-default": lambda n: (
+        f"under --strategy fsdp, train refuses the default --optim {n['default']} (bitsandbytes' kernels cannot "
+        f"step FSDP's sharded parameters), so this plan costs --optim {n['used']}, the optimizer train needs "
+        f"there too: set train.optim: {n['used']} in the run config."),
     "dora-transient": lambda n: (
         f"DoRA: peft computes each module's weight norm from lora_B(lora_A(eye(in_features))), "
         f"{format_bytes(n['bytes'])} of scratch at the widest module, included in activations."),
