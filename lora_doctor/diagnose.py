@@ -103,8 +103,10 @@ class Diagnosis:
     prediction: Prediction | None = None
 
 
-def predict_memory(cfg: RunConfig) -> Prediction:
-    """plan's prediction for this config (budget.py); a Prediction with `error` when the planner refuses."""
+def predict_memory(cfg: RunConfig, world_size: int = 1, strategy: str | None = None) -> Prediction:
+    """plan's prediction for this config (budget.py), per GPU under `strategy` ('ddp'/'fsdp') with `world_size`
+    processes (sharding.py, as plan --gpus N --strategy prints it); a Prediction with `error` when the planner
+    refuses."""
     from .budget import memory_budget
     from .introspect import load_shape, resolve_targets
 
@@ -112,6 +114,10 @@ def predict_memory(cfg: RunConfig) -> Prediction:
         shape, _ = load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
         targets = resolve_targets(shape, cfg.lora.targets)
         budget = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(), targets)
+        if world_size > 1 and strategy is not None:
+            from .sharding import per_gpu_budget
+
+            budget = per_gpu_budget(budget, shape, world_size, strategy)
     except LoraDoctorError as e:
         return Prediction(error=e.message)
     return Prediction.from_budget(shape, budget)
@@ -289,7 +295,9 @@ def diagnose(kind: str, cfg: RunConfig, engine, result: RunResult | None, *, ext
     if result is None:
         findings = tuple(findings_first)
         return Diagnosis(findings, run_report(kind, cfg, None, findings, None, None, extra or {}, env))
-    prediction = predict_memory(cfg)
+    # Each rank measures its own peak: hold it against the per-GPU plan of the strategy that ran.
+    prediction = (predict_memory(cfg, engine.world_size, engine.placement.strategy) if engine is not None
+                  else predict_memory(cfg))
     comparison = compare_memory(prediction, result)
     findings = (*findings_first, *doctor_findings(cfg, engine, result, prediction, env))
     extra = dict(extra or {})
