@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from click.testing import CliRunner
 
 from lora_doctor import flops, hardware
 from lora_doctor.cli import cli
-from lora_doctor.data import DataConfig, collate, epoch_order, load_data
-from lora_doctor.dataplan import BatchLayout, batch_layout, epoch_flops, layouts, packed_rows
+from lora_doctor.checks.datafacts import optimizer_steps
+from lora_doctor.data import DataConfig, collate, load_data
+from lora_doctor.dataplan import batch_layout, epoch_flops, layouts, padded_rows
 
 from chat_fixtures import tiny_chat_model_dir, tiny_chat_tokenizer
 
@@ -34,41 +36,77 @@ def plan(*args):
     return CliRunner().invoke(cli, ["plan", *args])
 
 
-# --- pure arithmetic -------------------------------------------------------------------------------
+# --- the engine's rows and batches are the ones priced ----------------------------------------------
 
 
-@pytest.mark.parametrize("lengths, max_length, rows", [
-    ([5, 3, 4, 6, 2], 8, [8, 4, 8]),          # next-fit: 5+3 fills a row; 4 cannot take 6; 6+2 fills one
-    ([8, 8, 8], 8, [8, 8, 8]),                # full examples never share a row
-    ([1, 1, 1, 1, 1, 1, 1], 3, [3, 3, 1]),
-    ([6, 4, 2, 4], 8, [6, 6, 4]),             # next-fit, not first-fit: the 2 joins the 4, not the 6's row
-])
-def test_packed_rows_next_fit(lengths, max_length, rows):
-    assert packed_rows(lengths, max_length) == rows
-    assert sum(rows) == sum(lengths) and max(rows) <= max_length
+def _engine(rows, batch, seed, world, rank, grad_accum=1, epochs=1.0):
+    """An Engine holding only what _micro_batch and the step counts read: the real methods, no model."""
+    from types import SimpleNamespace
+
+    from lora_doctor.engine import Engine
+
+    e = Engine.__new__(Engine)
+    e.cfg = SimpleNamespace(train=SimpleNamespace(batch=batch, seed=seed, grad_accum=grad_accum, epochs=epochs,
+                                                  max_steps=None))
+    e.data = SimpleNamespace(train=rows)
+    e.world_size, e.rank, e._order_cache = world, rank, None
+    return e
 
 
-@pytest.mark.parametrize("lengths, batch, widths, real", [
-    ([5, 3, 4, 6, 2], 2, (5, 6, 5), 25),      # last batch wraps to the first example: [2, 5]
-    ([5, 3, 4, 6, 2], 5, (6,), 20),
-    ([5, 3, 4, 6, 2], 1, (5, 3, 4, 6, 2), 20),
-    ([10, 1, 1], 4, (10,), 22),               # one batch of 4 from 3 examples: 10, 1, 1, 10
-])
-def test_batch_layout_pads_to_the_longest_and_wraps(lengths, batch, widths, real):
-    lay = batch_layout(lengths, batch)
-    assert lay.widths == widths and lay.real_tokens == real
-    assert lay.padded_tokens == batch * sum(widths)
-    assert lay.padding_fraction == pytest.approx(1 - real / (batch * sum(widths)))
-    assert lay.micro_batches == math.ceil(len(lengths) / batch)
+def _engine_epoch(rows, batch, seed, world, pad_id):
+    """Widths (per micro-batch, per rank) and real tokens of epoch 0 as the engine builds it: _micro_batch, collate."""
+    engines = [_engine(rows, batch, seed, world, k) for k in range(world)]
+    widths, real = [], 0
+    for m in range(engines[0].micro_batches_per_epoch):
+        row = []
+        for e in engines:
+            picked = e._micro_batch(m)
+            row.append(collate(picked, pad_id)["input_ids"].shape[1])
+            real += sum(len(x.input_ids) for x in picked)
+        widths.append(tuple(row))
+    return tuple(widths), real
 
 
-def test_epoch_flops_is_each_batch_at_its_own_width(tiny_shape_and_targets):
-    shape, targets = tiny_shape_and_targets
-    lay = BatchLayout(batch=2, widths=(5, 9, 5), real_tokens=30, rows=6)
-    step = {w: flops.step_flops(shape, 8, targets.groups, seq_len=w, batch=2, grad_ckpt=True).total_flops for w in (5, 9)}
-    assert epoch_flops(shape, 8, targets.groups, lay, True) == 2 * step[5] + step[9]
-    # Attention grows with width squared: one batch at 9 costs more than 9/5 of one at 5.
-    assert step[9] * 5 > step[5] * 9
+CASES = [  # (dataset, format, max_length, batch, seed, world)
+    (TINY_DATA, "instruction", 64, 1, 3407, 1),
+    (TINY_DATA, "instruction", 64, 4, 3407, 2),
+    (TINY_DATA, "instruction", 40, 3, 0, 3),
+    (CHAT_DATA, "chat", 96, 2, 5, 1),
+    (CHAT_DATA, "chat", 128, 3, 11, 2),
+]
+
+
+@pytest.mark.parametrize("path, fmt, max_length, batch, seed, world", CASES)
+def test_layouts_are_the_engines_rows_and_batches(tiny_tokenizer, path, fmt, max_length, batch, seed, world):
+    tok = tiny_chat_tokenizer() if fmt == "chat" else tiny_tokenizer
+    cfg = DataConfig(path=str(path), format=fmt, max_length=max_length)
+    plain = load_data(cfg, tok, seed=seed)
+    packed_td = load_data(replace(cfg, packing=True), tok, seed=seed)
+    padded, packed = layouts([len(e.input_ids) for e in plain.train], batch, max_length, seed, world)
+    # Rows: the ones load_data(packing=True) built, example by example.
+    assert packed.rows == tuple(tuple(_row_example_lengths(r)) for r in packed_td.train)
+    assert packed.n_rows == len(packed_td.train) < padded.n_rows == len(plain.train)
+    for lay, td in ((padded, plain), (packed, packed_td)):
+        assert (lay.widths, lay.real_tokens) == _engine_epoch(td.train, batch, seed, world, td.pad_token_id)
+        e = _engine(td.train, batch, seed, world, 0, grad_accum=2, epochs=3.0)
+        assert lay.micro_batches == e.micro_batches_per_epoch
+        assert optimizer_steps(lay.n_rows, batch, world, 2, 3.0, None) == e.total_steps
+    assert packed.longest_width <= max_length
+
+
+def _row_example_lengths(row):
+    # A PackedRow's examples are where position_ids restart at 0.
+    starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.position_ids)]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def test_rank_rows_split_each_global_micro_batch():
+    lay = batch_layout(padded_rows([5, 3, 4, 6, 2, 7, 1]), batch=2, seed=1, world_size=2)
+    assert lay.micro_batches == 2  # ceil(7 / (2 x 2))
+    picked = [i for m in range(2) for k in range(2) for i in lay.rank_rows(m, k)]
+    assert sorted(picked[:7]) == list(range(7)) and picked[7] == lay.order[0]  # one wrapped repeat fills the last
+    assert lay.padded_tokens == 2 * sum(sum(w) for w in lay.widths)
+    assert lay.real_tokens == sum(sum(lay.rows[i]) for i in picked)
 
 
 @pytest.fixture(scope="module")
@@ -82,28 +120,37 @@ def tiny_shape_and_targets():
     return shape, match_targets(shape, resolve_targets(shape, "all-linear"))
 
 
-# --- the engine's batches are the ones priced -------------------------------------------------------
+def _step(shape, targets, w, b=2):
+    return flops.step_flops(shape, 8, targets.groups, seq_len=w, batch=b, grad_ckpt=True)
 
 
-def _collated_widths(examples, batch, seed, pad_id):
-    """Widths and real tokens of epoch 0 as the engine builds it: its order, wrapped batches, collate."""
-    n = len(examples)
-    order = epoch_order(n, seed, 0)
-    widths, real = [], 0
-    for i in range(math.ceil(n / batch)):
-        b = collate([examples[order[(i * batch + j) % n]] for j in range(batch)], pad_id)
-        widths.append(b["input_ids"].shape[1])
-        real += int(b["attention_mask"].sum())
-    return tuple(widths), real
+def test_epoch_flops_at_each_width_and_each_ranks_critical_path(tiny_shape_and_targets):
+    shape, targets = tiny_shape_and_targets
+    rows = ((5,), (9,), (3,), (4,), (2,), (8,))
+    one = batch_layout(rows, batch=2, seed=0)
+    f = epoch_flops(shape, 8, targets.groups, one, True)
+    expect = sum(_step(shape, targets, w).total_flops for (w,) in one.widths)
+    assert f.total_flops == f.critical_flops == expect and not f.attention_per_example
+    two = batch_layout(rows, batch=2, seed=0, world_size=2)
+    f2 = epoch_flops(shape, 8, targets.groups, two, True)
+    per = [[_step(shape, targets, w).total_flops for w in ws] for ws in two.widths]
+    assert f2.total_flops == sum(map(sum, per)) and f2.critical_flops == sum(map(max, per)) < f2.total_flops
+    # Attention grows with width squared: one batch at 9 costs more than 9/5 of one at 5.
+    assert _step(shape, targets, 9).total_flops * 5 > _step(shape, targets, 5).total_flops * 9
 
 
-@pytest.mark.parametrize("batch, seed, max_length", [(1, 3407, 64), (4, 3407, 64), (3, 0, 40), (8, 11, 50)])
-def test_padded_layout_matches_collate_on_the_engine_order(tiny_tokenizer, batch, seed, max_length):
-    td = load_data(DataConfig(path=str(TINY_DATA), max_length=max_length), tiny_tokenizer, seed=seed)
-    padded, packed = layouts([len(e.input_ids) for e in td.train], batch, max_length, seed)
-    assert (padded.widths, padded.real_tokens) == _collated_widths(td.train, batch, seed, td.pad_token_id)
-    assert packed.rows < padded.rows and packed.longest_width <= max_length
-    assert sum(packed_rows([len(e.input_ids) for e in td.train], max_length)) == td.stats.n_tokens
+def test_flash_attention_prices_packed_rows_block_diagonal(tiny_shape_and_targets):
+    shape, targets = tiny_shape_and_targets
+    rows = ((3, 5), (8,), (2, 2, 4))  # three rows of 8 tokens at batch 1
+    lay = batch_layout(rows, batch=1, seed=0)
+    dense = epoch_flops(shape, 8, targets.groups, lay, True, "sdpa")
+    varlen = epoch_flops(shape, 8, targets.groups, lay, True, "flash_attention_2")
+    assert dense.total_flops == 3 * _step(shape, targets, 8, b=1).total_flops
+    per_token = flops.attention_forward_flops_per_token
+    blocks = sum(per_token(shape, n) * n for r in rows for n in r)
+    # attention appears in forward, twice in backward, and once more in the recompute: 4x its forward
+    assert dense.total_flops - varlen.total_flops == 4 * (3 * per_token(shape, 8) * 8 - blocks)
+    assert varlen.attention_per_example
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
@@ -134,8 +181,7 @@ def _check_section(d, tokenizer_lengths, batch, grad_accum, seed, max_length):
         assert x["longest_batch_tokens"] == lay.longest_width
         h100 = next(g for g in x["gpus"] if g["name"] == "H100 80GB")
         peak = next(g.peak_bf16_flops for g in hardware.GPUS if g.name == "H100 80GB")
-        assert h100["epoch_time_s"] == pytest.approx(x["epoch_flops"] / (peak * flops.ASSUMED_MFU))
-    assert d["packed"]["padding_fraction"] < d["padded"]["padding_fraction"]
+        assert h100["epoch_time_s"] == pytest.approx(x["epoch_critical_flops"] / (peak * flops.ASSUMED_MFU))
 
 
 def test_plan_data_instruction_and_varied_lengths(tiny_dir, tmp_path, tiny_tokenizer):
@@ -147,12 +193,46 @@ def test_plan_data_instruction_and_varied_lengths(tiny_dir, tmp_path, tiny_token
         d = json.loads(res.stdout)["data"]
         td = load_data(DataConfig(path=str(path), max_length=max_length), tiny_tokenizer)
         _check_section(d, [len(e.input_ids) for e in td.train], batch, accum, 3407, max_length)
+        # The memory table is costed at the run's longest micro-batch, the data section's own figure.
+        full = json.loads(res.stdout)
+        assert full["train"]["seq_len"] == d["padded"]["longest_batch_tokens"] < max_length + 1
+        b0 = full["budgets"][0]
+        primary = next(m for m in b0["methods"] if m["key"] == b0["primary"])
+        assert primary["total_bytes"] == d["padded"]["memory"]["total_bytes"]
+    # Lengths spread 1..40 words: packing leaves less padding than padding each batch to its longest.
+    assert d["packed"]["padding_fraction"] < d["padded"]["padding_fraction"]
     # Prompt ~20 tokens + i words + EOS: the longer responses do not fit 48 tokens.
     res = plan(tiny_dir, "--data", str(varied), "--batch", "8", "--max-length", "48")
     assert res.exit_code == 0, res.output
     td = load_data(DataConfig(path=str(varied), max_length=48), tiny_tokenizer)
     assert f"; {td.stats.n_truncated:,} truncated)" in res.stdout and td.stats.n_truncated > 0
     assert "Dataset (real token lengths):" in res.stdout and "steps/epoch" in res.stdout
+    assert "(the longest padded batch of --data)" in res.stdout
+    res = plan(tiny_dir, "--data", str(varied), "--batch", "8", "--max-length", "48", "--seq-len", "4096")
+    assert res.exit_code == 0 and "not --seq-len 4,096" in res.stderr
+
+
+def test_plan_data_packed_run_on_n_gpus_counts_what_the_engine_runs(tmp_path, tiny_dir, tiny_tokenizer):
+    varied = _varied(tmp_path / "varied.jsonl")
+    for gpus, strategy, batch, seed in ((1, None, 2, 3407), (2, "ddp", 2, 7), (3, "fsdp", 1, 0)):
+        cfg = tmp_path / f"run{gpus}.yaml"
+        cfg.write_text(f"model: {tiny_dir}\ndata:\n  path: {varied}\n  max_length: 96\n  packing: true\n"
+                       f"train:\n  batch: {batch}\n  grad_accum: 2\n  seed: {seed}\n  epochs: 2\n")
+        args = ["--gpus", str(gpus)] + (["--strategy", strategy] if strategy else [])
+        res = plan(tiny_dir, "--config", str(cfg), *args, "--json")
+        assert res.exit_code == 0, res.output
+        full = json.loads(res.stdout)
+        d = full["data"]
+        td = load_data(DataConfig(path=str(varied), max_length=96, packing=True), tiny_tokenizer, seed=seed)
+        e = _engine(td.train, batch, seed, gpus, 0, grad_accum=2, epochs=2.0)
+        widths, real = _engine_epoch(td.train, batch, seed, gpus, td.pad_token_id)
+        x = d["packed"]
+        assert (d["runs"], d["world_size"], x["rows"]) == ("packed", gpus, len(td.train))
+        assert x["micro_batches"] == e.micro_batches_per_epoch and x["run_steps"] == e.total_steps
+        assert x["steps_per_epoch"] == math.ceil(e.micro_batches_per_epoch / 2)
+        assert x["real_tokens"] == real and x["padded_tokens"] == batch * sum(map(sum, widths))
+        assert full["train"]["seq_len"] == x["longest_batch_tokens"] == max(map(max, widths))
+        assert x["epoch_critical_flops"] <= x["epoch_flops"]
 
 
 def test_plan_data_chat_from_a_run_config(tmp_path):

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from lora_doctor.fastfamilies import FAMILIES
 from lora_doctor.fastshape import LLAMA_DEFAULTS, fast_inputs, llama_shape
 from lora_doctor.introspect import build_meta_model, lora_config, model_shape, trainable_counts
 from lora_doctor.specs import LoraSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lora_doctor" / "configs"
-SHIPPED_LLAMA = sorted(p for p in CONFIGS.glob("*.json") if json.loads(p.read_text()).get("model_type") == "llama")
+SHIPPED_FAST = sorted(p for p in CONFIGS.glob("*.json") if json.loads(p.read_text()).get("model_type") in FAMILIES)
 SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
              num_hidden_layers=3, num_attention_heads=4, vocab_size=300)
 VARIANTS = {
@@ -32,6 +33,25 @@ VARIANTS = {
     "mlp-bias": dict(mlp_bias=True),
     "explicit-head-dim": dict(head_dim=32, num_key_value_heads=2),  # heads x head_dim != hidden
     "context": dict(max_position_embeddings=4096, hidden_act="gelu"),
+}
+ARCH = {t: f.architecture for t, f in FAMILIES.items()}
+# Per family: the layout facts where it differs from Llama (biases, q/k norms, windows, layer_types, defaults).
+FAMILY_VARIANTS = {
+    "mistral-defaults": dict(model_type="mistral", num_key_value_heads=2),
+    "mistral-window-null": dict(model_type="mistral", sliding_window=None, tie_word_embeddings=True, num_key_value_heads=4),
+    "mistral-head-dim": dict(model_type="mistral", head_dim=32, num_key_value_heads=4, sliding_window=64),
+    "mistral-head-dim-null": dict(model_type="mistral", head_dim=None, num_key_value_heads=1),
+    "qwen2-bias-tied": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2-window-layers": dict(model_type="qwen2", num_key_value_heads=4, use_sliding_window=True,
+                                sliding_window=32, max_window_layers=1),
+    "qwen2-window-off": dict(model_type="qwen2", num_key_value_heads=1, sliding_window=32, max_window_layers=1),
+    "qwen2-layer-types": dict(model_type="qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                              layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    "qwen2-head-dim": dict(model_type="qwen2", num_key_value_heads=2, head_dim=8),
+    "qwen3-defaults": dict(model_type="qwen3", num_key_value_heads=4),
+    "qwen3-bias-head-dim": dict(model_type="qwen3", num_key_value_heads=2, head_dim=16, attention_bias=True),
+    "qwen3-window-tied": dict(model_type="qwen3", num_key_value_heads=1, head_dim=32, use_sliding_window=True,
+                              sliding_window=8, max_window_layers=2, tie_word_embeddings=True),
 }
 LORAS = [LoraSpec(r=8), LoraSpec(r=4, use_dora=True, targets="qv"), LoraSpec(r=2, targets="k_proj,down_proj"),
          LoraSpec(r=16, targets="attn"), LoraSpec(r=3, use_dora=True, targets="mlp")]
@@ -75,10 +95,24 @@ def test_small_llama_variants_match_the_meta_build_and_peft(tmp_path, name):
         _assert_same(model, lora)
 
 
+@pytest.mark.parametrize("name", list(FAMILY_VARIANTS))
+def test_small_variants_of_every_family_match_the_meta_build_and_peft(tmp_path, name):
+    change = FAMILY_VARIANTS[name]
+    model = _write(tmp_path, {**SMALL, **change, "architectures": [ARCH[change["model_type"]]]})
+    for lora in LORAS:
+        _assert_same(model, lora)
+
+
 def test_counts_equal_full_peft_on_the_whole_model(tmp_path):
+    for raw in ({**SMALL, "num_key_value_heads": 2, "attention_bias": True, "tie_word_embeddings": True},
+                {**SMALL, **FAMILY_VARIANTS["qwen2-bias-tied"], "architectures": ["Qwen2ForCausalLM"]},
+                {**SMALL, **FAMILY_VARIANTS["qwen3-bias-head-dim"], "architectures": ["Qwen3ForCausalLM"]}):
+        _full_peft_agrees(_write(tmp_path, raw))
+
+
+def _full_peft_agrees(model):
     from peft import get_peft_model
 
-    model = _write(tmp_path, {**SMALL, "num_key_value_heads": 2, "attention_bias": True, "tie_word_embeddings": True})
     for lora in LORAS[:3]:
         meta, shape, targets, counts = _assert_same(model, lora, ranks=(lora.r,))
         with warnings.catch_warnings():
@@ -87,9 +121,32 @@ def test_counts_equal_full_peft_on_the_whole_model(tmp_path):
         assert counts[0][1:] == peft_model.get_nb_trainable_parameters()
 
 
-@pytest.mark.parametrize("path", SHIPPED_LLAMA, ids=[p.stem for p in SHIPPED_LLAMA])
-def test_every_shipped_llama_config(path):
+def test_every_family_has_shipped_configs():
+    assert {json.loads(p.read_text())["model_type"] for p in SHIPPED_FAST} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("path", SHIPPED_FAST, ids=[p.stem for p in SHIPPED_FAST])
+def test_every_shipped_config_of_a_fast_family(path):
     _assert_same(str(path), LoraSpec(r=16), ranks=(16, 4))
+
+
+def test_family_defaults_are_the_config_classes_own():
+    from transformers import AutoConfig
+
+    from lora_doctor import meta
+    from lora_doctor.fastfamilies import _EXTRA_KEYS
+
+    assert _EXTRA_KEYS == meta._EXTRA_KEYS
+    for model_type, fam in FAMILIES.items():
+        c = AutoConfig.for_model(model_type)
+        for key, value in fam.defaults.items():
+            if value is not None and key != "sliding_window":  # Qwen2/3 clear the window without use_sliding_window
+                assert getattr(c, key) == value, (model_type, key)
+        if "sliding_window" in fam.defaults:
+            c = AutoConfig.for_model(model_type, use_sliding_window=True) if fam.window_layers else c
+            assert c.sliding_window == fam.defaults["sliding_window"], model_type
+        else:
+            assert not hasattr(c, "sliding_window")
 
 
 def test_llama_defaults_are_transformers_own():
@@ -104,7 +161,17 @@ def test_llama_defaults_are_transformers_own():
 
 
 @pytest.mark.parametrize("change, lora", [
-    (dict(model_type="mistral", architectures=["MistralForCausalLM"]), LoraSpec()),
+    (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), LoraSpec()),
+    (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"]), LoraSpec()),
+    (dict(model_type="mistral", architectures=["LlamaForCausalLM"]), LoraSpec()),
+    (dict(sliding_window=4096), LoraSpec()),                  # a key Llama's extra does not model
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], attention_bias=True), LoraSpec()),
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], head_dim=None), LoraSpec()),
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_key_value_heads=2,
+          layer_types=["full_attention"]), LoraSpec()),       # 1 type for 3 layers
+    (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_key_value_heads=2, head_dim=64),
+     LoraSpec()),                                             # q_norm as wide as hidden: unproven
+    (dict(tie_word_embeddings=None), LoraSpec()),
     (dict(quantization_config={"quant_method": "bitsandbytes"}), LoraSpec()),
     (dict(auto_map={"AutoModelForCausalLM": "x.Y"}), LoraSpec()),
     (dict(num_attention_heads=5), LoraSpec()),                # 64 / 5: the full path words the problem
@@ -122,10 +189,11 @@ def test_llama_shape_refuses_other_layouts():
     assert llama_shape({**SMALL, "hidden_size": 0}, model_id="x", source="t") is None
 
 
-def test_cold_plan_of_a_70b_llama_imports_no_torch():
+def test_cold_plan_of_every_fast_family_imports_no_torch():
     code = ("import sys\nfrom click.testing import CliRunner\nfrom lora_doctor.cli import cli\n"
-            "r = CliRunner().invoke(cli, ['plan', 'meta-llama/Llama-2-70b-hf', '--json'])\n"
-            "assert r.exit_code == 0, r.output\n"
+            "for m in ('meta-llama/Llama-2-70b-hf', 'mistralai/Mistral-7B-v0.1', 'Qwen/Qwen2.5-72B', 'Qwen/Qwen3-8B'):\n"
+            "    r = CliRunner().invoke(cli, ['plan', m, '--json'])\n"
+            "    assert r.exit_code == 0, r.output\n"
             "assert 'torch' not in sys.modules and 'peft' not in sys.modules, 'imported torch or peft'\n"
             "print('ok')\n")
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "LORA_DOCTOR_CACHE": "0"}

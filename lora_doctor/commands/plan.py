@@ -76,6 +76,12 @@ def gather_plan(
         chosen = hardware.detect_local_gpu()
     train, seq_len_default, notes = _train_that_runs(shape, train, seq_len_is_default)
     notes = optim_notes + notes
+    section = None
+    if data is not None:
+        section = _data(model, shape, counts[0].r, targets, lora, quant, train, data, (gpus, parallel),
+                        trust_remote_code)
+        train, seq_len_default, more = _train_at_data(train, section, seq_len_is_default)
+        notes += more
     budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes, (gpus, parallel))
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
@@ -95,8 +101,7 @@ def gather_plan(
         "constants": _constants(),
         "notes": notes,
         **({} if parallel is None else {"parallel": {"gpus": gpus, "strategy": parallel}}),
-        "data": None if data is None else _data(model, shape, counts[0].r, targets, lora, quant, train, data,
-                                                trust_remote_code),
+        "data": section,
     }
 
 
@@ -117,12 +122,22 @@ def _gpu_dict(chosen) -> dict | None:
             "source": chosen.source}
 
 
-def _data(model, shape, r, targets, lora, quant, train, request, trust_remote_code) -> dict:
+def _data(model, shape, r, targets, lora, quant, train, request, parallel, trust_remote_code) -> dict:
     """--data: the dataset's lengths price padding, packing and time per epoch (dataplan.py)."""
     from ..dataplan import gather_data_plan
 
     return gather_data_plan(model, shape, r=r, targets=targets, lora=lora, quant=quant, train=train,
-                            request=request, trust_remote_code=trust_remote_code)
+                            request=request, parallel=parallel, trust_remote_code=trust_remote_code)
+
+
+def _train_at_data(train: TrainSpec, section: dict, seq_len_is_default: bool) -> tuple[TrainSpec, None, list[dict]]:
+    """With --data the step is costed at the run's real longest micro-batch, not --seq-len: that batch sets the peak."""
+    from ..dataplan import running_seq_len
+
+    seq_len = running_seq_len(section)
+    note = {"kind": "seq-len-from-data", "seq_len": seq_len, "runs": section["runs"],
+            "replaced": None if seq_len_is_default else train.seq_len}
+    return replace(train, seq_len=seq_len), None, [note]
 
 
 def _gpu_table(budget) -> list[dict]:

@@ -43,11 +43,18 @@ def _summary(d: dict) -> str:
 def _basis(d: dict) -> list[str]:
     from .plan import format_flops
     runs = d[d["runs"]]
-    return [f"Batch {d['batch']} x grad_accum {d['grad_accum']}, seed {d['seed']} order; "
+    world = d.get("world_size", 1)
+    ranks = (f" on each of {world} GPUs (global micro-batch {d['batch'] * world}; an epoch's time is each "
+             "micro-batch's slowest rank, communication not priced)") if world > 1 else ""
+    attention = ("per example (flash_attention_2 varlen: sum of l^2 per row)" if runs.get("attention_per_example")
+                 else f"per row at the batch width ({d.get('attn_impl', 'sdpa')} computes every block of its mask: "
+                      "width^2, the upper bound of a packed row's block-diagonal sum of l^2)")
+    return [f"Batch {d['batch']}{ranks} x grad_accum {d['grad_accum']}, seed {d['seed']} order; "
             f"{format_flops(runs['epoch_flops'])} per epoch as it runs ({d['runs']}); time at "
             f"{100 * d['mfu_assumed']:.0f}% MFU of each card's dense bf16 peak. Memory is the "
             f"{runs['memory']['method']} budget at the longest batch. * = how this run is configured.",
-            f"Packing: {d['packing_rule']}. No cost column: the GPU table has no sourced prices."]
+            f"Packing: packing.pack_groups, as train packs (data.packing). Attention priced {attention}. "
+            "No cost column: the GPU table has no sourced prices."]
 
 
 def data_lines(data: dict) -> list[str]:

@@ -32,7 +32,9 @@ def _alpha(data: dict) -> str:
 def _step_line(data: dict) -> str:
     t, q, lora = data["train"], data["quant"], data["lora"]
     quant = "none (bf16 base)" if q["mode"] is None else q["mode"] + (" + double quant" if q["double_quant"] else "")
-    return (f"batch {t['batch']} × seq {t['seq_len']}, gradient checkpointing {'on' if t['grad_ckpt'] else 'off'}, "
+    d = data.get("data")
+    basis = f" (the longest {d['runs']} batch of --data)" if d else ""
+    return (f"batch {t['batch']} × seq {t['seq_len']}{basis}, gradient checkpointing {'on' if t['grad_ckpt'] else 'off'}, "
             f"attention {t['attn_impl']}, optimizer {t['optim']}, quantization {quant}, "
             f"lora_alpha {_alpha(data)}, dropout {lora['dropout']}" + (", DoRA" if lora["use_dora"] else "")
             + (f", stack {data['stack']}" if data.get("stack") else ""))
@@ -224,6 +226,10 @@ _NOTES = {
         f"planned at seq_len {n['seq_len']:,}, the model's context length, instead of the default "
         f"{n['default']:,}; pass --seq-len to choose."),
     "rank-exceeds-dim": _rank_note,
+    "seq-len-from-data": lambda n: (
+        f"memory and step time are costed at seq_len {n['seq_len']:,}, the longest {n['runs']} micro-batch of "
+        "--data" + (f", not --seq-len {n['replaced']:,}" if n.get("replaced") is not None else "")
+        + " (the data section's padded/packed rows give each layout's own)."),
     "param-targets-dropout": lambda n: (
         f"peft adapts {', '.join(n['names'])} through target_parameters, which refuses lora_dropout "
         f"> 0 (got {n['dropout']}): training with these flags fails. Try: --dropout 0, or --target attn"),
