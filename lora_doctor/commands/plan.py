@@ -42,8 +42,7 @@ def parse_ranks(value: str) -> list[int]:
 def gather_plan(
     model: str, *, ranks: list[int], lora: LoraSpec, quant: QuantSpec, train: TrainSpec,
     gpu: str | None = None, detect_gpu: bool = True, trust_remote_code: bool = False, use_cache: bool = True,
-    seq_len_is_default: bool = False, gpus: int = 1, strategy: str | None = None, data=None,
-    optim_is_default: bool = False,
+    seq_len_is_default: bool = False, gpus: int = 1, strategy: str | None = None, data=None, optim_is_default=False,
 ) -> dict:
     """Everything `plan` shows, as plain JSON-able numbers (integer bytes); no strings formatted for people.
 
@@ -59,8 +58,7 @@ def gather_plan(
             (what train runs there), while a typed one is refused as train refuses it (fsdp.optimizer_under_fsdp).
 
     Raises:
-        LoraDoctorError: unknown model, unreadable config, bad targets, unknown GPU, bad --gpus/--strategy,
-            a bitsandbytes --optim with --strategy fsdp.
+        LoraDoctorError: bad model, config, targets, GPU, --gpus/--strategy, or a bitsandbytes --optim under fsdp.
     """
     from .. import hardware, sharding
     from ..plancache import shape_and_counts
@@ -76,12 +74,10 @@ def gather_plan(
         chosen = hardware.detect_local_gpu()
     train, seq_len_default, notes = _train_that_runs(shape, train, seq_len_is_default)
     notes = optim_notes + notes
-    section = None
-    if data is not None:
-        section = _data(model, shape, counts[0].r, targets, lora, quant, train, data, (gpus, parallel),
-                        trust_remote_code)
-        train, seq_len_default, more = _train_at_data(train, section, seq_len_is_default)
-        notes += more
+    section = None if data is None else _data(model, shape, counts[0].r, targets, lora, quant, train, data,
+                                              (gpus, parallel), trust_remote_code)
+    if section is not None:  # the step is costed at the data's real longest micro-batch
+        train, seq_len_default, notes = _train_at_data(train, section, seq_len_is_default, notes)
     budgets, first = _budgets(shape, lora, quant, train, targets, counts, chosen, notes, (gpus, parallel))
     notes += _shape_notes(shape, first) + _adapter_notes(shape, lora, targets)
     notes += _seq_len_notes(shape, train, seq_len_default) + _rank_notes(shape, targets, counts)
@@ -130,14 +126,15 @@ def _data(model, shape, r, targets, lora, quant, train, request, parallel, trust
                             request=request, parallel=parallel, trust_remote_code=trust_remote_code)
 
 
-def _train_at_data(train: TrainSpec, section: dict, seq_len_is_default: bool) -> tuple[TrainSpec, None, list[dict]]:
+def _train_at_data(train: TrainSpec, section: dict, seq_len_is_default: bool,
+                   notes: list[dict]) -> tuple[TrainSpec, None, list[dict]]:
     """With --data the step is costed at the run's real longest micro-batch, not --seq-len: that batch sets the peak."""
     from ..dataplan import running_seq_len
 
     seq_len = running_seq_len(section)
     note = {"kind": "seq-len-from-data", "seq_len": seq_len, "runs": section["runs"],
             "replaced": None if seq_len_is_default else train.seq_len}
-    return replace(train, seq_len=seq_len), None, [note]
+    return replace(train, seq_len=seq_len), None, [*notes, note]
 
 
 def _gpu_table(budget) -> list[dict]:
