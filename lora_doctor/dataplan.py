@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .data import DataConfig
 from .errors import LoraDoctorError
@@ -123,6 +124,11 @@ def load_plan_tokenizer(model: str, request: DataPlanRequest, trust_remote_code:
     from transformers import AutoTokenizer
 
     where = request.tokenizer or model
+    if request.tokenizer and request.tokenizer.startswith((".", "/", "~")) and \
+            not Path(request.tokenizer).expanduser().exists():
+        # Written as a path (a hub id in the HF cache never starts so), and nothing is there.
+        raise LoraDoctorError(f"--tokenizer '{request.tokenizer}' not found: no such folder.",
+                              "Point --tokenizer at a folder holding tokenizer.json or tokenizer_config.json.")
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - OSError/ValueError/...: no tokenizer files offline
@@ -216,6 +222,9 @@ def request_from_options(model: str, *, config: str | None, data: str | None, fo
 
     given = {"--format": format_, "--max-length": max_length, "--tokenizer": tokenizer,
              "--grad-accum": grad_accum, "--epochs": epochs}
+    if tokenizer is not None and not tokenizer.strip():
+        raise LoraDoctorError(f"--tokenizer must name a folder with the tokenizer files; got {tokenizer!r}.",
+                              "Leave --tokenizer out to count with the model's own, or pass --tokenizer PATH.")
     if data is None and config is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
