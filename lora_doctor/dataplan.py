@@ -233,11 +233,12 @@ def request_from_options(model: str, *, config: str | None, data: str | None, fo
         return None, None
     overrides = {"data.path": data, "data.format": format_, "data.max_length": max_length,
                  "train.grad_accum": grad_accum, "train.epochs": epochs}
-    origins = {"data.path": "--data", "data.format": "--format", "data.max_length": "--max-length",
-               "train.grad_accum": "--grad-accum", "train.epochs": "--epochs"}
-    if config is None:
-        overrides["model"] = model
-    cfg = load_run_config(config, overrides, origins)
+    flags = {"data.path": "--data", "data.format": "--format", "data.max_length": "--max-length",
+             "train.grad_accum": "--grad-accum", "train.epochs": "--epochs"}
+    # Only the flags typed: a key the run config sets is named as its file key.
+    origins = {key: flag for key, flag in flags.items() if overrides[key] is not None}
+    # plan's MODEL is the model, whatever the config names (its data and train sections are what plan reads).
+    cfg = load_run_config(config, {**overrides, "model": model}, origins)
     if not cfg.data.path:
         raise LoraDoctorError(f"The run config '{config}' has no data.path: plan --config needs a dataset.",
                               "Set data.path in the config, or pass --data PATH.")

@@ -204,7 +204,7 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
         p.append((f"{label('train.epochs')} must be > 0; got {t.epochs!r}.", "Try: --epochs 1"))
     elif t.epochs > MAX_EPOCHS:
         p.append((f"{label('train.epochs')} must be at most {MAX_EPOCHS:,} passes; got {t.epochs!r}.",
-                  "Try: --epochs 3, or --steps N for a fixed number of optimizer steps"))
+                  "Try: --epochs 3, or train.max_steps: N for a fixed number of optimizer steps"))
     _one_of(label("train.optim"), t.optim, OPTIMIZERS, p, "--optim paged-adamw-8bit")
     if t.max_grad_norm is not None and (not isinstance(t.max_grad_norm, (int, float)) or t.max_grad_norm <= 0):
         p.append((f"{label('train.max_grad_norm')} must be > 0 or null; got {t.max_grad_norm!r}.", "Try: train.max_grad_norm: 0.3"))
