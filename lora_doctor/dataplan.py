@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
+from pathlib import Path
 
 from .data import DataConfig
 from .errors import LoraDoctorError
@@ -178,6 +179,11 @@ def load_plan_tokenizer(model: str, request: DataPlanRequest, trust_remote_code:
     from transformers import AutoTokenizer
 
     where = request.tokenizer or model
+    if request.tokenizer and request.tokenizer.startswith((".", "/", "~")) and \
+            not Path(request.tokenizer).expanduser().exists():
+        # Written as a path (a hub id in the HF cache never starts so), and nothing is there.
+        raise LoraDoctorError(f"--tokenizer '{request.tokenizer}' not found: no such folder.",
+                              "Point --tokenizer at a folder holding tokenizer.json or tokenizer_config.json.")
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - OSError/ValueError/...: no tokenizer files offline
@@ -283,6 +289,9 @@ def request_from_options(model: str, *, config: str | None, data: str | None, fo
 
     given = {"--format": format_, "--max-length": max_length, "--tokenizer": tokenizer,
              "--grad-accum": grad_accum, "--epochs": epochs}
+    if tokenizer is not None and not tokenizer.strip():
+        raise LoraDoctorError(f"--tokenizer must name a folder with the tokenizer files; got {tokenizer!r}.",
+                              "Leave --tokenizer out to count with the model's own, or pass --tokenizer PATH.")
     if data is None and config is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -291,11 +300,12 @@ def request_from_options(model: str, *, config: str | None, data: str | None, fo
         return None, None
     overrides = {"data.path": data, "data.format": format_, "data.max_length": max_length,
                  "train.grad_accum": grad_accum, "train.epochs": epochs}
-    origins = {"data.path": "--data", "data.format": "--format", "data.max_length": "--max-length",
-               "train.grad_accum": "--grad-accum", "train.epochs": "--epochs"}
-    if config is None:
-        overrides["model"] = model
-    cfg = load_run_config(config, overrides, origins)
+    flags = {"data.path": "--data", "data.format": "--format", "data.max_length": "--max-length",
+             "train.grad_accum": "--grad-accum", "train.epochs": "--epochs"}
+    # Only the flags typed: a key the run config sets is named as its file key.
+    origins = {key: flag for key, flag in flags.items() if overrides[key] is not None}
+    # plan's MODEL is the model, whatever the config names (its data and train sections are what plan reads).
+    cfg = load_run_config(config, {**overrides, "model": model}, origins)
     if not cfg.data.path:
         raise LoraDoctorError(f"The run config '{config}' has no data.path: plan --config needs a dataset.",
                               "Set data.path in the config, or pass --data PATH.")

@@ -10,10 +10,10 @@ token counts and losses, a barrier around file writes, a gather of per-rank memo
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from dataclasses import dataclass
 
+from .errors import LoraDoctorError
 from .loading import resolve_device
 
 
@@ -121,18 +121,29 @@ def place_process(requested_device: str, distributed: str = "auto", note=None) -
     import torch
 
     from .fsdp import resolve_strategy
+    from .launch import require_rendezvous, world_size
 
     device = resolve_device(requested_device)
     strategy = resolve_strategy(distributed)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    n = world_size()
+    if n <= 1:
         if strategy == "fsdp":
             (note or (lambda m: print(m, file=sys.stderr)))("note: FSDP with one process has nothing to shard; running unsharded (launch with "
                  "--num_processes N to shard).")
         return Placement(device)
     # accelerate launch / torchrun set the environment; PartialState initialises the process group.
+    require_rendezvous(n)
     from accelerate import PartialState
 
-    state = PartialState(cpu=device == "cpu")
+    try:
+        state = PartialState(cpu=device == "cpu")
+    except (ValueError, RuntimeError) as e:
+        # A launch environment the process group cannot form from (accelerate's and torch's own checks). A failed
+        # PartialState keeps half its shared state, and the next one would fail on that instead: clear it.
+        PartialState._reset_state()
+        raise LoraDoctorError(f"Could not join the {n} processes of this launch: {str(e).splitlines()[0][:200]}",
+                              "Start the run with accelerate launch (--config_file examples/fsdp.yaml) or torchrun, "
+                              "or unset WORLD_SIZE for one process.") from None
     if device == "cuda":
         torch.cuda.set_device(state.local_process_index)
     return Placement(device, state.local_process_index if device == "cuda" else None, state.process_index,

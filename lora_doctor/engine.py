@@ -127,7 +127,7 @@ class Engine:
         return self.peft_model, self.optimizer
 
     def _resolve_model(self) -> None:
-        self.source = resolve_source(self.cfg)
+        self.source = resolve_source(self.cfg, hooked=self.model_hook is not None)
         if self.placement.sharded:
             check_fsdp(self.cfg, self.device, self.base_config)  # before any weight loads
 

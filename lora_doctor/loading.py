@@ -140,6 +140,7 @@ class ModelSource:
     """resolve.py's ResolvedConfig.source ('local directory', 'HF cache', ...)."""
     trust_remote_code: bool = False
     _shape: object = field(default=None, repr=False)
+    _module_names: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def shape(self):
@@ -149,12 +150,22 @@ class ModelSource:
 
             meta = build_meta_model(self.config, trust_remote_code=self.trust_remote_code)
             self._shape = model_shape(meta, self.config, model_id=self.model, source=self.source)
+            self._module_names = tuple(n for n, _ in meta.named_modules())
         return self._shape
 
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """Every module path of the meta model: the loaded model's, before quantization swaps Linear for Linear4bit."""
+        _ = self.shape  # builds the meta model, and with it the names, once
+        return self._module_names
 
-def resolve_source(cfg: RunConfig) -> ModelSource:
+
+def resolve_source(cfg: RunConfig, *, hooked: bool = False) -> ModelSource:
     """resolve.py's offline-first lookup, with its clear messages (unknown id, a folder without config.json,
-    offline mode), refusing a hub id known only by a shipped config: probe and train need weights."""
+    offline mode), refusing a hub id known only by a shipped config: probe and train need weights.
+
+    The targets and the rank are refused here too, on the meta model, so a 70B run stops in seconds instead of
+    after its load; `hooked` (a model hook will add modules) leaves the targets to the loaded model."""
     from .resolve import hub_offline, resolve_model_config
 
     resolved = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -166,6 +177,8 @@ def resolve_source(cfg: RunConfig) -> ModelSource:
             "--model a local folder; lora-doctor plan/check work from the config alone.")
     source = ModelSource(model=cfg.model, path=pretrained_path(cfg.model), config=resolved.config,
                          source=resolved.source, trust_remote_code=cfg.trust_remote_code)
+    if not hooked:
+        _lora_config_or_names(cfg, source, source.module_names)  # what peft_lora_config refuses after the load
     _refuse_oversized_rank(cfg, source)
     return source
 
@@ -179,6 +192,29 @@ def _refuse_oversized_rank(cfg: RunConfig, source: ModelSource) -> None:
     except LoraDoctorError:
         return  # names only the live model has (a hook's modules): peft_lora_config decides
     require_rank_fits(source.shape, names, [cfg.lora.r], run_config=True)
+
+
+def _lora_config_or_names(cfg: RunConfig, source: ModelSource, module_names):
+    """introspect.lora_config on the meta shape, or None when it refuses names that every one exist among
+    `module_names` (modules the shape's leaves do not list: peft gets them as they are).
+
+    The one rule behind both refusals: before the load with the meta model's module names (resolve_source), after
+    it with the live model's (peft_lora_config), so the early refusal is exactly the late one.
+
+    Raises:
+        LoraDoctorError: a target matching no module (target-not-found / partial-target-coverage), an unknown
+            preset, or DoRA / dropout on parameter targets.
+    """
+    from .introspect import lora_config
+    from .targets import matches, split_targets
+
+    try:
+        return lora_config(source.shape, cfg.lora)
+    except LoraDoctorError:
+        # targets.matches is peft's own rule; one name at a time, because every name must exist in the model.
+        if not all(any(matches(p, [t]) for p in module_names) for t in split_targets(cfg.lora.targets)):
+            raise
+    return None
 
 
 def load_tokenizer(cfg: RunConfig, source: ModelSource):
@@ -306,18 +342,14 @@ def peft_lora_config(cfg: RunConfig, source: ModelSource, model):
     explicit names that only the live model has (e.g. modules added by a hook) go to peft as they are."""
     from peft import LoraConfig
 
-    from .introspect import lora_config, saved_kwargs
-    from .targets import matches, split_targets
+    from .introspect import saved_kwargs
+    from .targets import split_targets
 
     lora = cfg.lora
     names = split_targets(lora.targets)
-    try:
-        return lora_config(source.shape, lora)
-    except LoraDoctorError:
-        live = [n for n, _ in model.named_modules()]
-        # targets.matches is peft's own rule; one name at a time, because every name must exist in the live model.
-        if not all(any(matches(p, [t]) for p in live) for t in names):
-            raise
+    config = _lora_config_or_names(cfg, source, [n for n, _ in model.named_modules()])
+    if config is not None:
+        return config
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                       use_rslora=lora.use_rslora, target_modules=names, task_type="CAUSAL_LM", **saved_kwargs(lora))
 

@@ -236,12 +236,12 @@ def _build_section(name: str, values: dict, where: str, label, problems: list[Pr
         if key not in fields:
             problems.append((f"Unknown key {dotted!r}{where}.", f"Valid keys in '{name}': {', '.join(fields)}."))
             continue
-        ok, value = type_ok(normalise(dotted, value), str(fields[key].type))
-        if not ok:
+        ok, typed = type_ok(normalise(dotted, value), str(fields[key].type))
+        if not ok:  # quoted as the user wrote it ([], not the tuple normalise made of it)
             problems.append((f"{label(dotted)} has the wrong type: expected {fields[key].type}, got {value!r}.",
                              f"Default: {name}.{key}: {_field_default(fields[key])!r}"))
             continue
-        clean[key] = value
+        clean[key] = typed
     try:
         return cls(**clean)
     except LoraDoctorError as e:
@@ -276,11 +276,11 @@ def _set_dotted(raw: dict, key: str, value) -> None:
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """Parse a YAML (.yaml/.yml) or TOML (.toml) file into a dict; errors name the file and line."""
-    path = Path(path)
+    path, what = Path(path), "path is empty" if not str(path).strip() else "is a folder" if Path(path).is_dir() else ""
     if not path.is_file():
         near = sorted(p.name for p in path.parent.glob("*.y*ml")) + sorted(p.name for p in path.parent.glob("*.toml")) \
             if path.parent.is_dir() else []
-        raise LoraDoctorError(f"Config file '{path}' not found.",
+        raise LoraDoctorError(f"Config file '{path}' {what or 'not found'}.",
                               (f"Configs in {path.parent}: {', '.join(near)}. " if near else "")
                               + "Start from examples/tiny.yaml (see examples/README.md).")
     data = path.read_bytes()
@@ -326,20 +326,22 @@ def parse_set(items: typing.Iterable[str]) -> dict[str, object]:
         if key not in valid_keys():
             raise LoraDoctorError(f"--set: unknown key {key!r}.", f"Valid keys: {', '.join(valid_keys())}.")
         try:
-            out[key] = yaml.safe_load(value) if value != "" else None
+            # KEY= is the empty string (refused where a key needs more); KEY=null is None, and sets it.
+            out[key] = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError:
             out[key] = value
     return out
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object] | None = None,
-                    origins: dict[str, str] | None = None) -> RunConfig:
+                    origins: dict[str, str] | None = None, sets: dict[str, object] | None = None) -> RunConfig:
     """Read the config file (if any), apply dotted-key overrides, validate once.
 
     Args:
         path: YAML/TOML file, or None to build from overrides alone (then `model` must be given).
         overrides: {dotted key: value}; None values are ignored (a flag that was not passed).
         origins: {dotted key: flag the user typed}, used in messages.
+        sets: {dotted key: value} from --set, applied before `overrides`; a None here is the user's null.
     Raises:
         LoraDoctorError: unreadable file, unknown key, wrong type, or any out-of-range value.
     """
@@ -348,9 +350,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object]
         raise LoraDoctorError(f"The run config '{path}' must be a mapping of sections; got {type(raw).__name__}.",
                               "See examples/tiny.yaml for the layout.")
     origins = dict(origins or {})
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+    for key, value in [*(sets or {}).items(), *((k, v) for k, v in (overrides or {}).items() if v is not None)]:
         _set_dotted(raw, key, value)
         origins.setdefault(key, default_label(key))
     source = str(path) if path is not None else None

@@ -16,6 +16,10 @@ longest context among the shipped configs. Past it the numbers are typos, and si
 the tokenizers (issue 12)."""
 MAX_BATCH = 2**16
 """Largest micro-batch or accumulation accepted (--batch, --grad-accum): 65,536 sequences per step."""
+MAX_EPOCHS = 10**5
+"""Most passes over the data accepted (--epochs): fine-tunes run a few (transformers' TrainingArguments
+num_train_epochs defaults to 3, Stanford Alpaca trained 3); 100,000 still lets a handful of rows be overfit on
+purpose. Past it the number is a typo: 1e300 epochs schedules more optimizer steps than any run can take."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import sys
 import typing
 
 from .data import ALPACA_PROMPT, DATA_FORMATS, TRAIN_ON
-from .specs import COMPUTE_DTYPES, MAX_BATCH, MAX_SEQ_LEN, OPTIMIZERS
+from .specs import COMPUTE_DTYPES, LOSS_CHUNKS, MAX_BATCH, MAX_EPOCHS, MAX_SEQ_LEN, OPTIMIZERS
 
 if typing.TYPE_CHECKING:
     from .errors import Problem
@@ -61,8 +61,10 @@ FLAGS: dict[str, str] = {
     "merge": "output.merge",
 }
 KEY_TO_FLAG = {v: k for k, v in FLAGS.items()}
-# The reused specs phrase their own errors with these flag names.
-SPEC_FLAGS = {"lora.r": "--r", "lora.alpha": "--alpha", "lora.dropout": "--dropout"}
+# The reused specs phrase their own errors with these names; runconfig renames them to the key as typed.
+SPEC_FLAGS = {"lora.r": "--r", "lora.alpha": "--alpha", "lora.dropout": "--dropout",
+              "lora.adapter_dtype": "lora.adapter_dtype", "lora.modules_to_save": "lora.modules_to_save",
+              "lora.trainable_token_indices": "lora.trainable_token_indices"}
 
 
 def default_label(key: str) -> str:
@@ -143,16 +145,35 @@ def _packing_problems(cfg: RunConfig, label) -> list[Problem]:
              f"Try: --batch 1 --grad-accum {accum}, or train.attn_impl: sdpa")]
 
 
-def _range_problems(cfg: RunConfig, label) -> list[Problem]:
-    """Range and choice checks across sections."""
+def _loss_chunk_problems(cfg: RunConfig, label) -> list[Problem]:
+    """A train.loss_chunks the user chose past data.max_length: every chunk needs a token, so no batch can have
+    that many. The default (specs.LOSS_CHUNKS) is left alone: lossfn clamps it to the batch's length
+    (min(chunks, T)), which is what a short max_length with no chunk count asked for."""
+    d, t = cfg.data, cfg.train
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (t.loss_chunks, d.max_length))
+    if not (ints and t.chunked_loss is True and t.loss_chunks != LOSS_CHUNKS and t.loss_chunks > d.max_length > 0):
+        return []
+    return [(f"{label('train.loss_chunks')} is {t.loss_chunks} but {label('data.max_length')} is {d.max_length}: a "
+             "loss chunk needs at least one token, so no batch can be split that finely.",
+             f"Try: train.loss_chunks: {min(LOSS_CHUNKS, d.max_length)} (at most data.max_length)")]
+
+
+def _data_problems(cfg: RunConfig, label) -> list[Problem]:
+    """The model and the data section."""
     p: list[Problem] = []
     if not cfg.model or not isinstance(cfg.model, str):
         p.append((f"{label('model')} is required (a model id or a local folder); got {cfg.model!r}.",
                   "Try: --model examples/tiny-llama (python examples/make_tiny_model.py writes it)"))
-    d, t, lo, o = cfg.data, cfg.train, cfg.loss, cfg.output
+    d = cfg.data
     _one_of(label("data.format"), d.format, DATA_FORMATS, p, "--format instruction")
     _positive_int(label("data.max_length"), d.max_length, p, "--max-length 512", cap=MAX_SEQ_LEN, unit="tokens")
     _one_of(label("data.padding_side"), d.padding_side, PADDING_SIDES, p, "data.padding_side: right")
+    for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        # '' or blanks: a flag typed empty (--data "") or a template variable that expanded to nothing; datasets
+        # would look ' ' up on the hub, and check would skip the data checks train cannot skip.
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            p.append((f"{label(key)} must name a data file or a datasets name; got {value!r}.",
+                      f"Try: {'--data examples/data/tiny.jsonl' if key == 'data.path' else 'data.eval_path: eval.jsonl'}"))
     if not (isinstance(d.eval_fraction, (int, float)) and 0.0 <= d.eval_fraction < 1.0):
         p.append((f"{label('data.eval_fraction')} must be in [0, 1); got {d.eval_fraction!r}.", "Try: data.eval_fraction: 0.1"))
     _positive_int(label("data.max_examples"), d.max_examples, p, "data.max_examples: 1000", allow_none=True)
@@ -163,6 +184,13 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     if d.prompt_template is not None and "{instruction}" not in d.prompt_template:
         p.append((f"{label('data.prompt_template')} must contain {{instruction}}; got {d.prompt_template!r}.",
                   f"Try: prompt_template: {ALPACA_PROMPT!r}"))
+    return p
+
+
+def _range_problems(cfg: RunConfig, label) -> list[Problem]:
+    """Range and choice checks across sections."""
+    p = _data_problems(cfg, label)
+    t, lo, o = cfg.train, cfg.loss, cfg.output
     _positive_int(label("train.batch"), t.batch, p, "--batch 1", cap=MAX_BATCH, unit="sequences")
     _positive_int(label("train.grad_accum"), t.grad_accum, p, "--grad-accum 16", cap=MAX_BATCH, unit="micro-batches")
     if not isinstance(t.lr, (int, float)) or isinstance(t.lr, bool) or t.lr < 0:
@@ -172,15 +200,18 @@ def _range_problems(cfg: RunConfig, label) -> list[Problem]:
     _one_of(label("train.scheduler"), t.scheduler, SCHEDULERS, p, "--scheduler constant")
     _positive_int(label("train.warmup_steps"), t.warmup_steps, p, "--warmup 10", allow_zero=True)
     _positive_int(label("train.max_steps"), t.max_steps, p, "--steps 100", allow_none=True)
-    if not isinstance(t.epochs, (int, float)) or t.epochs <= 0:
+    if not isinstance(t.epochs, (int, float)) or isinstance(t.epochs, bool) or t.epochs <= 0:
         p.append((f"{label('train.epochs')} must be > 0; got {t.epochs!r}.", "Try: --epochs 1"))
+    elif t.epochs > MAX_EPOCHS:
+        p.append((f"{label('train.epochs')} must be at most {MAX_EPOCHS:,} passes; got {t.epochs!r}.",
+                  "Try: --epochs 3, or train.max_steps: N for a fixed number of optimizer steps"))
     _one_of(label("train.optim"), t.optim, OPTIMIZERS, p, "--optim paged-adamw-8bit")
     if t.max_grad_norm is not None and (not isinstance(t.max_grad_norm, (int, float)) or t.max_grad_norm <= 0):
         p.append((f"{label('train.max_grad_norm')} must be > 0 or null; got {t.max_grad_norm!r}.", "Try: train.max_grad_norm: 0.3"))
     _positive_int(label("train.loss_chunks"), t.loss_chunks, p, "train.loss_chunks: 8", cap=MAX_SEQ_LEN, unit="chunks")
     _one_of(label("train.precision"), t.precision, COMPUTE_DTYPES, p, "--precision bf16")
     _one_of(label("train.attn_impl"), t.attn_impl, ("sdpa", "eager", "flash_attention_2"), p, "train.attn_impl: sdpa")
-    p += _packing_problems(cfg, label)
+    p += _packing_problems(cfg, label) + _loss_chunk_problems(cfg, label)
     _positive_int(label("train.seed"), t.seed, p, f"--seed {DEFAULT_SEED}", allow_zero=True)
     _positive_int(label("train.eval_every"), t.eval_every, p, "--eval-every 50", allow_none=True)
     _positive_int(label("train.eval_batches"), t.eval_batches, p, "train.eval_batches: 8", allow_none=True)

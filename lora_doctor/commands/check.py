@@ -53,6 +53,7 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
     from ..targets import require_rank_fits
 
     resolved = resolve_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    _check_launch(cfg, resolved.config)
     # Read the checkpoint dtype before the meta build, which may stamp its own dtype on the config.
     facts.model_dtype = getattr(resolved.config, "dtype", None)  # transformers 5 maps torch_dtype here
     meta = introspect.build_meta_model(resolved.config, trust_remote_code=cfg.trust_remote_code)
@@ -90,6 +91,19 @@ def _model_facts(cfg: RunConfig, facts: StaticFacts, gpu_spec: str | None = None
         facts.notes.append("no GPU given or detected: memory-fit check skipped (pass --gpu NAME or --gpu GiB)")
         return
     facts.headroom = headroom(budget, facts.shape, gpu)
+
+
+def _check_launch(cfg: RunConfig, base_config) -> None:
+    """Refuse what train refuses from the launch environment (launch.check_launch), exit 2 in both, so check
+    never calls healthy a config that train stops on before its first step."""
+    from ..launch import check_launch
+    from ..loading import resolve_device
+
+    try:
+        device = resolve_device(cfg.train.device)
+    except LoraDoctorError:
+        device = cfg.train.device  # --device cuda checked on a machine without one: judged as the GPU run
+    check_launch(cfg, device, base_config)
 
 
 def _raise_if_unknown_preset(shape, item: str) -> None:

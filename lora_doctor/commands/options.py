@@ -100,10 +100,8 @@ def run_options(f):
 def config_from_cli(config_path: str | None, params: dict, extra: dict[str, object] | None = None) -> RunConfig:
     """Turn click params from `run_options` (plus command-specific dotted overrides) into a RunConfig."""
     overrides: dict[str, object] = {}
-    origins: dict[str, str] = {}
-    for key, value in parse_set(params.get("set_") or ()).items():
-        overrides[key] = value
-        origins[key] = f"--set {key}"
+    sets = parse_set(params.get("set_") or ())  # kept apart: --set KEY=null is a value, an absent flag is not
+    origins: dict[str, str] = {key: f"--set {key}" for key in sets}
     for flag in shared_flags():
         value = params.get(param_name(flag))
         if value is None:
@@ -114,7 +112,7 @@ def config_from_cli(config_path: str | None, params: dict, extra: dict[str, obje
         if value is not None:
             overrides[dotted] = value
             origins[dotted] = f"--{KEY_TO_FLAG.get(dotted, dotted)}"
-    if config_path is None and "model" not in overrides:
+    if config_path is None and "model" not in overrides and not sets.get("model"):
         raise LoraDoctorError("No config file and no --model given.",
                               "Pass a config file (start from examples/tiny.yaml), or --model and --data.")
-    return load_run_config(config_path, overrides, origins)
+    return load_run_config(config_path, overrides, origins, sets=sets)
