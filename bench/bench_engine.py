@@ -7,7 +7,8 @@ and plan's predicted peak memory vs the engine's measured peak. Not a test.
 Both sides get the same tokenized examples (lora_doctor.data), the same collator, the same
 BitsAndBytesConfig, prepare_model_for_kbit_training, LoraConfig, optimizer, lr, clipping and seed.
 Step time is the median over steps after `--warmup`, timed around each optimizer step (a
-TrainerCallback on the Trainer side). Target: engine / Trainer <= 1.05.
+TrainerCallback on the Trainer side), the engine's without the CPU tensor tracker (see time_engine).
+Target (issue 9): engine / Trainer <= 1.0.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ SIZES = {
                   num_key_value_heads=4),
 }
 HERE = Path(__file__).resolve().parent.parent
+TARGET_RATIO = 1.0
+"""issue 9: the engine's step time at most the Trainer's."""
 
 
 def make_config(model_dir: Path, out: Path, args) -> "RunConfig":  # noqa: F821
@@ -44,11 +47,16 @@ def make_config(model_dir: Path, out: Path, args) -> "RunConfig":  # noqa: F821
     })
 
 
-def time_engine(cfg) -> tuple[list[float], object]:
+def time_engine(cfg, warmup: int) -> tuple[list[float], object]:
+    """Per-step times of the engine's own loop (Engine.run_steps). The first `warmup` steps (left out of the
+    median) run under probe's CPU tensor tracker, which gives the memory figure; the timed steps run without it:
+    its Python call per aten op is measurement, not the engine, and the Trainer side has none."""
     from lora_doctor.engine import Engine
 
     engine = Engine(cfg).setup()
-    engine.run_steps(cfg.train.max_steps)
+    engine.run_steps(warmup)
+    engine.monitor.tensor_peak = False  # public MemoryMonitor switch, read at the next phase start
+    engine.run_steps(cfg.train.max_steps - warmup)
     return [s.step_time_s for s in engine.history], engine
 
 
@@ -170,7 +178,7 @@ def main() -> None:
         engine_times, trainer_times = [], []
         result = None
         for _ in range(args.rounds):
-            times, engine = time_engine(cfg)
+            times, engine = time_engine(cfg, args.warmup)
             # Memory from the first round only: later rounds reuse memory the allocator already holds.
             result = result or engine.result("probe")
             engine_times.append(statistics.median(times[args.warmup:]))
@@ -198,7 +206,7 @@ def main() -> None:
           f"best of {args.rounds} rounds")
     print(f"  engine          {e * 1000:8.2f} ms/step")
     print(f"  peft + Trainer  {t * 1000:8.2f} ms/step")
-    print(f"  ratio           {e / t:8.3f}x  (target <= 1.05x)")
+    print(f"  ratio           {e / t:8.3f}x  (target <= {TARGET_RATIO}x: {'met' if e / t <= TARGET_RATIO else 'NOT met'})")
     # The figure probe reports: tensors only (no CUDA context or allocator slack), held against process RSS
     # on CPU and torch.cuda.max_memory_allocated on CUDA.
     pred, _, basis = planned_for_device(prediction, result.model.device)

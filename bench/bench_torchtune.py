@@ -27,18 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TORCHTUNE_PEAK_ALLOC_GIB = 7.4
 """pytorch/torchtune README.md, "Memory and training speed": Llama 3.1 8B, QLoRA, 1x 4090, 7.4 GiB."""
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+VARIANTS = [("lora-doctor defaults", "lora-doctor", "fp32", {}),
+            ("bf16 adapters", "lora-doctor", "compute", {}),
+            ("bf16 adapters + offload", "lora-doctor", "compute", {"offload_activations": True}),
+            ("hf (Trainer path)", "hf", "fp32", {})]
+"""(column, plan --stack, lora.adapter_dtype, lever overrides). 'bf16 adapters' is what torchtune runs: its LoRA
+weights follow the model's bf16 dtype (torchtune/modules/peft/lora.py LoRALinear; the recipe sets dtype: bf16)."""
 BYTES_PER_GIB = 1024**3
 
 
-def torchtune_run(stack: str = "lora-doctor", **levers):
-    """(shape, LoraSpec, QuantSpec, TrainSpec, targets) of the torchtune config under one of plan's stacks."""
+def torchtune_run(stack: str = "lora-doctor", adapter_dtype: str = "fp32", **levers):
+    """(shape, LoraSpec, QuantSpec, TrainSpec, targets) of the torchtune config under one of plan's stacks;
+    adapter_dtype 'compute' is torchtune's own choice (bf16 adapters: plan --adapter-dtype compute)."""
     from lora_doctor.introspect import load_shape, resolve_targets
     from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
     from lora_doctor.stack import levers_for
 
     shape, _ = load_shape(MODEL)
     targets = resolve_targets(shape, "all-linear")
-    lora = LoraSpec(r=8, alpha=16, dropout=0.0, targets=targets)
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0, targets=targets, adapter_dtype=adapter_dtype)
     quant = QuantSpec(mode="nf4", double_quant=True, compute_dtype="bf16")
     train = TrainSpec(seq_len=2048, batch=2, grad_ckpt=True, optim="adamw", attn_impl="sdpa", dtype="bf16",
                       levers=replace(levers_for(stack, **levers), packing=True))
@@ -50,10 +57,8 @@ def comparison() -> list[dict]:
     from lora_doctor.budget import TERMS, method_budget
 
     rows = []
-    for name, stack, levers in [("lora-doctor defaults", "lora-doctor", {}),
-                                ("lora-doctor + offload", "lora-doctor", {"offload_activations": True}),
-                                ("hf (Trainer path)", "hf", {})]:
-        shape, lora, quant, train, targets = torchtune_run(stack, **levers)
+    for name, stack, adapter_dtype, levers in VARIANTS:
+        shape, lora, quant, train, targets = torchtune_run(stack, adapter_dtype, **levers)
         m = method_budget("qlora-nf4-dq", shape, lora, quant, train, targets)
         allocated = m.total_bytes - m.runtime_overhead_bytes
         rows.append({"variant": name, "terms": {f: getattr(m, f) for f, _ in TERMS}, "allocated_bytes": allocated,

@@ -7,11 +7,12 @@ Each case runs in its own process (a clean CUDA context and allocator, a hard ti
 case): the shipped config (lora_doctor/configs) is built in bf16 directly on the GPU with random weights and
 every Linear but lm_head is quantized to nf4 in place, one at a time (bitsandbytes Params4bit), so nothing is
 read from disk or the network and an 8B is ready in seconds. From there the run is the engine's own
-(prepare, LoRA all-linear, the steps: engine.Engine). The only substitution is that load (loading._load_base).
+(prepare, LoRA all-linear, the steps: engine.Engine). The only substitution is that load, through the engine's
+public base_loader argument.
 
 Stacks: `lora-doctor` is the engine with its defaults; `hf` sets the config keys of the Trainer path (fp32 upcast
-of the frozen weights, full logits) where this checkout has them (HF_STACK_SETTINGS; a key it lacks is listed
-under "not on this branch"). Prints one table: planned total, max_memory_allocated, max reserved, NVML used,
+of the frozen weights, full logits: HF_STACK_SETTINGS); plan costs each case through the same config
+(stack.levers_of), and a row whose costed stack differs from its own says so in its note. Prints one table: planned total, max_memory_allocated, max reserved, NVML used,
 and the plan errors (tensors-only plan vs allocated; the plan with its CUDA overhead vs reserved).
 Installs nothing; reads nothing from the network.
 """
@@ -43,7 +44,7 @@ DRY_SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, head_dim=16, vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 """--dry-run: each real config shrunk to this (its family's code paths kept: rope scaling, softcapping, fused qkv)."""
 HF_STACK_SETTINGS = {"quant.upcast_frozen": True, "train.chunked_loss": False, "train.offload_activations": False}
-"""The Trainer/TRL path as config keys (issue 9's levers). Keys another branch adds; absent ones are skipped."""
+"""The Trainer/TRL path as config keys (issue 9's levers; stack.STACKS['hf']): peft's fp32 upcast, full logits."""
 CASE_TIMEOUT_S = 50
 """A case's time box on the GPU: 16 cases in < 8 min leaves ~30 s each; 50 s covers an 8B's build and two steps
 at 4096. --dry-run gets DRY_CASE_TIMEOUT_S: there the imports of a fresh process dominate on a loaded CPU."""
@@ -66,15 +67,17 @@ def model_dir(name: str, tmp: Path, dry: bool) -> Path:
     return out
 
 
-def random_quantized_base(cfg, source, device: str, device_index, note):
-    """loading._load_base's stand-in: random bf16 weights built on the device, Linears quantized in place."""
+def random_quantized_base(*, cfg, source, device: str, device_index=None, note=None, **_):
+    """The engine's base_loader (loading.load_peft_model): random weights built on the device in the dtype the
+    engine loads in (loading.compute_dtype), Linears quantized in place. Keywords only, and any the engine adds
+    later are ignored, so a new loading argument does not break this script."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_doctor.loading import attention_implementation, torch_dtype
+    from lora_doctor.loading import attention_implementation, compute_dtype, torch_dtype
 
     q = cfg.quant
-    dtype = torch_dtype(q.compute_dtype if q.mode else cfg.train.precision)
+    dtype = compute_dtype(cfg)
     torch.manual_seed(cfg.train.seed)
     target = torch.device("cuda", device_index or 0) if device == "cuda" else torch.device("cpu")
     with torch.device(target):
@@ -86,7 +89,7 @@ def random_quantized_base(cfg, source, device: str, device_index, note):
     model.config.use_cache = False
     if device == "cuda":
         torch.cuda.empty_cache()
-    return model, dtype
+    return model
 
 
 def quantize_linears(model, quant_type: str, double_quant: bool, compute_dtype, device) -> None:
@@ -114,49 +117,42 @@ def quantize_linears(model, quant_type: str, double_quant: bool, compute_dtype, 
 
 
 def case_config(mdir: Path, data: Path, seq: int, stack: str, args, out: Path):
-    """The run config of one case, and the hf-stack keys this checkout does not have."""
-    from lora_doctor.errors import LoraDoctorError
+    """The run config of one case: the engine's defaults, or those with HF_STACK_SETTINGS applied. A key the
+    config does not know is an error of this case (from_dict's one line), never silently skipped: the hf row must
+    run the Trainer-path settings."""
     from lora_doctor.runconfig import from_dict
 
     raw = {"model": str(mdir), "quant": {"mode": "nf4"}, "lora": {"targets": "all-linear", "r": 16},
            "data": {"path": str(data), "format": "text", "max_length": seq},
            "train": {"batch": args.batch, "max_steps": args.steps, "device": "cpu" if args.dry_run else "cuda"},
            "output": {"dir": str(out)}}
-    missing = []
     for key, value in (HF_STACK_SETTINGS.items() if stack == "hf" else ()):
         section, field = key.split(".")
-        trial = json.loads(json.dumps(raw))
-        trial.setdefault(section, {})[field] = value
-        try:
-            from_dict(trial)
-            raw = trial
-        except LoraDoctorError:
-            missing.append(key)
-    return from_dict(raw), missing
+        raw.setdefault(section, {})[field] = value
+    return from_dict(raw)
 
 
 def run_case(name: str, seq: int, stack: str, args) -> dict:
     """One case in this process: build, probe `args.steps` steps, plan; figures as a dict."""
     import torch
 
-    from lora_doctor import loading
     from lora_doctor.diagnose import planned_for_device, predict_memory
     from lora_doctor.engine import Engine, OutOfMemory
+    from lora_doctor.stack import levers_of, stack_name
     from lora_doctor.tiny import write_long_text_data
 
-    loading._load_base = random_quantized_base  # random weights: the one substitution (see the docstring)
     row = {"model": name, "seq": seq, "stack": stack, "batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_long_text_data(tmp / "data.jsonl", n_examples=max(4, args.batch), n_chars=6 * seq)
-        cfg, missing = case_config(model_dir(name, tmp, args.dry_run), data, seq, stack, args, tmp / "run")
-        row["not_on_this_branch"] = missing
+        cfg = case_config(model_dir(name, tmp, args.dry_run), data, seq, stack, args, tmp / "run")
+        row["plan_stack"] = stack_name(levers_of(cfg))  # what predict_memory costs: must match the row's stack
         prediction = predict_memory(cfg)
         row["planned_total_bytes"] = prediction.total_bytes
         row["planned_tensors_bytes"] = planned_for_device(prediction, "cuda")[0]
         row["plan_error"] = prediction.error
         t0 = time.perf_counter()
-        engine = Engine(cfg)
+        engine = Engine(cfg, base_loader=random_quantized_base)  # random weights: the one substitution
         try:
             engine.setup()
             engine.run_steps(args.steps)
@@ -189,8 +185,8 @@ def print_table(rows: list[dict]) -> None:
                       format_bytes(measured), format_bytes(r.get("max_reserved_bytes")),
                       format_bytes(r.get("nvml_used_bytes")), _err(r.get("planned_tensors_bytes"), measured),
                       _err(r.get("planned_total_bytes"), r.get("max_reserved_bytes")),
-                      r.get("error") or ("not on this branch: " + ", ".join(r["not_on_this_branch"])
-                                         if r.get("not_on_this_branch") else "")))
+                      r.get("error") or (f"plan costs {r['plan_stack']}"
+                                         if r.get("plan_stack") not in (None, r["stack"]) else "")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")

@@ -215,8 +215,9 @@ def activation_bytes(
     head_copy, layer_copies = _autocast_weight_copies(shape, c) if kbit_prepared else (0, 0)
     # fp32 lora_A/lora_B under 16-bit autocast: their c-byte casts stay in autocast's cache (leaves that require
     # grad) for the whole forward and are saved for backward, checkpointing or not. DoRA's magnitude only divides.
+    # Adapters already in the compute dtype (lora.adapter_dtype 'compute') are used as they are: no copies.
     adapter_copies = (c * lora_param_count(shape, targets, replace(lora, use_dora=False))
-                      if lora is not None and c < 4 else 0)
+                      if lora is not None and c < 4 and lora.adapter_dtype == "fp32" else 0)
     fixed = dora + head_copy + adapter_copies
     kept = shape.num_layers if resident_layers is None else min(resident_layers, shape.num_layers)
     if train.grad_ckpt:

@@ -275,14 +275,20 @@ def _full_bf16_pure(shape: ModelShape, train: TrainSpec) -> MethodBudget:
     )
 
 
-def _trainable_terms(shape: ModelShape, lora: LoraSpec, train: TrainSpec, targets, copy_bytes: int):
+def _trainable_terms(shape: ModelShape, lora: LoraSpec, train: TrainSpec, targets, copy_bytes: int, c: int):
     """(trainable params, weight bytes (= gradient bytes), optimizer bytes) of adapters plus saved copies.
 
-    LoRA tensors and trainable-token rows are fp32 (peft's autocast_adapter_dtype; the delta is created fp32);
-    a modules_to_save copy keeps its module's dtype, `copy_bytes`, and so do its gradient and torch AdamW states.
+    lora.adapter_dtype 'fp32': LoRA tensors and trainable-token rows are fp32 (peft's autocast_adapter_dtype; the
+    delta is created fp32); a modules_to_save copy keeps its module's dtype, `copy_bytes`, and so do its gradient
+    and torch AdamW states. 'compute': prepare.cast_trainable puts every trainable tensor in the compute dtype,
+    `c` bytes, and with it its gradient and torch AdamW's exp_avg / exp_avg_sq (2c); bitsandbytes 8-bit states
+    are the same whatever the parameter's dtype (optimstate.optimizer_state_bytes). torchtune trains this way.
     """
     adapters = lora_param_tensors(shape, targets, lora)
     copies, tokens = saved_copy_tensors(shape, lora)
+    if lora.adapter_dtype == "compute":
+        every = adapters + tokens + copies
+        return numel(every), c * numel(every), optimizer_state_bytes(train.optim, every, param_bytes=c)
     fp32 = adapters + tokens
     weights = 4 * numel(fp32) + copy_bytes * numel(copies)
     optim = optimizer_state_bytes(train.optim, fp32 + copies)
@@ -294,10 +300,10 @@ def _trainable_terms(shape: ModelShape, lora: LoraSpec, train: TrainSpec, target
 def _lora_bf16(shape: ModelShape, lora: LoraSpec, train: TrainSpec, targets) -> MethodBudget:
     """Frozen 16-bit base as loaded (dtype=torch.bfloat16, no prepare_model_for_kbit_training), fp32
     adapters: peft's get_peft_model(autocast_adapter_dtype=True), the default, upcasts bf16/fp16 adapter
-    weights to fp32 (peft/tuners/tuners_utils.py _cast_adapter_dtype). Gradients and optimizer states
-    exist only for the adapters."""
+    weights to fp32 (peft/tuners/tuners_utils.py _cast_adapter_dtype); lora.adapter_dtype 'compute' keeps them
+    16-bit (`_trainable_terms`). Gradients and optimizer states exist only for the adapters."""
     c = DTYPE_BYTES[train.dtype] if train.dtype != "fp32" else 2
-    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=c)
+    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=c, c=c)
     return _finish(
         "lora-bf16", METHOD_LABELS["lora-bf16"], n,
         base_weights_bytes=c * shape.total_params, quant_constants_bytes=0, adapter_weights_bytes=weights,
@@ -311,13 +317,13 @@ def _qlora(shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec
     stack) peft.prepare_model_for_kbit_training casts every parameter that is not a Params4bit and is fp16/bf16
     to fp32 (peft/utils/other.py), so embeddings, norms, lm_head and biases cost 4 B each and the residual stream
     is fp32; without it (the engine's default) they stay in the compute dtype and the step costs activations as a
-    16-bit base does. Adapters are fp32 as in `_lora_bf16`."""
+    16-bit base does. Adapters as in `_lora_bf16` (fp32, or the compute dtype with lora.adapter_dtype 'compute')."""
     c = DTYPE_BYTES[quant.compute_dtype]  # bnb_4bit_compute_dtype: the dtype activations flow in
     upcast = train.levers.upcast_frozen
     frozen_c = 4 if upcast else c
     packed, consts, unquantized = quantized_base_bytes(shape, quant)
     # The preparation ran first, so a modules_to_save copy is of a module in its prepared dtype.
-    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=frozen_c)
+    n, weights, optim = _trainable_terms(shape, lora, train, targets, copy_bytes=frozen_c, c=c)
     key = f"qlora-{quant.mode}" + ("-dq" if quant.double_quant else "")
     label = f"QLoRA {quant.mode}" + ("+DQ" if quant.double_quant else "")
     return _finish(

@@ -53,11 +53,13 @@ class Engine:
         cfg: the validated run config.
         model_hook: applied to the loaded base model before LoRA; tests use it to plant faults
             (e.g. a module that never feeds the loss).
+        base_loader: builds the base model instead of from_pretrained (loading.load_peft_model's base_loader).
     """
 
-    def __init__(self, cfg: RunConfig, *, model_hook: Callable | None = None):
+    def __init__(self, cfg: RunConfig, *, model_hook: Callable | None = None, base_loader: Callable | None = None):
         self.cfg = cfg
         self.model_hook = model_hook
+        self.base_loader = base_loader
         self.model = None
         """What the steps call: lossfn.CausalLMLoss over the peft model (ids, labels -> summed loss),
         DDP-wrapped when world_size > 1, so the wrapper's hooks fire around the whole loss."""
@@ -153,7 +155,8 @@ class Engine:
         sharded = self.placement.sharded
         self.peft_model, info = load_peft_model(
             self.cfg, "cpu" if sharded else self.device, source=self.source, device_index=None if sharded else
-            self.device_index, world_size=self.world_size, model_hook=self.model_hook, note=self._note, fsdp=sharded)
+            self.device_index, world_size=self.world_size, model_hook=self.model_hook, note=self._note, fsdp=sharded,
+            base_loader=self.base_loader)
         self.model_info = replace(info, device=self.device)
         # The chunked head's self-check runs before sharding; on a GPU run the still-unsharded base is on the
         # host, where one forward of a large 4-bit model costs minutes, so it is skipped there (and said).

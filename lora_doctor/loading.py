@@ -233,7 +233,8 @@ def load_tokenizer(cfg: RunConfig, source: ModelSource):
 
 def load_peft_model(cfg: RunConfig, device: str, *, source: ModelSource | None = None, device_index: int | None = None,
                     world_size: int = 1, model_hook: Callable | None = None,
-                    note: Callable[[str], None] | None = None, fsdp: bool = False) -> tuple[object, ModelInfo]:
+                    note: Callable[[str], None] | None = None, fsdp: bool = False,
+                    base_loader: Callable | None = None) -> tuple[object, ModelInfo]:
     """Load the base on `device`, prepare it for training, wrap it with LoRA; returns (peft model, ModelInfo).
 
     Args:
@@ -243,13 +244,20 @@ def load_peft_model(cfg: RunConfig, device: str, *, source: ModelSource | None =
         model_hook: applied to the loaded base before LoRA (tests plant faults with it).
         note: where one-line notes go (e.g. eager attention instead of sdpa).
         fsdp: the model will be FSDP-sharded: 4-bit weights are stored in the compute dtype (fsdp.py).
+        base_loader: builds the base instead of from_pretrained (bench/gpu_check.py: random weights quantized in
+            place), called with keywords (cfg, source, device, device_index, note, fsdp) and returning the model
+            in compute_dtype(cfg); preparation and LoRA follow as for a loaded one.
 
     Raises:
         LoraDoctorError: the weights cannot load, bitsandbytes is missing, or the targets adapt nothing.
         torch.OutOfMemoryError: as raised, for the caller to report with its measured peak.
     """
     source = source if source is not None else resolve_source(cfg)
-    model, dtype = _load_base(cfg, source, device, device_index, note, fsdp)
+    if base_loader is None:
+        model, dtype = _load_base(cfg, source, device, device_index, note, fsdp)
+    else:
+        model = base_loader(cfg=cfg, source=source, device=device, device_index=device_index, note=note, fsdp=fsdp)
+        dtype = compute_dtype(cfg)
     if model_hook is not None:
         model = model_hook(model) or model
     model = _prepare_for_training(model, cfg)

@@ -367,3 +367,12 @@ def test_torchtune_llama31_8b_qlora_arithmetic_pinned():
     assert hf["logits_bytes"] == tokens * 128256 * 12
     assert rows["lora-doctor defaults"]["allocated_bytes"] == sum(v for k, v in ours.items()
                                                                   if k != "runtime_overhead_bytes") == 8_111_053_696
+    # torchtune's own adapters are bf16 (plan --adapter-dtype compute): weights and gradients at 2 bytes, torch
+    # AdamW's two states at 2 bytes each, and no autocast copies of fp32 adapters among the activations.
+    bf16 = rows["bf16 adapters"]["terms"]
+    assert bf16["adapter_weights_bytes"] == bf16["gradients_bytes"] == 2 * adapters
+    assert bf16["optimizer_states_bytes"] == 4 * adapters
+    assert bf16["activations_bytes"] == ours["activations_bytes"] - 2 * adapters and bf16["logits_bytes"] == 0
+    allocated = rows["bf16 adapters"]["allocated_bytes"]
+    assert allocated == 8_111_053_696 - (2 + 2 + 4 + 2) * adapters == 7_901_338_496
+    assert allocated <= bench.TORCHTUNE_PEAK_ALLOC_GIB * 1024**3  # 7.36 GiB: issue 9's "<= 7.4 GiB" for this run

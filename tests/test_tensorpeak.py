@@ -183,4 +183,9 @@ def test_gpu_check_dry_run_prints_one_row_per_case():
     for r in rows:
         assert not r.get("error"), r
         assert r["tokens_per_step"] == 32 and r["cpu_tensor_peak_bytes"] > 0 and r["planned_total_bytes"] > 0
+        assert r["plan_stack"] == r["stack"]  # the hf row runs (and plan costs) the Trainer-path settings
+    ours, hf = rows
+    # The hf row's fp32 upcast and full logits are real: its measured peak is above the engine's.
+    assert hf["cpu_tensor_peak_bytes"] > ours["cpu_tensor_peak_bytes"]
+    assert hf["planned_total_bytes"] > ours["planned_total_bytes"]
     assert "| gemma-2-2b | 32  | lora-doctor |" in p.stdout

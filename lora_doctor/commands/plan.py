@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import LoraDoctorError
-from ..specs import OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
+from ..specs import ADAPTER_DTYPES, OPTIMIZERS, LoraSpec, QuantSpec, TrainSpec
 from ..stack import STACKS, stack_name
 
 DEFAULT_REPORT_DIR = Path("reports")
@@ -309,6 +309,9 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--alpha", type=int, default=None, help="lora_alpha (default 2*r).")
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="lora_dropout.")
 @click.option("--dora", is_flag=True, help="Weight-decomposed LoRA: one magnitude vector per adapted module.")
+@click.option("--adapter-dtype", type=click.Choice(ADAPTER_DTYPES), default="fp32", show_default=True,
+              help="Dtype of the trainable weights, their gradients and torch AdamW states: fp32 (peft's default) "
+                   "or compute (bf16 adapters, as torchtune trains; the engine's lora.adapter_dtype).")
 @click.option("--seq-len", type=int, default=None,
               help="Tokens per sequence.  [default: 2048, or the model's context length if shorter]")
 @click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size per device.")
@@ -347,7 +350,7 @@ def default_markdown_path(data: dict) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print every figure (integer bytes) as JSON on stdout.")
 @click.option("--markdown", "markdown", is_flag=False, flag_value=_AUTO, default=None, metavar="[PATH]",
               help="Also write a Markdown report (default reports/plan-<model>-r<R>.md).")
-def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckpt, optim, quant, double_quant,
+def command(model, ranks, target, alpha, dropout, dora, adapter_dtype, seq_len, batch, grad_ckpt, optim, quant, double_quant,
             attn, stack, gpu, gpus, strategy, data, format_, max_length, tokenizer, grad_accum, epochs, config,
             trust_remote_code, as_json, markdown):
     """Trainable counts and memory budgets for LoRA/QLoRA on MODEL, from its config alone.
@@ -371,7 +374,8 @@ def command(model, ranks, target, alpha, dropout, dora, seq_len, batch, grad_ckp
     from ..fileio import check_output_dir, write_text_atomic
 
     rank_list = parse_ranks(ranks)
-    lora = LoraSpec(r=rank_list[0], alpha=alpha, dropout=dropout, targets=target, use_dora=dora)
+    lora = LoraSpec(r=rank_list[0], alpha=alpha, dropout=dropout, targets=target, use_dora=dora,
+                    adapter_dtype=adapter_dtype)
     quant_spec = QuantSpec(mode=None if quant == "none" else quant, double_quant=double_quant)
     if markdown is not None and markdown != _AUTO and not Path(markdown).is_dir():
         check_output_dir(Path(markdown).parent, "--markdown folder")  # fail before the work, create nothing yet
