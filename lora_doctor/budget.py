@@ -39,7 +39,7 @@ from .inventory import base_param_tensors, lora_param_count, lora_param_tensors,
 from .optimstate import adamw_state_bytes, optimizer_state_bytes
 from .shape import ModelShape
 from .specs import LoraSpec, QuantSpec, TrainSpec
-from .stack import loss_beyond_recompute, loss_bytes, resident_layers
+from .stack import loss_beyond_recompute, loss_bytes, resident_layers, stack_name
 from .targets import match_targets, targeted_groups
 from .units import BYTES_PER_MIB, DTYPE_BYTES
 
@@ -279,13 +279,17 @@ def _trainable_terms(shape: ModelShape, lora: LoraSpec, train: TrainSpec, target
     """(trainable params, weight bytes (= gradient bytes), optimizer bytes) of adapters plus saved copies.
 
     lora.adapter_dtype 'fp32': LoRA tensors and trainable-token rows are fp32 (peft's autocast_adapter_dtype; the
-    delta is created fp32); a modules_to_save copy keeps its module's dtype, `copy_bytes`, and so do its gradient
-    and torch AdamW states. 'compute': prepare.cast_trainable puts every trainable tensor in the compute dtype,
+    delta is created fp32); on the HF path a modules_to_save copy keeps its module's dtype, `copy_bytes`, and so do
+    its gradient and torch AdamW states; the engine makes it fp32 too. 'compute': prepare.cast_trainable puts every trainable tensor in the compute dtype,
     `c` bytes, and with it its gradient and torch AdamW's exp_avg / exp_avg_sq (2c); bitsandbytes 8-bit states
     are the same whatever the parameter's dtype (optimstate.optimizer_state_bytes). torchtune trains this way.
     """
     adapters = lora_param_tensors(shape, targets, lora)
     copies, tokens = saved_copy_tensors(shape, lora)
+    if stack_name(train.levers) != "hf":
+        # The engine casts every trainable tensor to lora.adapter_dtype (prepare.cast_trainable), a modules_to_save
+        # copy included; only the HF path leaves the copy in its module's dtype.
+        copy_bytes = 4
     if lora.adapter_dtype == "compute":
         every = adapters + tokens + copies
         return numel(every), c * numel(every), optimizer_state_bytes(train.optim, every, param_bytes=c)

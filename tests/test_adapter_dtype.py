@@ -68,9 +68,9 @@ def test_compute_adapters_cost_what_the_engine_materialises(tmp_path, arch, quan
     # Against fp32 adapters: weights and gradients halve; torch AdamW's states halve, bitsandbytes' 8-bit do not.
     fp32 = method_budget(primary_key(cfg.quant), shape, dataclasses.replace(cfg.lora, adapter_dtype="fp32"),
                          cfg.quant, cfg.train_spec(), targets)
-    if not extra:  # a modules_to_save copy is costed at its module's dtype under fp32 (peft's rule)
-        assert fp32.adapter_weights_bytes == 2 * b.adapter_weights_bytes
-    if optim == "adamw" and not extra:
+    # The engine casts a modules_to_save copy to the adapter dtype too (prepare.cast_trainable): all halve.
+    assert fp32.adapter_weights_bytes == 2 * b.adapter_weights_bytes
+    if optim == "adamw":
         assert fp32.optimizer_states_bytes == 2 * b.optimizer_states_bytes
     elif optim == "adamw-8bit":
         assert fp32.optimizer_states_bytes == b.optimizer_states_bytes
@@ -96,3 +96,20 @@ def test_plan_adapter_dtype_flag(tmp_path):
     assert fp32["optimizer_states_bytes"] == 2 * bf16["optimizer_states_bytes"]
     bad = CliRunner().invoke(cli, ["plan", "meta-llama/Llama-2-7b-hf", "--adapter-dtype", "fp16"])
     assert bad.exit_code == 2 and "fp32" in bad.output and "compute" in bad.output
+
+
+@pytest.mark.parametrize("arch,extra", [("gpt2", {}), ("llama", {"modules_to_save": ["lm_head"]}),
+                                        ("qwen2", {"modules_to_save": ["embed_tokens"]})])
+def test_fp32_adapters_cost_what_the_engine_materialises(tmp_path, arch, extra):
+    """The default fp32 adapters, modules_to_save copies included (fp32 in the engine, not their module's bf16)."""
+    from lora_doctor.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / arch, arch)
+    cfg = _config(model_dir, tmp_path, None, "adamw", "fp32", **extra)
+    model, _ = load_peft_model(cfg, "cpu")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    weights, grads, states = _materialised_after_step(model, "adamw")
+    shape = resolve_source(cfg).shape
+    targets = resolve_targets(shape, cfg.lora.targets)
+    b = method_budget(primary_key(cfg.quant), shape, cfg.lora, cfg.quant, cfg.train_spec(), targets)
+    assert (b.adapter_weights_bytes, b.gradients_bytes, b.optimizer_states_bytes) == (weights, grads, states)
