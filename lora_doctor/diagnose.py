@@ -103,15 +103,16 @@ class Diagnosis:
     prediction: Prediction | None = None
 
 
-def predict_memory(cfg: RunConfig) -> Prediction:
-    """plan's prediction for this config (budget.py); a Prediction with `error` when the planner refuses."""
+def predict_memory(cfg: RunConfig, device: str | None = None) -> Prediction:
+    """plan's prediction for this config (budget.py) on `device` ('cpu', 'cuda'; None: RunConfig.train_spec's
+    reading of train.device); a Prediction with `error` when the planner refuses."""
     from .budget import memory_budget
     from .introspect import load_shape, resolve_targets
 
     try:
         shape, _ = load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
         targets = resolve_targets(shape, cfg.lora.targets)
-        budget = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(), targets)
+        budget = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(device), targets)
     except LoraDoctorError as e:
         return Prediction(error=e.message)
     return Prediction.from_budget(shape, budget)
@@ -289,7 +290,7 @@ def diagnose(kind: str, cfg: RunConfig, engine, result: RunResult | None, *, ext
     if result is None:
         findings = tuple(findings_first)
         return Diagnosis(findings, run_report(kind, cfg, None, findings, None, None, extra or {}, env))
-    prediction = predict_memory(cfg)
+    prediction = predict_memory(cfg, getattr(engine, "device", None))
     comparison = compare_memory(prediction, result)
     findings = (*findings_first, *doctor_findings(cfg, engine, result, prediction, env))
     extra = dict(extra or {})

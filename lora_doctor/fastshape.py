@@ -26,7 +26,7 @@ from .specs import LoraSpec
 
 LLAMA_DEFAULTS = {"num_key_value_heads": None, "attention_bias": False, "mlp_bias": False,
                   "tie_word_embeddings": False, "head_dim": None, "hidden_act": "silu",
-                  "max_position_embeddings": 2048}
+                  "max_position_embeddings": 2048, "attention_dropout": 0.0}
 """transformers LlamaConfig.__init__ defaults (models/llama/configuration_llama.py) for keys a config.json may
 omit; None means derived (kv heads = heads, head_dim = hidden / heads). A test compares them with LlamaConfig()."""
 
@@ -83,7 +83,8 @@ def llama_shape(raw: dict, *, model_id: str, source: str) -> ModelShape | None:
     other = (2 * n_layers + 1) * h  # input_layernorm + post_attention_layernorm per layer, model.norm
     leaf_params = sum((0 if g.tied else g.weight_numel) + g.bias_numel for g in leaves)
     extra = {"max_position_embeddings": c["max_position_embeddings"], "hidden_act": c["hidden_act"],
-             "attention_bias": c["attention_bias"], "supports_sdpa": True, "norms_per_layer": 2}
+             "attention_bias": c["attention_bias"], "supports_sdpa": True, "norms_per_layer": 2,
+             "attention_dropout": c["attention_dropout"]}
     return ModelShape(
         model_id=model_id, source=source, model_type="llama", architecture="LlamaForCausalLM",
         num_layers=n_layers, hidden_size=h, intermediate_size=inter, num_attention_heads=c["num_attention_heads"],
