@@ -103,8 +103,13 @@ def _attention_per_token_bytes(shape: ModelShape, train: TrainSpec, c: int) -> i
     if sdpa_runs_math(shape, train):
         return sdpa_math_per_token_bytes(shape, seq_len)
     if train.attn_impl != "eager":
-        kvd = shape.num_kv_heads * shape.head_dim
-        return c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
+        masked = packed_sdpa(train)
+        # transformers' use_gqa_in_sdpa passes enable_gqa only without a mask; with one, repeat_kv copies KV to H heads.
+        kvd = qd if masked else shape.num_kv_heads * shape.head_dim
+        total = c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
+        # sdpa turns the bool mask into a c-byte additive one per call (aten attention.cpp convert_boolean_attn_mask,
+        # on every device) and the kernel saves it: (B, 1, T, T), T elements per token.
+        return total + (c * seq_len if masked else 0)
     total = c * (qd + 2 * qd)  # q, KV repeated to H heads (repeat_kv before the matmuls)
     total += (4 + c) * heads * seq_len  # fp32 softmax output + its cast, one row of (T, T) per head
     total += eager_attention_dropout_bytes(shape, train, c)
@@ -113,6 +118,13 @@ def _attention_per_token_bytes(shape: ModelShape, train: TrainSpec, c: int) -> i
         # more c-byte (T, T) tensors (measured with saved-tensor hooks, tests/test_budget.py).
         total += 2 * c * heads * seq_len
     return total
+
+
+def packed_sdpa(train: TrainSpec) -> bool:
+    """Whether sdpa gets an explicit (B, 1, T, T) mask: under packing (data.packing: no attention_mask, per-example
+    position_ids) transformers' masking_utils builds the block-diagonal causal mask as a bool tensor, where an
+    unpadded batch otherwise runs is_causal with no mask. flash_attention_2 takes cu_seqlens instead."""
+    return train.levers.packing and train.attn_impl == "sdpa"
 
 
 def _lora_per_token_bytes(shape: ModelShape, targets, lora: LoraSpec, train: TrainSpec, c: int,
@@ -235,6 +247,7 @@ def activation_bytes(
     h = shape.hidden_size
     outside = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
     outside += embedding_dropout_bytes(shape, train, stream_c)
+    outside += train.seq_len if packed_sdpa(train) else 0  # the bool mask, built once, lives through the step
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
     dora = dora_transient_bytes(shape, targets, c) if lora is not None and lora.use_dora else 0
     head_copy, layer_copies = _autocast_weight_copies(shape, c) if kbit_prepared else (0, 0)

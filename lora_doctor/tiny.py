@@ -131,3 +131,25 @@ def write_long_text_data(path: str | Path, n_examples: int = 8, n_chars: int = 1
             text = f"{i} " + (body * (n_chars // len(body) + 1))[:n_chars]
             f.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def write_exact_text_data(path: str | Path, n_examples: int, n_tokens: int) -> Path:
+    """A 'text' format .jsonl whose examples each tokenize to exactly `n_tokens` with tiny_tokenizer (EOS
+    included), so packing (data.packing) with max_length a multiple of n_tokens fills every row to max_length."""
+    import json
+
+    tok = tiny_tokenizer()
+    path = Path(path)
+    with path.open("w") as f:
+        for i in range(n_examples):
+            words = f"{i} {' '.join(CORPUS)}".split()
+            text = ""
+            for w in words:  # corpus words while they fit, then ' a' (one token each in tiny_tokenizer) to the length
+                if len(tok(f"{text} {w}".strip())["input_ids"]) > n_tokens - 2:
+                    break
+                text = f"{text} {w}".strip()
+            text += " a" * (n_tokens - 1 - len(tok(text)["input_ids"]))
+            if len(tok(text)["input_ids"]) != n_tokens - 1:  # + EOS
+                raise ValueError(f"example {i} tokenizes to {len(tok(text)['input_ids']) + 1}, not {n_tokens}")
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
