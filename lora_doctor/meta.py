@@ -233,7 +233,7 @@ def _dropout_modules(model: nn.Module) -> dict:
         m = re.search(r"^(.*?\.)(\d+)\.", name + ".")
         if m is None:
             outside = outside or "head" not in name
-        elif not re.search(r"attn_dropout|attention_dropout", name):
+        elif name.rsplit(".", 1)[-1] not in ("attn_dropout", "attention_dropout"):  # not Phi-3's resid_attn_dropout
             layer = m.group(1) + m.group(2)
             per_layer[layer] = per_layer.get(layer, 0) + 1
     out = {"residual_dropouts_per_layer": next(iter(per_layer.values()))} if per_layer else {}
