@@ -53,11 +53,8 @@ def _per_token_layer_bytes(
                   its input's dtype and the MLP's elementwise tensors are fp32 (measured, test_budget.py).
     norms       introspect's norms_per_layer (hidden-size norm modules in one layer) where known, else 2.
       softcap     Gemma-2's attention logit softcapping (eager only): 2 * c bytes per (T, T) element more.
-      dropout     the masks of the model's own dropouts in training (GPT-2: attention, residual), per device
-                  (dropout.py): a bool on CUDA, the input's dtype on CPU, where sdpa with attention dropout also
-                  runs its math path, (T, T) fp32 tensors included. stream_c: the residual stream's bytes.
-    Left out (small or zero for these models): RoPE cos/sin, residual adds (save nothing). Autocast weight copies
-    of fp32 Linears (QLoRA only) are in `_autocast_weight_copies`.
+      dropout     the model's own dropout masks per device (dropout.py; stream_c: the residual stream's bytes).
+    Left out: RoPE cos/sin, residual adds (save nothing). fp32 Linears' autocast copies: `_autocast_weight_copies`.
     """
     h = shape.hidden_size
     heads = shape.num_attention_heads
@@ -227,7 +224,7 @@ def activation_bytes(
     without checkpointing activations + logits + gradients land within a few percent; with it their sum
     is an upper bound (measured 0.8-1.0 of it), because the recomputed layer and the loss buffers are never
     live together. DoRA adds one module's forward scratch (`dora_transient_bytes`), the (in x in) identity
-    peft builds. Not modelled: dropout masks other than LoRA's, and allocator rounding (runtime overhead).
+    peft builds. Dropout masks are per device (dropout.py). Not modelled: allocator rounding (runtime overhead).
 
     quantized: a 4-bit base (QLoRA): peft's bnb LoRA layer casts its input differently (dropout.lora_input_bytes).
     Under checkpointing the recomputed layer's largest LoRA module runs its forward while the layer's other saved
@@ -245,9 +242,7 @@ def activation_bytes(
                           if lora is not None else (0, 0))
     transient = lora_transient_per_token(shape, targets, lora, train, c, quantized) if lora is not None else 0
     h = shape.hidden_size
-    outside = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
-    outside += embedding_dropout_bytes(shape, train, stream_c)
-    outside += train.seq_len if packed_sdpa(train) else 0  # the bool mask, built once, lives through the step
+    outside = _outside_layers_per_token(shape, train, c, stream_c, base_trains)
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
     dora = dora_transient_bytes(shape, targets, c) if lora is not None and lora.use_dora else 0
     head_copy, layer_copies = _autocast_weight_copies(shape, c) if kbit_prepared else (0, 0)
@@ -264,6 +259,14 @@ def activation_bytes(
         return tokens * (kept * (layer + lora_one) + outside) + kept * merged_one + fixed + layer_copies
     per_token = shape.num_layers * layer + lora_all + outside
     return tokens * per_token + merged_all + fixed + layer_copies
+
+
+def _outside_layers_per_token(shape: ModelShape, train: TrainSpec, c: int, stream_c: int, base_trains: bool) -> int:
+    """Per token, what is saved outside the decoder layers for the whole step: the final norm's input (and output
+    when the norm trains), an embedding dropout's mask, and packing's bool (B, 1, T, T) mask, built once."""
+    h = shape.hidden_size
+    total = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
+    return total + embedding_dropout_bytes(shape, train, stream_c) + (train.seq_len if packed_sdpa(train) else 0)
 
 
 def _autocast_weight_copies(shape: ModelShape, c: int) -> tuple[int, int]:
