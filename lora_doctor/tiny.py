@@ -133,23 +133,28 @@ def write_long_text_data(path: str | Path, n_examples: int = 8, n_chars: int = 1
     return path
 
 
-def write_exact_text_data(path: str | Path, n_examples: int, n_tokens: int) -> Path:
-    """A 'text' format .jsonl whose examples each tokenize to exactly `n_tokens` with tiny_tokenizer (EOS
-    included), so packing (data.packing) with max_length a multiple of n_tokens fills every row to max_length."""
+def write_exact_text_data(path: str | Path, n_examples: int, n_tokens: int, tokenizer=None) -> Path:
+    """A 'text' format .jsonl whose examples each tokenize to exactly `n_tokens` (EOS included) with `tokenizer`
+    (the one the model directory loads; tiny_tokenizer() by default), so packing (data.packing) with max_length a
+    multiple of n_tokens fills every row to max_length."""
     import json
 
-    tok = tiny_tokenizer()
+    tok = tokenizer or tiny_tokenizer()
+
+    def length(text: str) -> int:
+        return len(tok(text, add_special_tokens=True)["input_ids"]) + 1  # + EOS, as data.py appends it
+
     path = Path(path)
     with path.open("w") as f:
         for i in range(n_examples):
-            words = f"{i} {' '.join(CORPUS)}".split()
-            text = ""
-            for w in words:  # corpus words while they fit, then ' a' (one token each in tiny_tokenizer) to the length
-                if len(tok(f"{text} {w}".strip())["input_ids"]) > n_tokens - 2:
+            text = str(i)
+            for w in " ".join(CORPUS).split():  # corpus words while they fit, then single letters to the length
+                if length(f"{text} {w}") > n_tokens - 4:
                     break
-                text = f"{text} {w}".strip()
-            text += " a" * (n_tokens - 1 - len(tok(text)["input_ids"]))
-            if len(tok(text)["input_ids"]) != n_tokens - 1:  # + EOS
-                raise ValueError(f"example {i} tokenizes to {len(tok(text)['input_ids']) + 1}, not {n_tokens}")
+                text = f"{text} {w}"
+            while length(text) < n_tokens:
+                text += " a"
+            if length(text) != n_tokens:
+                raise ValueError(f"example {i} tokenizes to {length(text)}, not {n_tokens}")
             f.write(json.dumps({"text": text}) + "\n")
     return path
