@@ -99,7 +99,7 @@ def lora_dropout_mask_bytes(lora: LoraSpec, train: TrainSpec, c: int, quantized:
 def lora_forward_transient_bytes(lora: LoraSpec, train: TrainSpec, c: int, quantized: bool, in_features: int,
                                  out_features: int) -> int:
     """Per token, what one LoRA module's forward holds beyond what it saves: its c-byte input (held by the caller;
-    a frozen base saves none: bnb's MatMul4Bit keeps only the weight), the base result (c * out, bnb's defensive
+    a frozen base saves none: bnb's MatMul4Bit keeps only the weight; unless lora_A saves x itself), the base result (c * out, bnb's defensive
     clone), and where peft casts x (`lora_input_bytes` != c) the cast and the dropout's output, which lora_A's
     autocast cast replaces in what is saved. The recomputed layer's largest module runs this while the rest of
     the layer's saved tensors are live: on CPU with fp32 adapters that is (c + 8) * in per token at lora_dropout
@@ -107,7 +107,9 @@ def lora_forward_transient_bytes(lora: LoraSpec, train: TrainSpec, c: int, quant
     x_c = lora_input_bytes(lora, train, c, quantized)
     cast = x_c * in_features if x_c != c else 0
     dropped = x_c * in_features if x_c != c and lora.dropout > 0 else 0
-    return c * (in_features + out_features) + cast + dropped
+    # Uncast and undropped, x itself is what lora_A saves (already counted in the layer's LoRA terms).
+    held = c * in_features if cast or lora.dropout > 0 else 0
+    return held + c * out_features + cast + dropped
 
 
 __all__ = ["attention_dropout_p", "embedding_dropout_bytes", "eager_attention_dropout_bytes",

@@ -77,6 +77,8 @@ def test_forward_transient_casts_only_where_peft_does():
     assert lora_forward_transient_bytes(lora, cuda, 2, True, 1536, 512) == 2 * (1536 + 512)
     # a 16-bit base casts on CUDA too (peft lora.Linear always casts)
     assert lora_forward_transient_bytes(lora, cuda, 2, False, 1536, 512) == 2 * (1536 + 512) + 8 * 1536
+    # no cast, no dropout: lora_A saves x itself, so only the base result is extra
+    assert lora_forward_transient_bytes(replace(lora, dropout=0.0), cuda, 2, True, 1536, 512) == 2 * 512
 
 
 def _meta_shape(arch: str, **overrides):

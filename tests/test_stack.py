@@ -119,9 +119,10 @@ def test_no_upcast_keeps_frozen_weights_and_the_stream_16bit():
     assert up.fp32_upcast_bytes == 4 * unquantized and keep.fp32_upcast_bytes is None
     # Without the upcast QLoRA's step is the 16-bit base's: activations equal the LoRA bf16 column's, but for the
     # recomputed layer's transient fp32 cast of q/v's input that peft's lora.Linear makes and its bnb layer skips
-    # under CUDA autocast (dropout.lora_input_bytes): 4 bytes x 4096 in-features x 4096 tokens.
+    # under CUDA autocast (dropout.lora_input_bytes), with the bf16 input held meanwhile: (4 + 2) bytes x 4096
+    # in-features x 4096 tokens. Uncast, lora_A saves that input itself.
     lora_col = method_budget("lora-bf16", shape, lora, QuantSpec(), t, targets)
-    assert keep.activations_bytes + 4 * 4096 * 4096 == lora_col.activations_bytes
+    assert keep.activations_bytes + (4 + 2) * 4096 * 4096 == lora_col.activations_bytes
     assert keep.activations_bytes < up.activations_bytes
     # checkpointed layer inputs: 32 layers x 4096 tokens x h at 4 (fp32 stream) vs 2 bytes, and the fp32 MLP
     assert up.activations_bytes - keep.activations_bytes >= 32 * 4096 * 4096 * 2
