@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from math import ceil
 
+from .dropout import (eager_attention_dropout_bytes, embedding_dropout_bytes, lora_dropout_mask_bytes,
+                      lora_forward_transient_bytes, residual_dropout_bytes, sdpa_math_per_token_bytes, sdpa_runs_math)
 from .inventory import lora_param_count
 from .shape import LeafGroup, ModelShape, ParamGroup
 from .specs import LoraSpec, TrainSpec
@@ -28,7 +30,7 @@ def _is_plain_mlp(shape: ModelShape) -> bool:
 
 
 def _per_token_layer_bytes(
-    shape: ModelShape, c: int, base_trains: bool, eager: bool, seq_len: int, mlp_c: int | None = None
+    shape: ModelShape, train: TrainSpec, c: int, base_trains: bool, mlp_c: int | None = None, stream_c: int | None = None
 ) -> int:
     """Bytes one decoder layer saves for backward, per token, excluding LoRA branches.
 
@@ -51,9 +53,8 @@ def _per_token_layer_bytes(
                   its input's dtype and the MLP's elementwise tensors are fp32 (measured, test_budget.py).
     norms       introspect's norms_per_layer (hidden-size norm modules in one layer) where known, else 2.
       softcap     Gemma-2's attention logit softcapping (eager only): 2 * c bytes per (T, T) element more.
-    Left out (small or zero for these models): dropout masks (attention/residual dropout is 0 in every
-    shipped config except GPT-2), RoPE cos/sin, residual adds (save nothing). Autocast weight copies of fp32
-    Linears (QLoRA only) are in `_autocast_weight_copies`.
+      dropout     the model's own dropout masks per device (dropout.py; stream_c: the residual stream's bytes).
+    Left out: RoPE cos/sin, residual adds (save nothing). fp32 Linears' autocast copies: `_autocast_weight_copies`.
     """
     h = shape.hidden_size
     heads = shape.num_attention_heads
@@ -70,7 +71,8 @@ def _per_token_layer_bytes(
     if base_trains:
         total += norms * c * h  # normalised outputs, needed for the norm weights' gradient
 
-    total += _attention_per_token_bytes(shape, c, eager, seq_len)
+    total += _attention_per_token_bytes(shape, train, c)
+    total += residual_dropout_bytes(shape, train, stream_c or c)
 
     act = str(shape.extra.get("activation_function") or shape.extra.get("hidden_act") or "")
     # transformers' NewGELUActivation (GPT-2 "gelu_new") is composed of pointwise ops that save x, 0.5*x,
@@ -88,16 +90,26 @@ def _per_token_layer_bytes(
     return total
 
 
-def _attention_per_token_bytes(shape: ModelShape, c: int, eager: bool, seq_len: int) -> int:
+def _attention_per_token_bytes(shape: ModelShape, train: TrainSpec, c: int) -> int:
     """What attention saves per token (see `_per_token_layer_bytes`): sdpa/flash keep q, k, v, output and a fp32
-    log-sum-exp; eager keeps KV repeated to H heads and one (T, T) row per head of softmax output and its cast."""
+    log-sum-exp; eager keeps KV repeated to H heads and one (T, T) row per head of softmax output and its cast
+    (plus a dropout mask per element with attention dropout); CPU sdpa with attention dropout runs the math path."""
     heads = shape.num_attention_heads
     qd = heads * shape.head_dim
-    if not eager:
-        kvd = shape.num_kv_heads * shape.head_dim
-        return c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
+    seq_len = train.seq_len
+    if sdpa_runs_math(shape, train):
+        return sdpa_math_per_token_bytes(shape, seq_len)
+    if train.attn_impl != "eager":
+        masked = packed_sdpa(train)
+        # transformers' use_gqa_in_sdpa passes enable_gqa only without a mask; with one, repeat_kv copies KV to H heads.
+        kvd = qd if masked else shape.num_kv_heads * shape.head_dim
+        total = c * (2 * qd + 2 * kvd) + 4 * heads  # q, k, v, output, fp32 logsumexp
+        # sdpa turns the bool mask into a c-byte additive one per call (aten attention.cpp convert_boolean_attn_mask,
+        # on every device) and the kernel saves it: (B, 1, T, T), T elements per token.
+        return total + (c * seq_len if masked else 0)
     total = c * (qd + 2 * qd)  # q, KV repeated to H heads (repeat_kv before the matmuls)
     total += (4 + c) * heads * seq_len  # fp32 softmax output + its cast, one row of (T, T) per head
+    total += eager_attention_dropout_bytes(shape, train, c)
     if shape.extra.get("attn_logit_softcapping"):
         # Gemma-2 eager_attention_forward: tanh(scores / cap) * cap before the softmax; autograd keeps two
         # more c-byte (T, T) tensors (measured with saved-tensor hooks, tests/test_budget.py).
@@ -105,12 +117,20 @@ def _attention_per_token_bytes(shape: ModelShape, c: int, eager: bool, seq_len: 
     return total
 
 
-def _lora_per_token_bytes(shape: ModelShape, targets, lora: LoraSpec, c: int) -> tuple[int, int]:
+def packed_sdpa(train: TrainSpec) -> bool:
+    """Whether sdpa gets an explicit (B, 1, T, T) mask: under packing (data.packing: no attention_mask, per-example
+    position_ids) transformers' masking_utils builds the block-diagonal causal mask as a bool tensor, where an
+    unpadded batch otherwise runs is_causal with no mask. flash_attention_2 takes cu_seqlens instead."""
+    return train.levers.packing and train.attn_impl == "sdpa"
+
+
+def _lora_per_token_bytes(shape: ModelShape, targets, lora: LoraSpec, train: TrainSpec, c: int,
+                          quantized: bool = False) -> tuple[int, int]:
     """(bytes per token for all layers, bytes per token for the largest layer) saved by LoRA branches.
 
     peft lora.Linear.forward: result = base(x) + lora_B(lora_A(dropout(x))) * scaling. Per targeted
-    module lora_A saves its input (the dropout output, c bytes per in-feature; plus a 1-byte bool mask
-    when lora_dropout > 0) and lora_B saves lora_A's output (c * r). Under autocast (Trainer bf16=True)
+    module lora_A saves its input (the dropout output, c bytes per in-feature; plus the dropout mask
+    when lora_dropout > 0: a bool on CUDA, 4 bytes per element on CPU with fp32 adapters, dropout.py) and lora_B saves lora_A's output (c * r). Under autocast (Trainer bf16=True)
     these are in the compute dtype. DoRA additionally keeps the base output for the magnitude rescale
     (c * out). Modules of a MoE expert see experts_per_token/num_experts of the tokens. Counting every
     module's input separately overcounts when lora_dropout = 0 and q/k/v share one input tensor.
@@ -127,8 +147,7 @@ def _lora_per_token_bytes(shape: ModelShape, targets, lora: LoraSpec, c: int) ->
             total += c * lora.r * n  # lora.Embedding looks rows of A up: only the (tokens, r) result is saved
             continue
         per = c * g.in_features + c * lora.r
-        if lora.dropout > 0:
-            per += g.in_features
+        per += lora_dropout_mask_bytes(lora, train, c, quantized and g.quantizable) * g.in_features
         if lora.use_dora:
             per += c * g.out_features
         if per_expert_module and g.count % per_expert_module == 0:
@@ -136,6 +155,15 @@ def _lora_per_token_bytes(shape: ModelShape, targets, lora: LoraSpec, c: int) ->
         total += per * n
     layers = max(shape.num_layers, 1)
     return total, ceil(total / layers)
+
+
+def lora_transient_per_token(shape: ModelShape, targets, lora: LoraSpec, train: TrainSpec, c: int,
+                             quantized: bool = False) -> int:
+    """The largest targeted Linear's forward transient per token (dropout.lora_forward_transient_bytes)."""
+    return max((lora_forward_transient_bytes(lora, train, c, quantized and g.quantizable, g.in_features,
+                                             g.out_features)
+                for g, _ in targeted_groups(shape, targets) if isinstance(g, LeafGroup) and g.kind != "Embedding"),
+               default=0)
 
 
 def _lora_merged_expert_bytes(shape: ModelShape, targets, c: int) -> tuple[int, int]:
@@ -181,6 +209,7 @@ def activation_bytes(
     lora: LoraSpec | None = None,
     kbit_prepared: bool = False,
     resident_layers: int | None = None,
+    quantized: bool = False,
 ) -> int:
     """Peak bytes saved for backward over one micro-batch of train.batch x train.seq_len tokens.
 
@@ -195,21 +224,25 @@ def activation_bytes(
     without checkpointing activations + logits + gradients land within a few percent; with it their sum
     is an upper bound (measured 0.8-1.0 of it), because the recomputed layer and the loss buffers are never
     live together. DoRA adds one module's forward scratch (`dora_transient_bytes`), the (in x in) identity
-    peft builds. Not modelled: dropout masks other than LoRA's, and allocator rounding (runtime overhead).
+    peft builds. Dropout masks are per device (dropout.py). Not modelled: allocator rounding (runtime overhead).
 
+    quantized: a 4-bit base (QLoRA): peft's bnb LoRA layer casts its input differently (dropout.lora_input_bytes).
+    Under checkpointing the recomputed layer's largest LoRA module runs its forward while the layer's other saved
+    tensors are live: its transient (`lora_transient_per_token`) is part of the recompute phase.
     resident_layers: with activation offload (stack.resident_layers), how many layers' saved tensors stay on the
     device (checkpointed inputs, or every saved tensor without checkpointing); None keeps all of them.
     """
     targets = match_targets(shape, targets)  # match once for the four terms below
     tokens = train.batch * train.seq_len
-    eager = train.attn_impl == "eager"
     # kbit_prepared (QLoRA after prepare_model_for_kbit_training): fp32 embeddings and norm weights make the
     # residual stream fp32 (so checkpointed layer inputs are 4h) and the MLP's intermediates fp32.
     stream_c = 4 if kbit_prepared else c
-    layer = _per_token_layer_bytes(shape, c, base_trains, eager, train.seq_len, mlp_c=4 if kbit_prepared else None)
-    lora_all, lora_one = _lora_per_token_bytes(shape, targets, lora, c) if lora is not None else (0, 0)
+    layer = _per_token_layer_bytes(shape, train, c, base_trains, mlp_c=4 if kbit_prepared else None, stream_c=stream_c)
+    lora_all, lora_one = (_lora_per_token_bytes(shape, targets, lora, train, c, quantized)
+                          if lora is not None else (0, 0))
+    transient = lora_transient_per_token(shape, targets, lora, train, c, quantized) if lora is not None else 0
     h = shape.hidden_size
-    outside = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
+    outside = _outside_layers_per_token(shape, train, c, stream_c, base_trains)
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
     dora = dora_transient_bytes(shape, targets, c) if lora is not None and lora.use_dora else 0
     head_copy, layer_copies = _autocast_weight_copies(shape, c) if kbit_prepared else (0, 0)
@@ -221,12 +254,20 @@ def activation_bytes(
     fixed = dora + head_copy + adapter_copies
     kept = shape.num_layers if resident_layers is None else min(resident_layers, shape.num_layers)
     if train.grad_ckpt:
-        per_token = kept * stream_c * h + layer + lora_one + outside
+        per_token = kept * stream_c * h + layer + lora_one + outside + transient
         return tokens * per_token + merged_one + fixed + layer_copies // max(shape.num_layers, 1)
     if kept < shape.num_layers:  # offloaded: `kept` layers' saved tensors (LoRA branches included) on the device
         return tokens * (kept * (layer + lora_one) + outside) + kept * merged_one + fixed + layer_copies
     per_token = shape.num_layers * layer + lora_all + outside
     return tokens * per_token + merged_all + fixed + layer_copies
+
+
+def _outside_layers_per_token(shape: ModelShape, train: TrainSpec, c: int, stream_c: int, base_trains: bool) -> int:
+    """Per token, what is saved outside the decoder layers for the whole step: the final norm's input (and output
+    when the norm trains), an embedding dropout's mask, and packing's bool (B, 1, T, T) mask, built once."""
+    h = shape.hidden_size
+    total = (c * h + 8 if _is_plain_mlp(shape) else 4 * h) + (c * h if base_trains else 0)
+    return total + embedding_dropout_bytes(shape, train, stream_c) + (train.seq_len if packed_sdpa(train) else 0)
 
 
 def _autocast_weight_copies(shape: ModelShape, c: int) -> tuple[int, int]:

@@ -335,7 +335,7 @@ def _qlora(shape: ModelShape, lora: LoraSpec, quant: QuantSpec, train: TrainSpec
         base_weights_bytes=packed + frozen_c * unquantized, quant_constants_bytes=consts,
         adapter_weights_bytes=weights, gradients_bytes=weights, optimizer_states_bytes=optim,
         **_dynamic(shape, train, c, base_trains=False, stream_c=frozen_c, targets=targets, lora=lora,
-                   kbit_prepared=upcast),
+                   kbit_prepared=upcast, quantized=True),
     )
 
 

@@ -103,17 +103,18 @@ class Diagnosis:
     prediction: Prediction | None = None
 
 
-def predict_memory(cfg: RunConfig, world_size: int = 1, strategy: str | None = None) -> Prediction:
-    """plan's prediction for this config (budget.py), per GPU under `strategy` ('ddp'/'fsdp') with `world_size`
-    processes (sharding.py, as plan --gpus N --strategy prints it); a Prediction with `error` when the planner
-    refuses."""
+def predict_memory(cfg: RunConfig, device: str | None = None, world_size: int = 1,
+                   strategy: str | None = None) -> Prediction:
+    """plan's prediction for this config (budget.py) on `device` ('cpu', 'cuda'; None: RunConfig.train_spec's
+    reading of train.device), per GPU under `strategy` ('ddp'/'fsdp') with `world_size` processes (sharding.py,
+    as plan --gpus N --strategy prints it); a Prediction with `error` when the planner refuses."""
     from .budget import memory_budget
     from .introspect import load_shape, resolve_targets
 
     try:
         shape, _ = load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
         targets = resolve_targets(shape, cfg.lora.targets)
-        budget = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(), targets)
+        budget = memory_budget(shape, cfg.lora, cfg.quant, cfg.train_spec(device), targets)
         if world_size > 1 and strategy is not None:
             from .sharding import per_gpu_budget
 
@@ -295,9 +296,9 @@ def diagnose(kind: str, cfg: RunConfig, engine, result: RunResult | None, *, ext
     if result is None:
         findings = tuple(findings_first)
         return Diagnosis(findings, run_report(kind, cfg, None, findings, None, None, extra or {}, env))
-    # Each rank measures its own peak: hold it against the per-GPU plan of the strategy that ran.
-    prediction = (predict_memory(cfg, engine.world_size, engine.placement.strategy) if engine is not None
-                  else predict_memory(cfg))
+    # Each rank measures its own peak: hold it against the per-GPU plan of the strategy that ran, on its device.
+    prediction = (predict_memory(cfg, engine.device, engine.world_size, engine.placement.strategy)
+                  if engine is not None else predict_memory(cfg))
     comparison = compare_memory(prediction, result)
     findings = (*findings_first, *doctor_findings(cfg, engine, result, prediction, env))
     extra = dict(extra or {})

@@ -22,7 +22,8 @@ from .shape import LeafGroup, ModelShape
 
 _EXTRA_KEYS = ("sliding_window", "use_sliding_window", "layer_types", "max_position_embeddings", "n_positions",
                "hidden_act", "activation_function", "parallel_attn", "moe_intermediate_size", "attention_bias",
-               "attn_logit_softcapping", "final_logit_softcapping")
+               "attn_logit_softcapping", "final_logit_softcapping", "attention_dropout", "attn_pdrop",
+               "attention_probs_dropout_prob")
 """meta._EXTRA_KEYS, written out so a cold plan imports no torch (a test checks they are equal)."""
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -53,13 +54,13 @@ class Family:
 
 
 _BOOL_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
-_COMMON = {"tie_word_embeddings": False, "hidden_act": "silu"}
+_COMMON = {"tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0}
 FAMILIES = {
     "llama": Family(
         "llama", "LlamaForCausalLM",
         {**_COMMON, "num_key_value_heads": None, "head_dim": None, "attention_bias": False, "mlp_bias": False,
          "max_position_embeddings": 2048},
-        frozenset({"num_key_value_heads", "head_dim"}), frozenset({"max_position_embeddings", "hidden_act",
+        frozenset({"num_key_value_heads", "head_dim"}), frozenset({"attention_dropout", "max_position_embeddings", "hidden_act",
                                                                     "attention_bias"}),
         attn_bias={n: "attention_bias" for n in _ATTN}, mlp_bias="mlp_bias"),
     "mistral": Family(
@@ -67,14 +68,14 @@ FAMILIES = {
         {**_COMMON, "num_key_value_heads": 8, "head_dim": None, "max_position_embeddings": 131072,
          "sliding_window": 4096},
         frozenset({"head_dim", "sliding_window"}),  # MistralConfig refuses a null num_key_value_heads
-        frozenset({"max_position_embeddings", "hidden_act", "sliding_window"}),
+        frozenset({"attention_dropout", "max_position_embeddings", "hidden_act", "sliding_window"}),
         attn_bias={n: False for n in _ATTN}),
     "qwen2": Family(
         "qwen2", "Qwen2ForCausalLM",
         {**_COMMON, "num_key_value_heads": 32, "max_position_embeddings": 32768, "use_sliding_window": False,
          "sliding_window": 4096, "max_window_layers": 28, "layer_types": None},
         frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
-        frozenset({"max_position_embeddings", "hidden_act", "sliding_window", "use_sliding_window", "layer_types"}),
+        frozenset({"attention_dropout", "max_position_embeddings", "hidden_act", "sliding_window", "use_sliding_window", "layer_types"}),
         attn_bias={"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False}, window_layers=True),
     "qwen3": Family(
         "qwen3", "Qwen3ForCausalLM",
@@ -82,8 +83,8 @@ FAMILIES = {
          "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
          "max_window_layers": 28, "layer_types": None},
         frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
-        frozenset({"max_position_embeddings", "hidden_act", "sliding_window", "use_sliding_window", "layer_types",
-                   "attention_bias"}),
+        frozenset({"attention_dropout", "max_position_embeddings", "hidden_act", "sliding_window",
+                   "use_sliding_window", "layer_types", "attention_bias"}),
         attn_bias={n: "attention_bias" for n in _ATTN}, qk_norm=True, window_layers=True),
 }
 """model_type -> Family, for the families proven equal to the meta build (tests/test_fastshape.py)."""

@@ -25,6 +25,7 @@ import re
 import torch
 from torch import nn
 
+from .dropout import ATTENTION_DROPOUT_KEYS
 from .errors import LoraDoctorError
 from .shape import LeafGroup, ModelShape, ParamGroup
 from .targets import matches
@@ -205,7 +206,7 @@ def _param_groups(model: nn.Module) -> tuple[ParamGroup, ...]:
 # `layer_types`: 'sliding_attention' / 'full_attention'), activation, context length, softcapping (Gemma-2).
 _EXTRA_KEYS = ("sliding_window", "use_sliding_window", "layer_types", "max_position_embeddings", "n_positions",
                "hidden_act", "activation_function", "parallel_attn", "moe_intermediate_size", "attention_bias",
-               "attn_logit_softcapping", "final_logit_softcapping")
+               "attn_logit_softcapping", "final_logit_softcapping", *ATTENTION_DROPOUT_KEYS)
 
 
 def _extra(model: nn.Module, tc, hidden: int | None) -> dict:
@@ -217,7 +218,26 @@ def _extra(model: nn.Module, tc, hidden: int | None) -> dict:
     norms = _norms_per_layer(model, hidden)
     if norms is not None:
         extra["norms_per_layer"] = norms
-    return extra
+    return {**extra, **_dropout_modules(model)}
+
+
+def _dropout_modules(model: nn.Module) -> dict:
+    """nn.Dropout modules with p > 0 (dropout.py costs their masks): those in the first decoder layer other than
+    the attention-probability one (GPT-2's attn.attn_dropout, costed from the config) as residual_dropouts_per_layer,
+    and one outside the layers (GPT-2's `drop` on the embeddings) as embedding_dropout."""
+    per_layer: dict[str, int] = {}
+    outside = False
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Dropout) or module.p <= 0:
+            continue
+        m = re.search(r"^(.*?\.)(\d+)\.", name + ".")
+        if m is None:
+            outside = outside or "head" not in name
+        elif name.rsplit(".", 1)[-1] not in ("attn_dropout", "attention_dropout"):  # not Phi-3's resid_attn_dropout
+            layer = m.group(1) + m.group(2)
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+    out = {"residual_dropouts_per_layer": next(iter(per_layer.values()))} if per_layer else {}
+    return {**out, **({"embedding_dropout": True} if outside else {})}
 
 
 def _config_dims(tc) -> dict:

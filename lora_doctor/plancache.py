@@ -20,7 +20,8 @@ from .shape import LeafGroup, ModelShape, ParamGroup
 from .specs import LoraSpec
 from .targets import MatchedTargets
 
-CACHE_SCHEMA = 3  # 2: shape.extra gained supports_sdpa and norms_per_layer; 3: matched group counts per target
+CACHE_SCHEMA = 4  # 2: shape.extra gained supports_sdpa and norms_per_layer; 3: matched group counts per target;
+# 4: shape.extra gained the dropout facts (attention dropout p, residual_dropouts_per_layer, embedding_dropout)
 
 
 class Count(NamedTuple):

@@ -135,13 +135,14 @@ class RunConfig:
     def __post_init__(self):
         raise_problems(problems_in(self, default_label), "in the run config")
 
-    def train_spec(self) -> TrainSpec:
-        """The memory-relevant shape of one step, as `plan`/budget.py take it."""
+    def train_spec(self, device: str | None = None) -> TrainSpec:
+        """The memory-relevant shape of one step, as `plan`/budget.py take it; `device` is the device type the run
+        resolved ('cpu', 'cuda'), else train.device, where 'auto' is costed as CUDA."""
         from .stack import levers_of
 
         return TrainSpec(seq_len=self.data.max_length, batch=self.train.batch, grad_ckpt=self.train.grad_ckpt,
                          optim=self.train.optim, attn_impl=self.train.attn_impl, dtype=self.train.precision,
-                         levers=levers_of(self))
+                         levers=levers_of(self), device=device or ("cpu" if self.train.device == "cpu" else "cuda"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -149,6 +149,9 @@ class TrainSpec:
     """Activation / compute dtype."""
     levers: Levers = Levers()
     """What the stack does with memory (chunked loss, fp32 upcast, offload); the default is the HF path."""
+    device: str = "cuda"
+    """Device type the step runs on, 'cuda' or 'cpu': dropout saves a bool mask on CUDA and one in its input's dtype
+    on CPU, where sdpa with attention dropout also falls back to the math path (dropout.py)."""
 
     def __post_init__(self):
         problems = []
@@ -167,4 +170,6 @@ class TrainSpec:
             problems.append((f"Unknown attention implementation {self.attn_impl!r}.", "Choose sdpa, eager or flash_attention_2."))
         if self.dtype not in COMPUTE_DTYPES:
             problems.append((f"Unknown dtype {self.dtype!r}.", f"Choose one of {', '.join(COMPUTE_DTYPES)}."))
+        if self.device not in ("cuda", "cpu"):
+            problems.append((f"Unknown device type {self.device!r}.", "Choose cuda or cpu."))
         raise_problems(problems)

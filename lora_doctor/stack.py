@@ -44,7 +44,7 @@ CPU caveat: at fewer than ~128 rows per chunk, CPU's bf16 matmul converts lm_hea
 
 
 def stack_name(levers: Levers) -> str:
-    """The STACKS name these levers match, or 'custom'. Packing changes no bytes per step, so it is ignored."""
+    """The STACKS name these levers match, or 'custom'. Packing is the data's choice, not a stack's: ignored."""
     plain = replace(levers, packing=False)
     return next((name for name, lv in STACKS.items() if lv == plain), "custom")
 

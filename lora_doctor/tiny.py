@@ -131,3 +131,30 @@ def write_long_text_data(path: str | Path, n_examples: int = 8, n_chars: int = 1
             text = f"{i} " + (body * (n_chars // len(body) + 1))[:n_chars]
             f.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def write_exact_text_data(path: str | Path, n_examples: int, n_tokens: int, tokenizer=None) -> Path:
+    """A 'text' format .jsonl whose examples each tokenize to exactly `n_tokens` (EOS included) with `tokenizer`
+    (the one the model directory loads; tiny_tokenizer() by default), so packing (data.packing) with max_length a
+    multiple of n_tokens fills every row to max_length."""
+    import json
+
+    tok = tokenizer or tiny_tokenizer()
+
+    def length(text: str) -> int:
+        return len(tok(text, add_special_tokens=True)["input_ids"]) + 1  # + EOS, as data.py appends it
+
+    path = Path(path)
+    with path.open("w") as f:
+        for i in range(n_examples):
+            text = str(i)
+            for w in " ".join(CORPUS).split():  # corpus words while they fit, then single letters to the length
+                if length(f"{text} {w}") > n_tokens - 4:
+                    break
+                text = f"{text} {w}"
+            while length(text) < n_tokens:
+                text += " a"
+            if length(text) != n_tokens:
+                raise ValueError(f"example {i} tokenizes to {length(text)}, not {n_tokens}")
+            f.write(json.dumps({"text": text}) + "\n")
+    return path

@@ -332,7 +332,8 @@ def test_gemma2_is_planned_with_the_eager_attention_transformers_runs():
     # the engine's chunked loss: one of 8 chunks (256 tokens) at 14 bytes, + the final hidden states and their grad,
     # counted beyond the layer recompute it never coexists with (checkpointing is on)
     loss = 1 * 256 * 256000 * 14 + 2 * 2048 * 2304 * 2
-    assert chunked["logits_bytes"] == loss - (chunked["activations_bytes"] - 1 * 2048 * 26 * 2304 * 2) > 0
+    # (0 here: the recomputed layer, its largest LoRA module's forward transient included, outweighs one chunk)
+    assert chunked["logits_bytes"] == max(0, loss - (chunked["activations_bytes"] - 1 * 2048 * 26 * 2304 * 2))
     fa2 = json.loads(plan("google/gemma-2-2b", "--attn", "flash_attention_2", "--json").stdout)
     assert fa2["train"]["attn_impl"] == "flash_attention_2"
     assert not any(n["kind"] == "attn-eager-fallback" for n in fa2["notes"])

@@ -133,36 +133,61 @@ def test_monitor_leaves_the_dispatch_mode_when_a_step_raises(tmp_path):
     assert stats.start_tensor_bytes == 6 * F32 and stats.peak_tensor_bytes >= 0
 
 
-def _plan_vs_measured(tmp_path, arch: str, grad_ckpt: bool) -> tuple[int, int]:
+@pytest.fixture(scope="module")
+def mid_models(tmp_path_factory):
+    """One saved MID_CONFIGS model per architecture, built on first use and shared by the cases."""
+    from lora_doctor.tiny import save_mid_model
+
+    root, built = tmp_path_factory.mktemp("mid"), {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = save_mid_model(root / arch, arch)
+        return built[arch]
+
+    return get
+
+
+def _plan_vs_measured(tmp_path, model_dir, grad_ckpt: bool, packing: bool) -> tuple[int, int]:
     """(plan without its CUDA-only overhead, measured tensor peak) of one engine step with the engine's defaults
-    (nf4 QLoRA, all-linear r=16, bf16, 8-bit AdamW) on a MID_CONFIGS model, batch 4 x 1024 tokens."""
+    (nf4 QLoRA, all-linear r=16, lora_dropout 0.05, bf16, 8-bit AdamW) on a MID_CONFIGS model, batch 4 x 1024 tokens.
+    Packed: 256-token examples, four to a row, so packed rows are max_length long as the plan assumes."""
     from lora_doctor.diagnose import measured_peak_bytes, planned_for_device, predict_memory
     from lora_doctor.engine import Engine
     from lora_doctor.runconfig import from_dict
-    from lora_doctor.tiny import save_mid_model, write_long_text_data
+    from lora_doctor.tiny import write_exact_text_data, write_long_text_data
 
-    cfg = from_dict({"model": str(save_mid_model(tmp_path / "m", arch)),
-                     "data": {"path": str(write_long_text_data(tmp_path / "d.jsonl")), "format": "text",
-                              "max_length": 1024},
+    from transformers import AutoTokenizer
+
+    data = (write_exact_text_data(tmp_path / "d.jsonl", 16, 256, AutoTokenizer.from_pretrained(model_dir)) if packing
+            else write_long_text_data(tmp_path / "d.jsonl"))
+    cfg = from_dict({"model": str(model_dir),
+                     "data": {"path": str(data), "format": "text", "max_length": 1024, "packing": packing},
                      "train": {"batch": 4, "max_steps": 1, "grad_ckpt": grad_ckpt, "device": "cpu"},
                      "output": {"dir": str(tmp_path / "out")}})
     engine = Engine(cfg).setup()
     engine.run_steps(1)
     assert engine.history[0].tokens == 4 * 1024  # every row fills max_length: the plan's shape
     measured, _ = measured_peak_bytes(engine.result("probe"))
-    planned = planned_for_device(predict_memory(cfg), "cpu")[0]
+    planned = planned_for_device(predict_memory(cfg, engine.device), "cpu")[0]
     return planned, measured
 
 
-@pytest.mark.slow  # ~1-2 min a case on 2 CPU cores
-@pytest.mark.parametrize("grad_ckpt", [True, False], ids=["ckpt", "no-ckpt"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt2"])
-def test_plan_is_within_5_percent_of_the_measured_tensor_peak(tmp_path, arch, grad_ckpt):
+CASES = [(arch, ckpt, False) for arch in ("llama", "qwen2", "phi3", "gpt2") for ckpt in (True, False)]
+CASES += [(arch, True, True) for arch in ("llama", "qwen2", "phi3", "gpt2")]
+"""Every architecture with checkpointing on and off, and packed with checkpointing on (the mask's terms are the same
+without it: measured once at +4.0% for Llama and +0.9% for GPT-2, left out to keep the file near 6 minutes)."""
+
+
+@pytest.mark.slow  # ~30-60 s a case on 2 CPU cores
+@pytest.mark.parametrize("arch,grad_ckpt,packing", CASES,
+                         ids=[f"{a}-{'ckpt' if c else 'no-ckpt'}{'-packed' if p else ''}" for a, c, p in CASES])
+def test_plan_is_within_5_percent_of_the_measured_tensor_peak(tmp_path, mid_models, arch, grad_ckpt, packing):
     """issue 9's target: plan (allocated total, no CUDA overhead term) within +-5% of the exact CPU tensor peak."""
-    planned, measured = _plan_vs_measured(tmp_path, arch, grad_ckpt)
+    planned, measured = _plan_vs_measured(tmp_path, mid_models(arch), grad_ckpt, packing)
     err = 100 * (planned - measured) / measured
-    print(f"\n{arch} grad_ckpt={grad_ckpt}: planned {planned} measured {measured} error {err:+.1f}%")
-    assert abs(err) <= 5.0, (arch, grad_ckpt, planned, measured, f"{err:+.1f}%")
+    print(f"\n{arch} grad_ckpt={grad_ckpt} packing={packing}: planned {planned} measured {measured} error {err:+.1f}%")
+    assert abs(err) <= 5.0, (arch, grad_ckpt, packing, planned, measured, f"{err:+.1f}%")
 
 
 @pytest.mark.slow  # a fresh process per case: ~10-40 s each on a loaded 2-core CPU
