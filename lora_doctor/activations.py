@@ -199,6 +199,15 @@ def dora_transient_bytes(shape: ModelShape, targets, c: int) -> int:
                 if isinstance(g, LeafGroup) and g.kind != "Embedding"), default=0)
 
 
+def _adapter_copy_bytes(shape: ModelShape, targets, lora: LoraSpec | None, c: int) -> int:
+    """fp32 lora_A/lora_B under 16-bit autocast: their c-byte casts stay in autocast's cache (leaves that require
+    grad) for the whole forward and are saved for backward, checkpointing or not. DoRA's magnitude only divides.
+    Adapters already in the compute dtype (lora.adapter_dtype 'compute') are used as they are: no copies."""
+    if lora is None or c >= 4 or lora.adapter_dtype != "fp32":
+        return 0
+    return c * lora_param_count(shape, targets, replace(lora, use_dora=False))
+
+
 def activation_bytes(
     shape: ModelShape,
     train: TrainSpec,
@@ -246,12 +255,7 @@ def activation_bytes(
     merged_all, merged_one = _lora_merged_expert_bytes(shape, targets, c) if lora is not None else (0, 0)
     dora = dora_transient_bytes(shape, targets, c) if lora is not None and lora.use_dora else 0
     head_copy, layer_copies = _autocast_weight_copies(shape, c) if kbit_prepared else (0, 0)
-    # fp32 lora_A/lora_B under 16-bit autocast: their c-byte casts stay in autocast's cache (leaves that require
-    # grad) for the whole forward and are saved for backward, checkpointing or not. DoRA's magnitude only divides.
-    # Adapters already in the compute dtype (lora.adapter_dtype 'compute') are used as they are: no copies.
-    adapter_copies = (c * lora_param_count(shape, targets, replace(lora, use_dora=False))
-                      if lora is not None and c < 4 and lora.adapter_dtype == "fp32" else 0)
-    fixed = dora + head_copy + adapter_copies
+    fixed = dora + head_copy + _adapter_copy_bytes(shape, targets, lora, c)
     kept = shape.num_layers if resident_layers is None else min(resident_layers, shape.num_layers)
     if train.grad_ckpt:
         per_token = kept * stream_c * h + layer + lora_one + outside + transient

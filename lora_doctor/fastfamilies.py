@@ -60,8 +60,8 @@ FAMILIES = {
         "llama", "LlamaForCausalLM",
         {**_COMMON, "num_key_value_heads": None, "head_dim": None, "attention_bias": False, "mlp_bias": False,
          "max_position_embeddings": 2048},
-        frozenset({"num_key_value_heads", "head_dim"}), frozenset({"attention_dropout", "max_position_embeddings", "hidden_act",
-                                                                    "attention_bias"}),
+        frozenset({"num_key_value_heads", "head_dim"}),
+        frozenset({"attention_dropout", "max_position_embeddings", "hidden_act", "attention_bias"}),
         attn_bias={n: "attention_bias" for n in _ATTN}, mlp_bias="mlp_bias"),
     "mistral": Family(
         "mistral", "MistralForCausalLM",
@@ -75,7 +75,8 @@ FAMILIES = {
         {**_COMMON, "num_key_value_heads": 32, "max_position_embeddings": 32768, "use_sliding_window": False,
          "sliding_window": 4096, "max_window_layers": 28, "layer_types": None},
         frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
-        frozenset({"attention_dropout", "max_position_embeddings", "hidden_act", "sliding_window", "use_sliding_window", "layer_types"}),
+        frozenset({"attention_dropout", "max_position_embeddings", "hidden_act", "sliding_window",
+                   "use_sliding_window", "layer_types"}),
         attn_bias={"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False}, window_layers=True),
     "qwen3": Family(
         "qwen3", "Qwen3ForCausalLM",

@@ -74,9 +74,10 @@ def test_compute_adapters_cost_what_the_engine_materialises(tmp_path, arch, quan
         assert fp32.optimizer_states_bytes == 2 * b.optimizer_states_bytes
     elif optim == "adamw-8bit":
         assert fp32.optimizer_states_bytes == b.optimizer_states_bytes
-    # No autocast copies of bf16 adapters: the activation term drops by exactly bf16 bytes of the LoRA tensors.
+    # No autocast copies of bf16 adapters (bf16 bytes of the LoRA tensors), and no fp32 cast of the LoRA inputs that
+    # peft makes for fp32 adapters (dropout.lora_input_bytes): the activation term drops by at least the copies.
     lora_numel = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert fp32.activations_bytes - b.activations_bytes == 2 * lora_numel
+    assert fp32.activations_bytes - b.activations_bytes >= 2 * lora_numel
 
 
 def test_plan_adapter_dtype_flag(tmp_path):
