@@ -282,9 +282,16 @@ def render_plan(data: dict) -> str:
 
 def _assumptions_line(data: dict) -> str:
     """What the terminal table rests on, in one sentence (the Markdown report spells it out)."""
-    c = data["constants"]
+    c, t = data["constants"], data["train"]
+    levers = t.get("levers") or {}
+    if levers.get("chunked_loss") and t.get("grad_ckpt"):
+        # stack.loss_beyond_recompute: the chunk buffers and the recomputed layer are never live together.
+        loss = (f"a chunked loss ({levers.get('loss_chunks')} checkpointed chunks) whose buffers are never live with "
+                "the recomputed layer, so the logits row counts only what a chunk adds beyond it")
+    else:
+        loss = "full logits (an upper bound with checkpointing)"
     return (f"Exact: weights, quantization constants, adapters, gradients, optimizer states. Modelled: activations "
-            f"and logits (an upper bound with checkpointing). Runtime overhead = {format_bytes(c['cuda_context_bytes'])} "
+            f"and {loss}. Runtime overhead = {format_bytes(c['cuda_context_bytes'])} "
             f"CUDA context + {100 * c['allocator_fragmentation']:.0f}% of the rest for allocator fragmentation.")
 
 
