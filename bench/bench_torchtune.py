@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,7 +47,7 @@ def torchtune_run(stack: str = "lora-doctor", adapter_dtype: str = "fp32", **lev
     lora = LoraSpec(r=8, alpha=16, dropout=0.0, targets=targets, adapter_dtype=adapter_dtype)
     quant = QuantSpec(mode="nf4", double_quant=True, compute_dtype="bf16")
     train = TrainSpec(seq_len=2048, batch=2, grad_ckpt=True, optim="adamw", attn_impl="sdpa", dtype="bf16",
-                      levers=replace(levers_for(stack, **levers), packing=True))
+                      levers=levers_for(stack, **levers))  # the recipe's alpaca_cleaned_dataset is not packed
     return shape, lora, quant, train, targets
 
 
