@@ -89,39 +89,17 @@ class ShardTensor:
 
 
 @dataclass(frozen=True)
-class PerGpuBudget:
-    """One column of the memory table for one of N GPUs: every term in integer bytes on that GPU."""
+class PerGpuBudget(MethodBudget):
+    """One column of the memory table for one of N GPUs: MethodBudget's terms in integer bytes on that GPU, plus
+    the collectives' buffers."""
 
-    key: str
-    label: str
-    trainable_params: int
-    base_weights_bytes: int
-    quant_constants_bytes: int
-    adapter_weights_bytes: int
-    gradients_bytes: int
-    optimizer_states_bytes: int
-    activations_bytes: int
-    logits_bytes: int
-    collective_buffers_bytes: int
+    collective_buffers_bytes: int = 0
     """DDP: the Reducer's bucket copy of the gradients. FSDP: the largest phase of all-gathered parameters,
     unsharded gradients and reduce-scatter buffers (module docstring)."""
-    runtime_overhead_bytes: int
-    total_bytes: int
-    strategy: str
-    gpus: int
-    single_gpu_total_bytes: int
+    strategy: str = "ddp"
+    gpus: int = 1
+    single_gpu_total_bytes: int = 0
     """The same method's total on one GPU, for comparison."""
-    fp32_upcast_bytes: int | None = None
-
-    @property
-    def static_bytes(self) -> int:
-        """Parameters and quantization constants this GPU holds before any step."""
-        return self.base_weights_bytes + self.quant_constants_bytes + self.adapter_weights_bytes
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["static_bytes"] = self.static_bytes
-        return d
 
 
 def check_parallel(gpus: int, strategy: str | None) -> str | None:
