@@ -49,13 +49,13 @@ logits peaks is an upper bound. NCCL's own buffers (NCCL_BUFFSIZE, 4 MiB per cha
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from math import ceil
 
 from .budget import MemoryBudget, MethodBudget, method_budget, optimizer_state_bytes, runtime_overhead_bytes
 from .errors import LoraDoctorError
-from .inventory import numel, saved_copy_tensors
-from .shape import LeafGroup, ModelShape, ParamGroup
+from .inventory import saved_copy_tensors
+from .shape import ModelShape, ParamGroup
 from .targets import targeted_groups
 from .units import DTYPE_BYTES
 
