@@ -2,7 +2,6 @@
 fix, prints no traceback, and leaves the folders as they were. Nothing here loads weights."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

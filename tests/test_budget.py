@@ -25,6 +25,7 @@ from lora_doctor.budget import (
 from lora_doctor.introspect import lora_config, model_shape, resolve_targets
 from lora_doctor.shape import LeafGroup, ModelShape
 from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
+from memory_helpers import profiled_peak_bytes
 
 # -- helpers: ground truth from real tensors ------------------------------------------------------------------
 
@@ -501,7 +502,6 @@ def test_logits_term_follows_vocab():
 
 def _peak_step_bytes(model, ids) -> int:
     """Peak of live CPU allocations during one autocast forward + backward (torch.profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -511,15 +511,7 @@ def _peak_step_bytes(model, ids) -> int:
     step()  # warm-up: lazy inits and autocast caches are not part of a step
     for p in model.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return profiled_peak_bytes(step)
 
 
 @pytest.mark.slow  # the first torch.profiler session of a process costs ~10 s of kineto start-up

@@ -12,7 +12,7 @@ import torch
 
 from lora_doctor.errors import LoraDoctorError
 from lora_doctor.fsdp import decoder_layer_classes, fsdp_problems, gathered_trainable, resolve_strategy
-from lora_doctor.runconfig import from_dict, valid_keys
+from lora_doctor.runconfig import from_dict
 from lora_doctor.validate import FLAGS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,6 @@
 """Sequence packing (data.packing): rows, positions and labels; packed loss == unpacked loss example by
 example; no attention across examples; check and train count the same rows; chat data packs too."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path

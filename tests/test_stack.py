@@ -12,11 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_doctor.budget import method_budget, memory_budget
+from lora_doctor.budget import method_budget
 from lora_doctor.introspect import lora_config, model_shape, resolve_targets
 from lora_doctor.shape import LeafGroup, ModelShape
 from lora_doctor.specs import Levers, LoraSpec, QuantSpec, TrainSpec
 from lora_doctor.stack import OFFLOAD_RESIDENT_LAYERS, STACKS, chunk_len, levers_for, levers_of, stack_name
+from memory_helpers import profiled_peak_bytes
 
 ENGINE = STACKS["lora-doctor"]
 
@@ -251,19 +252,11 @@ def _chunked_step(model, ids, chunks: int):
 
 def _peak_bytes(model, step) -> int:
     """Peak of live CPU allocations in one step (torch.profiler memory events), after a warm-up step."""
-    from torch.profiler import ProfilerActivity, profile
 
     step()
     for p in model.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return profiled_peak_bytes(step)
 
 
 def _engine_prepared(model, shape, grad_ckpt: bool):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lora_doctor.tensorpeak import TensorPeakTracker, tensors_in
+from lora_doctor.tensorpeak import TensorPeakTracker
+from memory_helpers import profiled_peak_bytes
 
 F32 = 4
 
@@ -85,7 +86,6 @@ def test_roots_find_bitsandbytes_4bit_quant_state():
 def test_tiny_lora_step_peak_equals_the_profilers(arch):
     """The tracker's peak minus its baseline equals torch.profiler's allocator-event peak within 1%."""
     from peft import LoraConfig, get_peft_model
-    from torch.profiler import ProfilerActivity, profile
 
     from lora_doctor.tiny import build_tiny_model
 
@@ -110,13 +110,7 @@ def test_tiny_lora_step_peak_equals_the_profilers(arch):
     with tr:
         step()
     ours = tr.peak_bytes - tr.baseline_bytes
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = theirs = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        theirs = max(theirs, live)
+    theirs = profiled_peak_bytes(step)
     assert abs(ours - theirs) / theirs < 0.01, (ours, theirs)
 
 
