@@ -296,9 +296,12 @@ def test_levers_line_reads_the_config_and_the_engines_fallback():
 
     assert {lever.key for lever in LEVERS} <= set(valid_keys())  # every row names a real config key
     config = _cfg().to_dict()
-    assert levers_line(config) == "chunked loss on (8 chunks), gradient checkpointing on, activation offload off"
+    rest = ", fp32 upcast of frozen weights off, adapter dtype fp32, packing off"
+    assert levers_line(config) == "chunked loss on (8 chunks), gradient checkpointing on, activation offload off" + rest
     config = _cfg(loss_chunks=4, grad_ckpt=False, offload_activations=True).to_dict()
-    assert levers_line(config) == "chunked loss on (4 chunks), gradient checkpointing off, activation offload on"
+    assert levers_line(config) == "chunked loss on (4 chunks), gradient checkpointing off, activation offload on" + rest
+    packed = {**config, "data": {**config["data"], "packing": True}, "quant": {**config["quant"], "upcast_frozen": True}}
+    assert "fp32 upcast of frozen weights on" in levers_line(packed) and levers_line(packed).endswith("packing on")
     off = {"train.chunked_loss": "the cohere head did not reproduce the model's logits"}
     report = {"kind": "probe", "config": config, "extra": {"run": {"extra": {"levers_off": off}}}}
     line = report_levers_line(report)

@@ -28,6 +28,9 @@ LEVERS: tuple[Lever, ...] = (
     Lever("train.chunked_loss", "chunked loss", lambda c: f"{_value(c, 'train.loss_chunks')} chunks"),
     Lever("train.grad_ckpt", "gradient checkpointing"),
     Lever("train.offload_activations", "activation offload"),
+    Lever("quant.upcast_frozen", "fp32 upcast of frozen weights"),
+    Lever("lora.adapter_dtype", "adapter dtype"),
+    Lever("data.packing", "packing"),
 )
 
 
