@@ -2,7 +2,8 @@
 
 Importing torch, transformers' model class and peft is nearly all of a cold plan's time (issue 13: the meta build and
 the counting itself take 0.13 s of about 4 s). For the model types of fastfamilies.FAMILIES (llama, mistral, qwen2,
-qwen3: Llama's module layout, 70B and 72B included) ModelShape comes from config.json (fastfamilies.decoder_shape),
+qwen3, phi3, gemma2; 70B and 72B included) and GPT-2 ModelShape comes from config.json (fastfamilies.decoder_shape,
+fastgpt2.gpt2_shape),
 and peft's counts follow from it: LoRA adds r x (in + out) per wrapped Linear (peft tuners/lora/layer.py: lora_A
 (r, in), lora_B (out, r)), DoRA one magnitude vector of `out` per wrapped Linear (lora/dora.py), and peft's "all
 params" is the base plus those. tests/test_fastshape.py checks the shape field by field against the meta build and
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 
 from .fastfamilies import FAMILIES, decoder_shape
+from .fastgpt2 import gpt2_shape
 from .shape import ModelShape
 from .specs import LoraSpec
 
@@ -84,7 +86,8 @@ def fast_inputs(model: str, lora: LoraSpec, ranks: list[int], trust_remote_code:
     if not isinstance(raw, dict):
         return None
     check_sizes(raw, Path(path))
-    shape = decoder_shape(raw, model_id=model.strip(), source=source)
+    shape = (decoder_shape(raw, model_id=model.strip(), source=source)
+             or gpt2_shape(raw, model_id=model.strip(), source=source))
     targets = _fast_targets(shape, lora.targets) if shape is not None else None
     if targets is None:
         return None

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from lora_doctor.fastfamilies import FAMILIES
+from lora_doctor.fastgpt2 import GPT2_DEFAULTS
 from lora_doctor.fastshape import LLAMA_DEFAULTS, fast_inputs, llama_shape
 from lora_doctor.introspect import build_meta_model, lora_config, model_shape, trainable_counts
 from lora_doctor.specs import LoraSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lora_doctor" / "configs"
 SHIPPED_FAST = sorted(p for p in CONFIGS.glob("*.json") if json.loads(p.read_text()).get("model_type") in FAMILIES)
+SHIPPED_GPT2 = sorted(p for p in CONFIGS.glob("*.json") if json.loads(p.read_text()).get("model_type") == "gpt2")
 SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
              num_hidden_layers=3, num_attention_heads=4, vocab_size=300)
 VARIANTS = {
@@ -52,9 +54,23 @@ FAMILY_VARIANTS = {
     "qwen3-bias-head-dim": dict(model_type="qwen3", num_key_value_heads=2, head_dim=16, attention_bias=True),
     "qwen3-window-tied": dict(model_type="qwen3", num_key_value_heads=1, head_dim=32, use_sliding_window=True,
                               sliding_window=8, max_window_layers=2, tie_word_embeddings=True),
+    "phi3-defaults": dict(model_type="phi3", pad_token_id=299),
+    "phi3-gqa-window-tied": dict(model_type="phi3", pad_token_id=None, num_key_value_heads=2, sliding_window=32, tie_word_embeddings=True,
+                                 attention_bias=True),
+    "phi3-resid-dropout": dict(model_type="phi3", pad_token_id=7, num_key_value_heads=1, resid_pdrop=0.1, embd_pdrop=0.1,
+                               attention_dropout=0.1, hidden_act="gelu"),
+    "gemma2-defaults": dict(model_type="gemma2", head_dim=16),
+    "gemma2-untied-bias": dict(model_type="gemma2", num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                               attention_bias=True, hidden_act="gelu_pytorch_tanh", sliding_window=8),
+    "gemma2-layer-types-no-caps": dict(model_type="gemma2", num_key_value_heads=1, head_dim=8,
+                                       layer_types=["full_attention", "full_attention", "sliding_attention"],
+                                       attn_logit_softcapping=None, final_logit_softcapping=None),
+    "gemma2-dropout-wide-head": dict(model_type="gemma2", num_key_value_heads=4, head_dim=64, attention_dropout=0.1,
+                                     max_position_embeddings=512),
 }
 LORAS = [LoraSpec(r=8), LoraSpec(r=4, use_dora=True, targets="qv"), LoraSpec(r=2, targets="k_proj,down_proj"),
          LoraSpec(r=16, targets="attn"), LoraSpec(r=3, use_dora=True, targets="mlp")]
+FUSED_LORAS = [*LORAS[:2], LoraSpec(r=2, targets="qkv_proj,down_proj"), *LORAS[3:]]  # Phi-3 has no k_proj
 
 
 def _write(tmp_path: Path, raw: dict) -> str:
@@ -99,21 +115,23 @@ def test_small_llama_variants_match_the_meta_build_and_peft(tmp_path, name):
 def test_small_variants_of_every_family_match_the_meta_build_and_peft(tmp_path, name):
     change = FAMILY_VARIANTS[name]
     model = _write(tmp_path, {**SMALL, **change, "architectures": [ARCH[change["model_type"]]]})
-    for lora in LORAS:
+    for lora in FUSED_LORAS if change["model_type"] == "phi3" else LORAS:
         _assert_same(model, lora)
 
 
 def test_counts_equal_full_peft_on_the_whole_model(tmp_path):
     for raw in ({**SMALL, "num_key_value_heads": 2, "attention_bias": True, "tie_word_embeddings": True},
                 {**SMALL, **FAMILY_VARIANTS["qwen2-bias-tied"], "architectures": ["Qwen2ForCausalLM"]},
-                {**SMALL, **FAMILY_VARIANTS["qwen3-bias-head-dim"], "architectures": ["Qwen3ForCausalLM"]}):
-        _full_peft_agrees(_write(tmp_path, raw))
+                {**SMALL, **FAMILY_VARIANTS["qwen3-bias-head-dim"], "architectures": ["Qwen3ForCausalLM"]},
+                {**SMALL, **FAMILY_VARIANTS["phi3-gqa-window-tied"], "architectures": ["Phi3ForCausalLM"]},
+                {**SMALL, **FAMILY_VARIANTS["gemma2-untied-bias"], "architectures": ["Gemma2ForCausalLM"]}):
+        _full_peft_agrees(_write(tmp_path, raw), FUSED_LORAS if raw["model_type"] == "phi3" else LORAS)
 
 
-def _full_peft_agrees(model):
+def _full_peft_agrees(model, loras):
     from peft import get_peft_model
 
-    for lora in LORAS[:3]:
+    for lora in loras[:3]:
         meta, shape, targets, counts = _assert_same(model, lora, ranks=(lora.r,))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -161,8 +179,18 @@ def test_llama_defaults_are_transformers_own():
 
 
 @pytest.mark.parametrize("change, lora", [
-    (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), LoraSpec()),
-    (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"]), LoraSpec()),
+    (dict(model_type="phi3", architectures=["Phi3ForCausalLM"], head_dim=16), LoraSpec()),
+    (dict(model_type="phi3", architectures=["Phi3ForCausalLM"],
+          rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}), LoraSpec()),
+    (dict(model_type="phi3", architectures=["Phi3ForCausalLM"], resid_pdrop=1.5, pad_token_id=0), LoraSpec()),
+    (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), LoraSpec()),  # default pad id 32000 >= vocab 300
+    (dict(pad_token_id=300), LoraSpec()),
+    (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=None), LoraSpec()),
+    (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], attn_logit_softcapping=50), LoraSpec()),
+    (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], num_attention_heads=5, head_dim=16), LoraSpec()),
+    (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], layer_types=["x"] * 3), LoraSpec()),
+    (dict(n_inner=128), LoraSpec()),                          # a name meta reads for intermediate_size
+    (dict(num_experts=4), LoraSpec()),
     (dict(model_type="mistral", architectures=["LlamaForCausalLM"]), LoraSpec()),
     (dict(sliding_window=4096), LoraSpec()),                  # a key Llama's extra does not model
     (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], attention_bias=True), LoraSpec()),
@@ -191,7 +219,8 @@ def test_llama_shape_refuses_other_layouts():
 
 def test_cold_plan_of_every_fast_family_imports_no_torch():
     code = ("import sys\nfrom click.testing import CliRunner\nfrom lora_doctor.cli import cli\n"
-            "for m in ('meta-llama/Llama-2-70b-hf', 'mistralai/Mistral-7B-v0.1', 'Qwen/Qwen2.5-72B', 'Qwen/Qwen3-8B'):\n"
+            "for m in ('meta-llama/Llama-2-70b-hf', 'mistralai/Mistral-7B-v0.1', 'Qwen/Qwen2.5-72B', 'Qwen/Qwen3-8B',\n"
+            "          'microsoft/Phi-3-mini-4k-instruct', 'google/gemma-2-9b', 'openai-community/gpt2'):\n"
             "    r = CliRunner().invoke(cli, ['plan', m, '--json'])\n"
             "    assert r.exit_code == 0, r.output\n"
             "assert 'torch' not in sys.modules and 'peft' not in sys.modules, 'imported torch or peft'\n"
@@ -200,3 +229,47 @@ def test_cold_plan_of_every_fast_family_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+GPT2_SMALL = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=3, n_head=4,
+                  vocab_size=300, n_positions=128)
+GPT2_VARIANTS = {
+    "defaults-dropouts": {},
+    "untied-no-dropout": dict(tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "inner-equals-hidden": dict(n_inner=64, activation_function="relu"),  # attn and mlp c_proj: one group
+    "inner-wide": dict(n_inner=96, resid_pdrop=0.0, scale_attn_by_inverse_layer_idx=True),
+}
+# attn / mlp resolve to dotted names on GPT-2 (c_proj is in both): fastshape leaves those to the full path
+GPT2_LORAS = [LoraSpec(r=8), LoraSpec(r=4, targets="qv"), LoraSpec(r=2, targets="c_proj"),
+              LoraSpec(r=3, targets="c_fc,c_attn"), LoraSpec(r=2, use_dora=True)]
+
+
+@pytest.mark.parametrize("name", list(GPT2_VARIANTS))
+def test_small_gpt2_variants_match_the_meta_build_and_peft(tmp_path, name):
+    model = _write(tmp_path, {**GPT2_SMALL, **GPT2_VARIANTS[name]})
+    for lora in GPT2_LORAS:
+        _assert_same(model, lora)
+
+
+def test_gpt2_counts_equal_full_peft_on_the_whole_model(tmp_path):
+    _full_peft_agrees(_write(tmp_path, {**GPT2_SMALL, **GPT2_VARIANTS["inner-equals-hidden"]}), GPT2_LORAS[2:])
+
+
+@pytest.mark.parametrize("path", SHIPPED_GPT2, ids=[p.stem for p in SHIPPED_GPT2])
+def test_every_shipped_gpt2_config(path):
+    _assert_same(str(path), LoraSpec(r=16), ranks=(16, 4))
+
+
+def test_gpt2_defaults_are_the_config_classes_own():
+    from transformers import GPT2Config
+
+    c = GPT2Config()
+    assert SHIPPED_GPT2 and all(getattr(c, k) == v for k, v in GPT2_DEFAULTS.items())
+
+
+@pytest.mark.parametrize("change", [
+    dict(add_cross_attention=True), dict(hidden_size=64), dict(n_head=5), dict(resid_pdrop=2.0),
+    dict(architectures=["GPT2DoubleHeadsModel"]), dict(n_inner=0), dict(sliding_window=8), dict(ffn_dim=32),
+])
+def test_unproven_gpt2_configs_take_the_full_path(tmp_path, change):
+    assert fast_inputs(_write(tmp_path, {**GPT2_SMALL, **change}), LoraSpec(), [8]) is None
