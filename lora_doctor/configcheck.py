@@ -31,7 +31,21 @@ def check_sizes(config, path: Path) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             problems.append((f"'{path}' has {name} = {value!r}; it must be a positive integer.",
                              f"Fix \"{name}\" in {path.name} (compare it with the model's config.json on the hub)."))
+    problems += _pad_problems(config, path)
     raise_problems(problems, f"in {path.name}")
+
+
+def _pad_problems(config, path: Path) -> list[tuple[str, str]]:
+    """pad_token_id outside the embedding rows: most decoders pass it as nn.Embedding's padding_idx, and torch
+    refuses an index outside [-vocab_size, vocab_size) (torch/nn/modules/sparse.py), so the model cannot be built."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    pad, vocab = get("pad_token_id"), get("vocab_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pad, vocab)) or vocab <= 0:
+        return []
+    if -vocab <= pad < vocab:
+        return []
+    return [(f"'{path}' has pad_token_id = {pad} but vocab_size = {vocab}: the embedding has no row {pad}, so the "
+             "model cannot be built.", f"Fix \"pad_token_id\" in {path.name}: null, or an id below {vocab}.")]
 
 
 def check_causal_lm(config, path: Path) -> None:
