@@ -184,7 +184,6 @@ def test_llama_defaults_are_transformers_own():
           rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}), LoraSpec()),
     (dict(model_type="phi3", architectures=["Phi3ForCausalLM"], resid_pdrop=1.5, pad_token_id=0), LoraSpec()),
     (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), LoraSpec()),  # default pad id 32000 >= vocab 300
-    (dict(pad_token_id=300), LoraSpec()),
     (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=None), LoraSpec()),
     (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], attn_logit_softcapping=50), LoraSpec()),
     (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], num_attention_heads=5, head_dim=16), LoraSpec()),
@@ -210,6 +209,13 @@ def test_llama_defaults_are_transformers_own():
 def test_anything_else_takes_the_full_path(tmp_path, change, lora):
     raw = {**SMALL, **change}
     assert fast_inputs(_write(tmp_path, raw), lora, [8]) is None
+
+
+def test_pad_id_past_the_vocabulary_is_refused_on_the_fast_path_too(tmp_path):
+    from lora_doctor.errors import LoraDoctorError
+
+    with pytest.raises(LoraDoctorError, match="pad_token_id = 300 but vocab_size = 300"):
+        fast_inputs(_write(tmp_path, {**SMALL, "pad_token_id": 300}), LoraSpec(), [8])
 
 
 def test_llama_shape_refuses_other_layouts():
