@@ -1,0 +1,82 @@
+"""Regressions found by scripts/sweep_cli.py, the end-to-end sweep of the CLI over shipped configs, tiny models of
+each architecture and the engine's levers. Each case is input the sweep fed the real CLI, pinned at its source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from lora_doctor.cli import cli
+from lora_doctor.errors import LoraDoctorError
+from lora_doctor.specs import LoraSpec
+
+ROWS = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{2 * i + 1}."} for i in range(8)]
+
+
+def _one_error_line(result) -> str:
+    """The single `Error:` line of a bad-input exit, asserting the contract (exit 2, one line, no traceback)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("targets", ["", " , ", (), ("",), (" ", " ")])
+def test_lora_spec_refuses_empty_targets(targets):
+    # probe/train used to pass an empty list to peft, which refused it in its own words ("No `target_modules`").
+    with pytest.raises(LoraDoctorError, match="No target modules given") as e:
+        LoraSpec(targets=targets)
+    assert "--target all-linear" in e.value.hint
+
+
+@pytest.mark.parametrize("targets", ["q_proj", "q_proj, ,v_proj", ("q_proj",), "all-linear"])
+def test_lora_spec_keeps_real_targets(targets):
+    assert LoraSpec(targets=targets).targets == targets
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+@pytest.mark.parametrize("command", ["check", "probe", "train"])
+@pytest.mark.parametrize("setting, label", [("lora.targets=", "--set lora.targets is ''"),
+                                            ("lora.targets=[]", "--set lora.targets is ()")])
+def test_empty_targets_are_one_error_everywhere(data, tiny_llama_dir, command, setting, label):
+    # check already said "No target modules given"; probe and train now say it before loading anything.
+    result = CliRunner().invoke(cli, [command, "--model", str(tiny_llama_dir), "--data", str(data),
+                                      "--set", setting, "--set", "train.device=cpu"])
+    line = _one_error_line(result)
+    assert "No target modules given" in line and label in line and "peft" not in line
+    assert not (data.parent / "runs").exists()
+
+
+@pytest.mark.parametrize("keep", [["config.json"], ["config.json", "model.safetensors"]])
+def test_missing_tokenizer_message_is_whole(data, tiny_llama_dir, tmp_path, keep):
+    # The load error kept only the first line of transformers' message: "...from one of: " and nothing after it.
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in keep:
+        shutil.copy(tiny_llama_dir / name, model / name)
+    result = CliRunner().invoke(cli, ["probe", "--model", str(model), "--data", str(data), "--steps", "1",
+                                      "--no-report", "--set", "train.device=cpu"])
+    line = _one_error_line(result)
+    assert "tokenizer" in line and not line.rstrip().endswith("from one of:")
+    assert f"The folder holds: {', '.join(sorted(keep))};" in line
+
+
+@pytest.mark.parametrize("flags, phrase", [(["--epochs", "2"], "--epochs describes a dataset"),
+                                           (["--grad-accum", "4"], "--grad-accum describes a dataset"),
+                                           (["--grad-accum", "4", "--epochs", "2"],
+                                            "--grad-accum, --epochs describe a dataset")])
+def test_plan_dataset_flags_without_data(flags, phrase):
+    result = CliRunner().invoke(cli, ["plan", "gpt2", *flags], env={"LORA_DOCTOR_CACHE": "0"})
+    line = _one_error_line(result)
+    assert phrase in line and "--data PATH" in line
