@@ -80,3 +80,29 @@ def test_plan_dataset_flags_without_data(flags, phrase):
     result = CliRunner().invoke(cli, ["plan", "gpt2", *flags], env={"LORA_DOCTOR_CACHE": "0"})
     line = _one_error_line(result)
     assert phrase in line and "--data PATH" in line
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("args", [["check", "{cfg}"], ["probe", "{cfg}"], ["train", "{cfg}"],
+                                  ["plan", "gpt2", "--config", "{cfg}"]])
+@pytest.mark.parametrize("which", ["example", "minimal"])
+def test_accelerate_launch_config_as_run_config(tmp_path, monkeypatch, args, which):
+    # examples/fsdp.yaml given as CONFIG used to list 11-12 "Unknown key" problems and never say which file goes where.
+    monkeypatch.chdir(tmp_path)
+    cfg = EXAMPLES / "fsdp.yaml" if which == "example" else tmp_path / "acc.yaml"
+    if which == "minimal":
+        cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n")
+    result = CliRunner().invoke(cli, [a.format(cfg=cfg) for a in args], env={"LORA_DOCTOR_CACHE": "0"})
+    line = _one_error_line(result)
+    assert "is an accelerate launch config" in line and "distributed_type" in line
+    assert f"accelerate launch --config_file {cfg}" in line and "Unknown key" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["acc.yaml"] if which == "minimal" else [])
+
+
+def test_one_accelerate_like_key_is_still_an_unknown_key(tmp_path, monkeypatch, tiny_llama_dir):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(f"model: {tiny_llama_dir}\nmixed_precision: bf16\n")
+    line = _one_error_line(CliRunner().invoke(cli, ["check", "run.yaml"]))
+    assert "Unknown key 'mixed_precision'" in line and "accelerate launch config" not in line
