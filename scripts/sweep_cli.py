@@ -168,9 +168,33 @@ def plan_data_phase(record, folder: Path) -> None:
                                     "--tokenizer", str(model)], env={"LORA_DOCTOR_CACHE": "0"}))
 
 
+def flows_phase(record, folder: Path) -> None:
+    """Per architecture: train -> --resume -> --overwrite --merge -> --sweep -> compare -> report, plus the
+    inputs the first sweep found (empty targets, an accelerate config as CONFIG, a folder without a tokenizer)."""
+    models = make_models(folder)
+    data = str(ROOT / "examples" / "data" / "tiny.jsonl")
+    for arch in TINY_ARCHS:
+        run, sweep = str(folder / "flows" / arch), str(folder / "flows" / f"{arch}-sweep")
+        base = ["--model", str(models[arch]), "--data", data, "--set", "data.max_length=48", "--set",
+                "train.device=cpu", "--set", "lora.dropout=0", "--set", f"output.reports_dir={folder}/reports"]
+        for extra in (["--set", "train.max_steps=2", "--set", "train.save_every=1"],
+                      ["--set", "train.max_steps=3", "--resume"], ["--set", "train.max_steps=2", "--overwrite",
+                                                                    "--merge"]):
+            record("flow", invoke(["train", *base, "--output-dir", run, *extra]))
+        record("flow", invoke(["train", *base, "--output-dir", sweep, "--set", "train.max_steps=2",
+                               "--sweep", "lora.r=2,4"]))
+        for args in (["compare", run], ["compare", sweep, "--json"], ["check", *base, "--json"],
+                     ["probe", *base, "--steps", "1", "--set", "lora.targets=", "--no-report"]):
+            record("flow", invoke(args))
+        reports = sorted((folder / "reports").glob("*.json"))
+        if reports:
+            record("flow", invoke(["report", str(reports[-1])]))
+    record("flow", invoke(["check", str(ROOT / "examples" / "fsdp.yaml")]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("phase", choices=["plan", "plan-cache", "plan-data", "run", "all"])
+    ap.add_argument("phase", choices=["plan", "plan-cache", "plan-data", "flows", "run", "all"])
     ap.add_argument("--out", type=Path, default=Path("sweep-results.jsonl"))
     ap.add_argument("--models", help="run phase: which tiny models (llama,...,chat,chat-sharegpt); default all")
     ap.add_argument("--commands", default="check,probe,train", help="run phase: which commands")
@@ -195,6 +219,8 @@ def main() -> None:
             plan_phase(record)
         if args.phase == "plan-cache":
             plan_cache_phase(record)
+        if args.phase in ("flows", "all"):
+            flows_phase(record, Path(scratch))
         if args.phase in ("plan-data", "all"):
             plan_data_phase(record, Path(scratch))
         if args.phase in ("run", "all"):
