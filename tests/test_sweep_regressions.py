@@ -106,3 +106,40 @@ def test_one_accelerate_like_key_is_still_an_unknown_key(tmp_path, monkeypatch, 
     (tmp_path / "run.yaml").write_text(f"model: {tiny_llama_dir}\nmixed_precision: bf16\n")
     line = _one_error_line(CliRunner().invoke(cli, ["check", "run.yaml"]))
     assert "Unknown key 'mixed_precision'" in line and "accelerate launch config" not in line
+
+
+@pytest.fixture(scope="module")
+def healthy():
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES.parent / "tests"))
+    from test_checks import _shape, healthy_context
+
+    return healthy_context(_shape("llama"))
+
+
+DEAD = {"model.layers.0.self_attn.q_proj": 0.0, "model.layers.1.mlp.up_proj": 0.0}
+
+
+@pytest.mark.parametrize("labels", [[0], [0, 0, 0]], ids=["probe-no-labels-1", "probe-no-labels-3"])
+def test_probe_that_scored_nothing_names_the_data(healthy, labels):
+    # A 1-step probe whose batch was all prompt (max_length 32 on tiny.jsonl, batch 1) reported adapter-no-grad,
+    # adapter-unchanged and loss-zero with "enable input grads" advice; the cause was the data.
+    from lora_doctor.checks import run_checks
+
+    ctx = healthy.replace(loss_trace=[0.0] * len(labels), label_tokens_trace=labels, grad_norms=DEAD,
+                          weight_deltas=dict.fromkeys(DEAD, 0.0))
+    codes = [f.code for f in run_checks(ctx)]
+    assert "probe-no-labels" in codes
+    assert not {"adapter-no-grad", "adapter-unchanged", "loss-zero"} & set(codes)
+    (finding,) = [f for f in run_checks(ctx) if f.code == "probe-no-labels"]
+    assert f"None of the {len(labels)} probed step(s)" in finding.message and "--max-length" in finding.hint
+
+
+@pytest.mark.parametrize("labels", [[0, 7], [12], None])
+def test_probe_with_labelled_tokens_keeps_the_gradient_findings(healthy, labels):
+    from lora_doctor.checks import run_checks
+
+    ctx = healthy.replace(loss_trace=[0.0] * len(labels or [0]), label_tokens_trace=labels, grad_norms=DEAD)
+    codes = [f.code for f in run_checks(ctx)]
+    assert "adapter-no-grad" in codes and "loss-zero" in codes and "probe-no-labels" not in codes
