@@ -143,3 +143,37 @@ def test_probe_with_labelled_tokens_keeps_the_gradient_findings(healthy, labels)
     ctx = healthy.replace(loss_trace=[0.0] * len(labels or [0]), label_tokens_trace=labels, grad_norms=DEAD)
     codes = [f.code for f in run_checks(ctx)]
     assert "adapter-no-grad" in codes and "loss-zero" in codes and "probe-no-labels" not in codes
+
+
+SHAREGPT = [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4."}]
+
+
+@pytest.mark.parametrize("field", ["conversations", "messages", "dialog"])
+def test_sharegpt_turns_under_data_messages_field(field):
+    # data.messages_field: conversations on ShareGPT rows read them as OpenAI messages: "message 0 has no 'role'".
+    from lora_doctor.chat.rows import ChatStyle, RowShape, detect_chat_style, normalize_messages, row_shape
+
+    row = {field: SHAREGPT}
+    assert row_shape(row, field) is RowShape.CHAT_SHAREGPT
+    style = detect_chat_style([("d.jsonl:1", row)], field)
+    assert style is ChatStyle.SHAREGPT
+    assert [m["role"] for m in normalize_messages(row, "d.jsonl:1", style, field)] == ["system", "user", "assistant"]
+
+
+@pytest.mark.parametrize("messages", [[{"role": "user", "content": "hi"}], [], "not a list",
+                                      [{"role": "user", "from": "x", "content": "hi"}]])
+def test_openai_rows_stay_openai(messages):
+    from lora_doctor.chat.rows import RowShape, row_shape
+
+    assert row_shape({"messages": messages}) is RowShape.CHAT_OPENAI
+
+
+def test_check_reads_sharegpt_under_conversations(tmp_path, monkeypatch):
+    from chat_fixtures import tiny_chat_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sg.jsonl").write_text("".join(json.dumps({"conversations": SHAREGPT}) + "\n" for _ in range(4)))
+    result = CliRunner().invoke(cli, ["check", "--model", tiny_chat_model_dir(), "--data", "sg.jsonl", "--format",
+                                      "chat", "--set", "data.messages_field=conversations", "--max-length", "128"])
+    assert result.exit_code in (0, 1), result.output
+    assert "has no 'role'" not in result.output and "4 examples" in result.output
