@@ -295,7 +295,8 @@ def request_from_options(model: str, *, config: str | None, data: str | None, fo
     if data is None and config is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
-            raise LoraDoctorError(f"{', '.join(stray)} describe a dataset, but plan got no --data.",
+            verb = "describes" if len(stray) == 1 else "describe"
+            raise LoraDoctorError(f"{', '.join(stray)} {verb} a dataset, but plan got no --data.",
                                   f"Add --data PATH (or --config run.yaml), e.g. plan {model} --data train.jsonl")
         return None, None
     overrides = {"data.path": data, "data.format": format_, "data.max_length": max_length,

@@ -73,3 +73,23 @@ def check_launch(cfg, device: str, base_config=None, env=None) -> str:
 
 
 __all__ = ["MASTER_ADDR_ENV", "WORLD_SIZE_ENV", "check_launch", "require_rendezvous", "world_size"]
+
+
+ACCELERATE_CONFIG_KEYS = frozenset({"compute_environment", "distributed_type", "mixed_precision", "use_cpu",
+                                    "num_processes", "fsdp_config"})
+"""Top-level keys of an `accelerate config` file (accelerate/commands/config/config_args.py, BaseConfig and
+ClusterConfig); none of them is a run-config key."""
+
+
+def refuse_launch_config(raw: dict, path) -> None:
+    """Refuse an accelerate launch config passed where the run config goes (examples/fsdp.yaml as CONFIG).
+
+    Raises:
+        LoraDoctorError: `raw` has two or more of accelerate's top-level keys; without this the user got one
+            "Unknown key" problem per accelerate key and never heard which file goes where.
+    """
+    found = sorted(ACCELERATE_CONFIG_KEYS & set(raw))
+    if len(found) >= 2:
+        raise LoraDoctorError(f"'{path}' is an accelerate launch config ({', '.join(found)}), not a lora-doctor run "
+                              "config.", f"Give it to accelerate and the run config to lora-doctor: accelerate "
+                              f"launch --config_file {path} -m lora_doctor.cli train run.yaml (see examples/tiny.yaml).")

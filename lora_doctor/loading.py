@@ -111,7 +111,8 @@ def pretrained_path(model: str) -> str:
 
 
 def _model_error(model: str, e: Exception) -> LoraDoctorError:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    # The whole message on one line: transformers' tokenizer error puts its reasons on the lines after the first.
+    first = " ".join(str(e).split())[:400] or type(e).__name__
     if Path(model).exists():
         have = sorted(p.name for p in Path(model).iterdir())[:12] if Path(model).is_dir() else []
         return LoraDoctorError(f"Cannot load model {model!r}: {first}",

@@ -28,6 +28,7 @@ from .chat.render import is_inline_template
 from .data import LOCAL_SUFFIXES, DataConfig
 from .errors import LoraDoctorError, Problem, raise_problems
 from .fileio import DuplicateKey, unique_key_loader
+from .launch import refuse_launch_config
 from .specs import LoraSpec, QuantSpec, TrainSpec
 from .validate import DEFAULT_SEED, SPEC_FLAGS, default_label, normalise, plain, problems_in, type_ok
 
@@ -350,6 +351,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict[str, object]
     if not isinstance(raw, dict):
         raise LoraDoctorError(f"The run config '{path}' must be a mapping of sections; got {type(raw).__name__}.",
                               "See examples/tiny.yaml for the layout.")
+    refuse_launch_config(raw, path)
     origins = dict(origins or {})
     for key, value in [*(sets or {}).items(), *((k, v) for k, v in (overrides or {}).items() if v is not None)]:
         _set_dotted(raw, key, value)

@@ -54,6 +54,11 @@ class LoraSpec:
             problems.append((f"--alpha must be positive, got {self.alpha!r}.", "Try: --alpha 32 (2*r)"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append((f"--dropout must be in [0, 1), got {self.dropout!r}.", "Try: --dropout 0.05"))
+        names = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        if not any(isinstance(t, str) and t.strip() for t in names):
+            # Before peft: it would refuse with "No `target_modules` passed", naming no flag or preset.
+            problems.append((f"No target modules given: --target is {self.targets!r}.",
+                             "Presets: qv, attn, mlp, all-linear. Try: --target all-linear"))
         if self.adapter_dtype not in ADAPTER_DTYPES:
             problems.append((f"lora.adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}; got {self.adapter_dtype!r}.",
                              "Try: lora.adapter_dtype: fp32"))

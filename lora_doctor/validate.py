@@ -62,7 +62,7 @@ FLAGS: dict[str, str] = {
 }
 KEY_TO_FLAG = {v: k for k, v in FLAGS.items()}
 # The reused specs phrase their own errors with these names; runconfig renames them to the key as typed.
-SPEC_FLAGS = {"lora.r": "--r", "lora.alpha": "--alpha", "lora.dropout": "--dropout",
+SPEC_FLAGS = {"lora.r": "--r", "lora.alpha": "--alpha", "lora.dropout": "--dropout", "lora.targets": "--target",
               "lora.adapter_dtype": "lora.adapter_dtype", "lora.modules_to_save": "lora.modules_to_save",
               "lora.trainable_token_indices": "lora.trainable_token_indices"}
 

@@ -560,7 +560,7 @@ def test_context_reads_the_real_records_by_their_fields(tmp_path, tiny_tokenizer
     flow = GradFlow(modules=(ModuleGradFlow(Q, (0.0, 0.2), (0.1, 0.3), 0.01, 0.02, 64),),
                     frozen_params_with_grad=("model.embed_tokens.weight",), n_steps=2)
     facts = context_from_run(run_result([2.0, 1.5], flow, trainable_params=128, target_modules=["q_proj"]))
-    assert facts == dict(loss_trace=[2.0, 1.5], grad_norms={Q: 0.3}, weight_deltas={Q: 0.02}, base_params_with_grad=1,
+    assert facts == dict(loss_trace=[2.0, 1.5], label_tokens_trace=[8, 8], grad_norms={Q: 0.3}, weight_deltas={Q: 0.02}, base_params_with_grad=1,
                          trainable_params=128, resolved_targets=("q_proj",), world_size=1)
     ctx = build_context(config=cfg, data_stats=stats, env={"local_rank": 0, "world_size": 2})
     assert ctx.device_map == {"": 0} and "device-map-distributed" not in codes(run_checks(ctx))

@@ -51,7 +51,8 @@ def row_shape(row: dict, messages_field: str = "messages") -> RowShape:
     """What one row looks like: chat (OpenAI or ShareGPT), Alpaca instruction, plain text, or unknown."""
     # The field's presence decides: a malformed value is then reported as a bad chat row, precisely.
     if messages_field in row:
-        return RowShape.CHAT_OPENAI
+        # data.messages_field: conversations (or ShareGPT turns under 'messages') holds {from, value} turns.
+        return RowShape.CHAT_SHAREGPT if _sharegpt_turns(row[messages_field]) else RowShape.CHAT_OPENAI
     if SHAREGPT_FIELD in row:
         return RowShape.CHAT_SHAREGPT
     if "instruction" in row and ("output" in row or "response" in row):
@@ -59,6 +60,12 @@ def row_shape(row: dict, messages_field: str = "messages") -> RowShape:
     if isinstance(row.get("text"), str):
         return RowShape.TEXT
     return RowShape.UNKNOWN
+
+
+def _sharegpt_turns(value) -> bool:
+    """A list whose first message names its speaker ShareGPT's way ('from') and not OpenAI's ('role')."""
+    first = value[0] if isinstance(value, list) and value else None
+    return isinstance(first, dict) and "from" in first and "role" not in first
 
 
 def row_shapes(rows: list[tuple[str, dict]], messages_field: str = "messages") -> dict[str, int]:
@@ -110,8 +117,9 @@ def normalize_messages(row: dict, origin: str, style: ChatStyle, messages_field:
         LoraDoctorError: the field is not a list, a message is not an object, has no role or
             content, or has a role outside ROLES; the message names the row and the message index.
     """
+    sharegpt_field = messages_field if messages_field in row else SHAREGPT_FIELD
     field, role_key, content_key = ((messages_field, "role", "content") if style is ChatStyle.OPENAI
-                                    else (SHAREGPT_FIELD, "from", "value"))
+                                    else (sharegpt_field, "from", "value"))
     value = row.get(field)
     if not isinstance(value, list):
         raise LoraDoctorError(f"Row {origin}: '{field}' is a {type(value).__name__}, not a list of messages.",

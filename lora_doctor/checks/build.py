@@ -159,7 +159,8 @@ def context_from_grad_flow(flow: GradFlow) -> dict:
 
 def context_from_run(run: RunResult) -> dict:
     """Facts a probe/train run measured."""
-    out: dict[str, Any] = {"loss_trace": [float(s.loss) for s in run.steps]}
+    out: dict[str, Any] = {"loss_trace": [float(s.loss) for s in run.steps],
+                           "label_tokens_trace": [int(s.label_tokens) for s in run.steps]}
     if run.grad_flow is not None:
         out.update(context_from_grad_flow(run.grad_flow))
     out.update(trainable_params=run.model.trainable_params, resolved_targets=tuple(run.model.target_modules),

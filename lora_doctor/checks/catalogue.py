@@ -102,8 +102,8 @@ ENTRIES: dict[str, Entry] = {
         "NaN/inf loss during the probe", "the run diverged",
         "check labels, precision, lr", f"{T}::06-nan"),
     "loss_moving": Entry(
-        "Loss 0 throughout, or flat", "nothing scored, or no learning",
-        "check labels; raise lr", f"{T}::07-flat"),
+        "Loss 0 throughout, or flat; or no probed step had a labelled token", "nothing scored, or no learning",
+        "check labels; raise lr; --max-length", f"{T}::07-flat"),
     "chat_format_mismatch": Entry(
         "Chat rows read with a non-chat format", "the template is never applied",
         "--format chat", f"{C}::chat-format-mismatch"),

@@ -125,6 +125,8 @@ class CheckContext:
 
     # --- the probe -----------------------------------------------------------------------------
     loss_trace: list[float] | None = None
+    label_tokens_trace: list[int] | None = None
+    """Per probed step: tokens with a label (not -100), all micro-batches; all 0 means the probe scored nothing."""
     grad_norms: dict[str, float] | None = None
     """Per adapter module: largest gradient norm seen after step 0 (lora_A is exactly 0 at step 0)."""
     weight_deltas: dict[str, float] | None = None

@@ -19,8 +19,17 @@ def _names(names: list[str]) -> str:
     return shown + (f" (+{len(names) - _SHOW} more)" if len(names) > _SHOW else "")
 
 
+def _scored_nothing(ctx: CheckContext) -> bool:
+    """Every probed step's batches had no labelled token: loss 0 and no gradient by construction, not a bug in
+    the adapter (a short probe that drew only examples truncated to all-prompt)."""
+    trace = ctx.label_tokens_trace
+    return bool(trace) and not any(trace)
+
+
 @register
 def check_adapter_gradients(ctx: CheckContext) -> list[Finding]:
+    if _scored_nothing(ctx):
+        return []  # probe-no-labels (check_loss_moving) names the cause; "enable input grads" would mislead
     findings = []
     if ctx.grad_norms:
         dead = sorted(m for m, g in ctx.grad_norms.items() if not (g > 0 and math.isfinite(g)))
@@ -77,6 +86,16 @@ def check_loss_moving(ctx: CheckContext) -> list[Finding]:
     trace = [x for x in (ctx.loss_trace or []) if math.isfinite(x)]
     if not trace:
         return []
+    if _scored_nothing(ctx):
+        n = len(ctx.label_tokens_trace)
+        return [Finding(
+            Severity.ERROR, "probe-no-labels",
+            f"None of the {n} probed step(s) had a labelled token: every example in their batches is prompt only "
+            "(its response lost to truncation, or empty), so the loss is 0 and no adapter gets a gradient. The "
+            "probe measured nothing about learning.",
+            "Raise --max-length or drop the examples whose prompt fills it, then probe more steps "
+            "(lora-doctor probe CONFIG --steps 10).",
+        )]
     if max(abs(x) for x in trace) < ZERO_LOSS:
         return [Finding(
             Severity.ERROR, "loss-zero",
