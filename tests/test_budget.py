@@ -23,9 +23,9 @@ from lora_doctor.budget import (
     targeted_groups,
 )
 from lora_doctor.introspect import lora_config, model_shape, resolve_targets
-from lora_doctor.shape import LeafGroup, ModelShape
 from lora_doctor.specs import LoraSpec, QuantSpec, TrainSpec
 from memory_helpers import profiled_peak_bytes
+from shape_helpers import hand_shape
 
 # -- helpers: ground truth from real tensors ------------------------------------------------------------------
 
@@ -364,7 +364,7 @@ def test_gemma2_eager_softcapping_tracks_saved_tensors(attn_cap, final_cap):
 
 
 def test_budget_costs_eager_attention_where_the_model_has_no_sdpa():
-    shape = _hand_shape(extra={"supports_sdpa": False})
+    shape = hand_shape(extra={"supports_sdpa": False})
     sdpa = memory_budget(shape, LoraSpec(), QuantSpec(), TrainSpec(attn_impl="sdpa"), ("q_proj",))
     eager = memory_budget(shape, LoraSpec(), QuantSpec(), TrainSpec(attn_impl="eager"), ("q_proj",))
     assert sdpa.train.attn_impl == "eager" and sdpa.methods == eager.methods
@@ -376,7 +376,7 @@ def test_final_logit_softcapping_adds_compute_bytes_per_logit():
     """tanh(logits / cap) * cap keeps a c-byte tanh output to backward: measured +2.0 bytes/element in bf16
     (torch.profiler peak of a one-layer Gemma-2 step, V=16000, with and without final_logit_softcapping)."""
     t = TrainSpec(seq_len=1024, batch=2)
-    capped = _hand_shape(extra={"final_logit_softcapping": 30.0})
+    capped = hand_shape(extra={"final_logit_softcapping": 30.0})
     assert method_budget("lora-bf16", capped, LoraSpec(), QuantSpec(), t, ("q_proj",)).logits_bytes == 2 * 1024 * 32000 * 14
     assert method_budget("full-fp32", capped, LoraSpec(), QuantSpec(), t, ("q_proj",)).logits_bytes == 2 * 1024 * 32000 * 16
 
@@ -384,8 +384,8 @@ def test_final_logit_softcapping_adds_compute_bytes_per_logit():
 def test_norms_per_layer_scales_the_norm_term():
     """Four RMSNorms a layer (Gemma-2) save twice the fp32 inputs of two (Llama): 2 * 4h more per token per layer."""
     t = TrainSpec(seq_len=512, batch=1, grad_ckpt=False)
-    two = activation_bytes(_hand_shape(), t, base_trains=False, c=2)
-    four = activation_bytes(_hand_shape(extra={"norms_per_layer": 4}), t, base_trains=False, c=2)
+    two = activation_bytes(hand_shape(), t, base_trains=False, c=2)
+    four = activation_bytes(hand_shape(extra={"norms_per_layer": 4}), t, base_trains=False, c=2)
     assert four - two == 512 * 32 * 2 * 4 * 4096
 
 
@@ -394,7 +394,7 @@ def test_dora_transient_is_the_largest_modules_identity_pinned():
     + 2 * 2 * 14336 * 4096 for delta-W and W + delta-W, about 1.37 GiB a plain-LoRA budget does not have."""
     from lora_doctor.budget import dora_transient_bytes
 
-    shape = _hand_shape()
+    shape = hand_shape()
     targets = resolve_targets(shape, "all-linear")
     assert dora_transient_bytes(shape, targets, 2) == 14336 * 14336 * 6 + 4 * 14336 * 4096 == 1_468_006_400
     t = TrainSpec(seq_len=512)
@@ -426,30 +426,13 @@ def test_dora_step_peak_includes_the_identity_transient():
     assert 0.9 <= measured / est <= 1.05, (measured, est)
 
 
-def _hand_shape(**kw) -> ModelShape:
-    h, inter, layers, heads, kv, vocab = 4096, 14336, 32, 32, 8, 32000
-    leaves = tuple(
-        LeafGroup(n, "Linear", i, o, False, layers, True, True)
-        for n, i, o in [("q_proj", h, h), ("k_proj", h, kv * 128), ("v_proj", h, kv * 128), ("o_proj", h, h),
-                        ("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)]
-    ) + (LeafGroup("lm_head", "Linear", h, vocab, False, 1, False, False),)
-    leaf_params = sum(g.weight_numel for g in leaves)
-    base = dict(model_id="hand/mistral", source="hand", model_type="mistral", architecture="MistralForCausalLM",
-                num_layers=layers, hidden_size=h, intermediate_size=inter, num_attention_heads=heads,
-                num_kv_heads=kv, head_dim=128, vocab_size=vocab, tie_word_embeddings=False,
-                total_params=leaf_params + vocab * h + (2 * layers + 1) * h, embedding_params=vocab * h,
-                leaves=leaves, other_params=(2 * layers + 1) * h)
-    base.update(kw)
-    return ModelShape(**base)
-
-
 def test_hand_built_mistral_matches_published_total():
-    shape = _hand_shape()
+    shape = hand_shape()
     assert shape.total_params == 7_241_732_096  # Mistral-7B-v0.1, as peft prints it
 
 
 def test_activation_scaling_rules():
-    shape = _hand_shape()
+    shape = hand_shape()
     t = TrainSpec(seq_len=2048, batch=1, grad_ckpt=False)
     lora, targets = LoraSpec(r=16), ("q_proj", "v_proj")
     one = activation_bytes(shape, t, base_trains=False, c=2, targets=targets, lora=lora)
@@ -469,12 +452,12 @@ def test_activation_scaling_rules():
     assert e2 > 2.2 * e1
     assert e1 - one >= 32 * 32 * 2048 * 2048 * 4  # at least the fp32 softmax of every layer
     # GQA: fewer KV heads save less
-    mha = _hand_shape(num_kv_heads=32)
+    mha = hand_shape(num_kv_heads=32)
     assert activation_bytes(mha, t, base_trains=False, c=2) > activation_bytes(shape, t, base_trains=False, c=2)
 
 
 def test_runtime_overhead_and_total_are_consistent():
-    shape = _hand_shape()
+    shape = hand_shape()
     b = memory_budget(shape, LoraSpec(r=16), QuantSpec(), TrainSpec(), ("q_proj", "v_proj"))
     for m in b.methods:
         allocated = sum(getattr(m, f) for f, _ in TERMS if f != "runtime_overhead_bytes")
@@ -491,10 +474,10 @@ def test_runtime_overhead_and_total_are_consistent():
 
 
 def test_logits_term_follows_vocab():
-    shape = _hand_shape()
+    shape = hand_shape()
     t = TrainSpec(seq_len=1024, batch=2)
     small = method_budget("qlora-nf4-dq", shape, LoraSpec(), QuantSpec(), t, ("q_proj",)).logits_bytes
-    big = method_budget("qlora-nf4-dq", _hand_shape(vocab_size=128256), LoraSpec(), QuantSpec(), t,
+    big = method_budget("qlora-nf4-dq", hand_shape(vocab_size=128256), LoraSpec(), QuantSpec(), t,
                         ("q_proj",)).logits_bytes
     assert small == 2 * 1024 * 32000 * 12
     assert big == 2 * 1024 * 128256 * 12

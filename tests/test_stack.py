@@ -14,29 +14,12 @@ import torch
 
 from lora_doctor.budget import method_budget
 from lora_doctor.introspect import lora_config, model_shape, resolve_targets
-from lora_doctor.shape import LeafGroup, ModelShape
 from lora_doctor.specs import Levers, LoraSpec, QuantSpec, TrainSpec
 from lora_doctor.stack import OFFLOAD_RESIDENT_LAYERS, STACKS, chunk_len, levers_for, levers_of, stack_name
 from memory_helpers import profiled_peak_bytes
+from shape_helpers import hand_shape
 
 ENGINE = STACKS["lora-doctor"]
-
-
-def _hand_shape(**kw) -> ModelShape:
-    """Mistral-7B by hand (tests/test_budget.py's shape): 32 layers, h 4096, GQA 8 KV heads, V 32000."""
-    h, inter, layers, heads, kv, vocab = 4096, 14336, 32, 32, 8, 32000
-    leaves = tuple(
-        LeafGroup(n, "Linear", i, o, False, layers, True, True)
-        for n, i, o in [("q_proj", h, h), ("k_proj", h, kv * 128), ("v_proj", h, kv * 128), ("o_proj", h, h),
-                        ("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)]
-    ) + (LeafGroup("lm_head", "Linear", h, vocab, False, 1, False, False),)
-    base = dict(model_id="hand/mistral", source="hand", model_type="mistral", architecture="MistralForCausalLM",
-                num_layers=layers, hidden_size=h, intermediate_size=inter, num_attention_heads=heads,
-                num_kv_heads=kv, head_dim=128, vocab_size=vocab, tie_word_embeddings=False,
-                total_params=sum(g.weight_numel for g in leaves) + vocab * h + (2 * layers + 1) * h,
-                embedding_params=vocab * h, leaves=leaves, other_params=(2 * layers + 1) * h)
-    base.update(kw)
-    return ModelShape(**base)
 
 
 # -- names and config -----------------------------------------------------------------------------------------
@@ -75,7 +58,7 @@ def test_run_config_selects_the_levers_its_keys_name():
 
 
 def test_chunked_loss_is_one_chunk_plus_the_hidden_states_and_their_gradient():
-    shape, lora, targets = _hand_shape(), LoraSpec(r=16), ("q_proj", "v_proj")
+    shape, lora, targets = hand_shape(), LoraSpec(r=16), ("q_proj", "v_proj")
     for T, B, n in [(2048, 2, 8), (2047, 1, 8), (4096, 4, 16), (100, 3, 1)]:
         # no checkpointing: the loss term is the chunked loss's whole peak (see the overlap test below)
         t = TrainSpec(seq_len=T, batch=B, grad_ckpt=False, levers=dataclasses.replace(ENGINE, loss_chunks=n))
@@ -95,7 +78,7 @@ def test_checkpointed_chunked_loss_counts_only_what_it_adds_beyond_the_recompute
 
     lora, targets = LoraSpec(r=16), ("q_proj", "v_proj")
     for vocab, T in [(32000, 2048), (256000, 2048), (32000, 64)]:
-        shape = _hand_shape(vocab_size=vocab)
+        shape = hand_shape(vocab_size=vocab)
         t = TrainSpec(seq_len=T, batch=2, levers=ENGINE)
         b = method_budget("lora-bf16", shape, lora, QuantSpec(), t, targets)
         loss = loss_bytes(shape, t, 2, 2, base_trains=False)
@@ -104,13 +87,13 @@ def test_checkpointed_chunked_loss_counts_only_what_it_adds_beyond_the_recompute
         # the HF path keeps its sum: full logits, whatever the recompute
         hf = method_budget("lora-bf16", shape, lora, QuantSpec(), dataclasses.replace(t, levers=Levers()), targets)
         assert hf.logits_bytes == 2 * T * vocab * 12
-    big = method_budget("lora-bf16", _hand_shape(vocab_size=256000), lora, QuantSpec(),
+    big = method_budget("lora-bf16", hand_shape(vocab_size=256000), lora, QuantSpec(),
                         TrainSpec(seq_len=2048, batch=2, levers=ENGINE), targets)
     assert big.logits_bytes > 0  # Gemma-size vocabularies: the loss phase is the larger one
 
 
 def test_no_upcast_keeps_frozen_weights_and_the_stream_16bit():
-    shape, lora, targets = _hand_shape(), LoraSpec(r=16, dropout=0.0), ("q_proj", "v_proj")
+    shape, lora, targets = hand_shape(), LoraSpec(r=16, dropout=0.0), ("q_proj", "v_proj")
     t = TrainSpec(seq_len=2048, batch=2)
     up = method_budget("qlora-nf4-dq", shape, lora, QuantSpec(), t, targets)
     keep = method_budget("qlora-nf4-dq", shape, lora, QuantSpec(),
@@ -132,7 +115,7 @@ def test_no_upcast_keeps_frozen_weights_and_the_stream_16bit():
 
 @pytest.mark.parametrize("grad_ckpt", [True, False])
 def test_offload_keeps_two_layers_on_the_device(grad_ckpt):
-    shape, lora, targets = _hand_shape(), LoraSpec(r=16), ("q_proj", "v_proj")
+    shape, lora, targets = hand_shape(), LoraSpec(r=16), ("q_proj", "v_proj")
     t = TrainSpec(seq_len=2048, batch=2, grad_ckpt=grad_ckpt, levers=ENGINE)
     off = dataclasses.replace(t, levers=dataclasses.replace(ENGINE, offload_activations=True))
     on_dev = method_budget("lora-bf16", shape, lora, QuantSpec(), t, targets).activations_bytes
@@ -141,7 +124,7 @@ def test_offload_keeps_two_layers_on_the_device(grad_ckpt):
         assert on_dev - offloaded == (32 - OFFLOAD_RESIDENT_LAYERS) * 2 * 2048 * 4096 * 2
     else:
         assert offloaded < on_dev / 10
-    one_layer = dataclasses.replace(_hand_shape(num_layers=1))
+    one_layer = dataclasses.replace(hand_shape(num_layers=1))
     assert (method_budget("lora-bf16", one_layer, lora, QuantSpec(), off, targets).activations_bytes
             == method_budget("lora-bf16", one_layer, lora, QuantSpec(), t, targets).activations_bytes)
 
@@ -151,7 +134,7 @@ def test_packing_costs_the_explicit_sdpa_mask(grad_ckpt):
     """Packed rows give sdpa a block-diagonal (B, 1, T, T) mask (activations.packed_sdpa): the bool mask once, a
     2-byte additive copy per layer call, and KV repeated to the 32 query heads (no enable_gqa with a mask);
     measured on CPU within the tensor-peak cases (tests/test_tensorpeak.py). flash_attention_2 takes no mask."""
-    shape, T, tokens = _hand_shape(), 2048, 2 * 2048
+    shape, T, tokens = hand_shape(), 2048, 2 * 2048
     t = TrainSpec(seq_len=T, batch=2, levers=ENGINE, grad_ckpt=grad_ckpt)
     packed = dataclasses.replace(t, levers=dataclasses.replace(ENGINE, packing=True))
     a = method_budget("lora-bf16", shape, LoraSpec(dropout=0.0), QuantSpec(), t, ("q_proj",))
@@ -166,7 +149,7 @@ def test_packing_costs_the_explicit_sdpa_mask(grad_ckpt):
 
 @pytest.mark.parametrize("optim", ["adamw", "adamw-8bit", "sgd"])
 def test_pure_bf16_is_8_bytes_per_param_with_adamw(optim):
-    shape = _hand_shape()
+    shape = hand_shape()
     t = TrainSpec(optim=optim)
     pure = method_budget("full-bf16-pure", shape, LoraSpec(), QuantSpec(), t, ())
     mixed = method_budget("full-bf16", shape, LoraSpec(), QuantSpec(), t, ())
