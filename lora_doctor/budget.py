@@ -247,15 +247,9 @@ def _full_bf16(shape: ModelShape, train: TrainSpec) -> MethodBudget:
     states, as ZeRO's K=12 does for Adam (master 4 + momentum 4 + variance 4). HF Trainer's
     `bf16=True` on an fp32-loaded model instead keeps fp32 weights and gradients and casts per op under
     autocast (4 + 4 + 8 + transient bf16 copies), about 2 bytes/param more than this column."""
-    tensors = base_param_tensors(shape)
-    n = numel(tensors)
-    c = DTYPE_BYTES[train.dtype] if train.dtype != "fp32" else 2
-    return _finish(
-        "full-bf16", METHOD_LABELS["full-bf16"], n,
-        base_weights_bytes=c * n, quant_constants_bytes=0, adapter_weights_bytes=0,
-        gradients_bytes=c * n, optimizer_states_bytes=4 * n + optimizer_state_bytes(train.optim, tensors),
-        **_dynamic(shape, train, c, base_trains=True),
-    )
+    # The fp32 master copy (4 B/param) is counted with the optimizer states.
+    return _full_16bit("full-bf16", shape, train,
+                       lambda tensors, n, c: 4 * n + optimizer_state_bytes(train.optim, tensors))
 
 
 def _full_bf16_pure(shape: ModelShape, train: TrainSpec) -> MethodBudget:
@@ -264,13 +258,20 @@ def _full_bf16_pure(shape: ModelShape, train: TrainSpec) -> MethodBudget:
     experiments/full-finetuning: a bf16 model, torch AdamW on it; issue 9). bitsandbytes 8-bit states are the same as for fp32 parameters
     (optimstate.optimizer_state_bytes). Updates below bf16's resolution are lost; Kahan summation or stochastic
     rounding (torchao's _AdamW(bf16_stochastic_round=True)) is what recovers them, at no extra state here."""
+    return _full_16bit("full-bf16-pure", shape, train,
+                       lambda tensors, n, c: optimizer_state_bytes(train.optim, tensors, param_bytes=c))
+
+
+def _full_16bit(key: str, shape: ModelShape, train: TrainSpec, optimizer_bytes) -> MethodBudget:
+    """A full fine-tune with c-byte (bf16/fp16) weights and gradients; `optimizer_bytes(tensors, n, c)` gives the
+    optimizer-state term, the one place the mixed and pure columns differ."""
     tensors = base_param_tensors(shape)
     n = numel(tensors)
     c = DTYPE_BYTES[train.dtype] if train.dtype != "fp32" else 2
     return _finish(
-        "full-bf16-pure", METHOD_LABELS["full-bf16-pure"], n,
+        key, METHOD_LABELS[key], n,
         base_weights_bytes=c * n, quant_constants_bytes=0, adapter_weights_bytes=0,
-        gradients_bytes=c * n, optimizer_states_bytes=optimizer_state_bytes(train.optim, tensors, param_bytes=c),
+        gradients_bytes=c * n, optimizer_states_bytes=optimizer_bytes(tensors, n, c),
         **_dynamic(shape, train, c, base_trains=True),
     )
 
