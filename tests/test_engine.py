@@ -11,18 +11,12 @@ from lora_doctor.engine import Engine, OutOfMemory
 from lora_doctor.errors import LoraDoctorError
 from lora_doctor.measure import MemoryMonitor, loss_stats
 from lora_doctor.runconfig import from_dict
-
-
-def learnable_rows(n=16):
-    """A constant response: any working adapter drives its loss down within a few steps."""
-    return [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(n)]
+from data_helpers import learnable_rows, write_learnable_data
 
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in learnable_rows()), encoding="utf-8")
-    return p
+    return write_learnable_data(tmp_path_factory.mktemp("data"))
 
 
 def make_cfg(model_dir, data_path, out_dir, **dotted):

@@ -3,7 +3,6 @@ architectures; the self-check catches a head it cannot reproduce; the engine tra
 with activation offload; its step peak is lower at a large vocabulary."""
 
 import contextlib
-import json
 import weakref
 
 import pytest
@@ -17,6 +16,7 @@ from lora_doctor.lossfn import CausalLMLoss, build_loss, logit_transform
 from lora_doctor.optim import token_loss_sum
 from lora_doctor.runconfig import LossConfig, from_dict
 from lora_doctor.tiny import build_tiny_model
+from data_helpers import write_learnable_data
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -192,10 +192,7 @@ def test_offload_moves_the_checkpointed_layer_inputs_and_changes_nothing(monkeyp
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
-    rows = [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(12)]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return p
+    return write_learnable_data(tmp_path_factory.mktemp("data"), 12)
 
 
 def engine_losses(model_dir, data_path, out, steps=3, quant=None, **train):

@@ -1,7 +1,6 @@
 """QLoRA without fp32 copies of frozen weights (issue 9): which parameter sits in which dtype, and a
 real CPU nf4 run whose loss follows peft's full upcast."""
 
-import json
 
 import pytest
 import torch
@@ -11,17 +10,12 @@ from lora_doctor.errors import LoraDoctorError
 from lora_doctor.loading import load_peft_model
 from lora_doctor.prepare import dtype_bytes
 from lora_doctor.runconfig import from_dict
-
-
-def rows(n=16):
-    return [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(n)]
+from data_helpers import write_learnable_data
 
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows()), encoding="utf-8")
-    return p
+    return write_learnable_data(tmp_path_factory.mktemp("data"))
 
 
 def qlora_cfg(model_dir, data_path, out_dir, **dotted):

@@ -16,16 +16,14 @@ from lora_doctor.commands.train import StopFlag, train
 from lora_doctor.engine import Engine
 from lora_doctor.errors import LoraDoctorError
 from lora_doctor.runconfig import from_dict
+from data_helpers import write_learnable_data
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "learn.jsonl"
-    rows = [{"instruction": f"Say the word number {i}.", "output": "Blue sky."} for i in range(12)]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return p
+    return write_learnable_data(tmp_path_factory.mktemp("data"), 12)
 
 
 def qlora_cfg(model_dir, data_path, out_dir, **dotted):
